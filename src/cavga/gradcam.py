@@ -1,0 +1,136 @@
+"""Differentiable Grad-CAM (Selvaraju et al.), the attention map A of CAVGA (paper 3.1-3.2, SPEC 1.1).
+
+The losses L_ae and L_cga train *through* A, so the channel weights come from ``torch.autograd.grad`` with
+``create_graph=True`` (double backward), never from hooks on detached tensors.
+
+Per-image maps from one backward pass: the gradient of ``score.sum()`` (summed over the batch) with respect to
+image i's features equals the gradient of image i's own score, because nothing couples images between the
+feature map and the score. That holds for the default layer ("latent_input": only the linear mu head lies in
+between). For "encoder_mid" a BatchNorm lies in between; in train mode its batch statistics add a small
+cross-image term to the gradient, in eval mode (inference) the maps are exactly per image.
+
+For a linear head (the 1x1 conv mu head with target sum(mu), and the linear classifier on z) the gradient
+d score / d F does not depend on the input, so alpha_k is a constant of the weights (for sum(mu): the sum of
+the head's weights over output channels) and A = normalize(relu(sum_k alpha_k F_k)) has a closed form. Export
+relies on this.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cavga.errors import ConfigError
+from cavga.models import CavgaNet, CavgaOutput
+
+NORMALIZATIONS = ("max", "minmax")
+
+
+def grad_cam(
+    score: torch.Tensor,
+    features: torch.Tensor,
+    output_size: tuple[int, int] | None = None,
+    normalization: str = "max",
+    create_graph: bool = True,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Grad-CAM of a per-image ``score`` (B,) on ``features`` (B, K, h, w): a map (B, 1, H, W) in [0, 1].
+
+    alpha_k = spatial mean of d score / d F_k; cam = relu(sum_k alpha_k F_k), normalized per image
+    ("max": cam / max; "minmax": (cam - min) / (max - min)), bilinearly resized to ``output_size``.
+    With ``create_graph`` the map is differentiable with respect to everything ``score`` and ``features``
+    depend on.
+    """
+    if normalization not in NORMALIZATIONS:
+        raise ConfigError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    if score.dim() != 1 or features.dim() != 4 or score.shape[0] != features.shape[0]:
+        raise ValueError(
+            f"grad_cam needs score (B,) and features (B, K, h, w); got {tuple(score.shape)} and {tuple(features.shape)}"
+        )
+    (grads,) = torch.autograd.grad(score.sum(), features, create_graph=create_graph, retain_graph=True)
+    alpha = grads.mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((alpha * features).sum(dim=1, keepdim=True))
+    flat = cam.flatten(1)
+    high = flat.amax(dim=1).view(-1, 1, 1, 1)
+    if normalization == "max":
+        cam = cam / (high + eps)
+    else:
+        low = flat.amin(dim=1).view(-1, 1, 1, 1)
+        cam = (cam - low) / (high - low + eps)
+    if output_size is not None and tuple(cam.shape[-2:]) != tuple(output_size):
+        cam = F.interpolate(cam, size=tuple(output_size), mode="bilinear", align_corners=False)
+    return cam.clamp(0.0, 1.0)
+
+
+def target_score(output: CavgaOutput, target: str = "sum_mu") -> torch.Tensor:
+    """Per-image Grad-CAM target of CAVGA_u: ``sum(mu)`` (default, as public re-implementations) or ``sum(z)``."""
+    if target == "sum_mu":
+        return output.mu.flatten(1).sum(1)
+    if target == "sum_z":
+        return output.z.flatten(1).sum(1)
+    raise ConfigError(f"gradcam target must be 'sum_mu' or 'sum_z', got {target!r}")
+
+
+def _detached(output: CavgaOutput) -> CavgaOutput:
+    return CavgaOutput(
+        features=output.features.detach(),
+        mu=output.mu.detach(),
+        logvar=output.logvar.detach(),
+        z=output.z.detach(),
+        x_hat_logits=output.x_hat_logits.detach(),
+    )
+
+
+def attention_map(model: CavgaNet, x: torch.Tensor, create_graph: bool = False) -> tuple[torch.Tensor, CavgaOutput]:
+    """Attention A (B, 1, H, W) of CAVGA_u for images ``x`` and the model's output, using ``mu`` (no sampling).
+
+    Grad-CAM needs gradients even at inference (SPEC 1.4), so this enables them locally and works inside
+    ``torch.no_grad()``. Without ``create_graph`` both results are detached. The anomaly map is ``1 - A``.
+    """
+    cfg = model.config
+    with torch.enable_grad():
+        output = model(x, sample=False)
+        if not output.features.requires_grad:
+            # Frozen parameters: make the input a leaf so the features are part of a graph again.
+            output = model(x.detach().requires_grad_(True), sample=False)
+        score = target_score(output, cfg.gradcam_target)
+        attention = grad_cam(
+            score,
+            output.features,
+            output_size=tuple(x.shape[-2:]),
+            normalization=cfg.gradcam_normalization,
+            create_graph=create_graph,
+        )
+    if create_graph:
+        return attention, output
+    return attention.detach(), _detached(output)
+
+
+def class_attention(model: CavgaNet, output: CavgaOutput, cls: int, create_graph: bool) -> torch.Tensor:
+    """CAVGA_w attention: Grad-CAM of classifier logit ``cls`` (0 normal, 1 anomalous) on ``z`` -> (B, 1, H, W).
+
+    Paper 3.2 uses the conv latent ``z`` itself as the feature map. The flattened-latent ablation has no
+    spatial ``z``; its classifier maps are taken on the encoder feature map (``output.features``) instead.
+    Works inside ``torch.no_grad()``; at inference ``z`` may come from a graph-free forward pass. Without
+    ``create_graph`` the map is detached.
+    """
+    size = tuple(output.x_hat_logits.shape[-2:])
+    with torch.enable_grad():
+        if output.z.dim() == 4:
+            z = output.z
+            if not z.requires_grad:
+                z = z.detach().requires_grad_(True)
+            features = z
+        else:
+            features, z = output.features, output.z
+            if not z.requires_grad:
+                raise ValueError("class_attention on a flattened latent needs the output of a forward with grad")
+        logits = model.classify(z)
+        attention = grad_cam(
+            logits[:, cls],
+            features,
+            output_size=size,
+            normalization=model.config.gradcam_normalization,
+            create_graph=create_graph,
+        )
+    return attention if create_graph else attention.detach()
