@@ -1,0 +1,579 @@
+"""Built-in demo data: a small, seeded MVTec-layout dataset of procedural textures and objects.
+
+Every image is rendered from numbers alone (numpy, scipy.ndimage, PIL), so training, evaluation and the
+tests run without any download. Each defect is rendered on top of a defect-free image and its ground-truth
+mask is exactly the set of pixels the defect changed: pixels outside the mask are identical to the clean
+image, pixels inside it are blended with a weight of at least 0.5.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+from cavga.errors import ConfigError, DataError
+
+DEMO_CATEGORIES: tuple[str, ...] = ("weave", "wood", "pill")
+
+# Defect types per category, in the order the defective test images are spread over them.
+DEMO_DEFECTS: dict[str, tuple[str, ...]] = {
+    "weave": ("cut", "hole", "scratch", "stain"),
+    "wood": ("cut", "hole", "scratch", "stain"),
+    "pill": ("colour", "cut", "scratch", "spot"),
+}
+
+GOOD = "good"
+_TRAIN, _TEST = 0, 1
+# A defect must change the pixels under its mask by at least this much on average (0-1 scale),
+# so that a person can see it; renderers retry with new parameters until it does.
+_MIN_VISIBLE_CHANGE = 0.08
+_MIN_IMAGE_SIZE = 32
+
+
+@dataclass(frozen=True)
+class RenderedSample:
+    """One demo image: the defect-free rendering, the final image, and the defect mask (uint8 0/255)."""
+
+    clean: np.ndarray  # (H, W, 3) uint8
+    image: np.ndarray  # (H, W, 3) uint8
+    mask: np.ndarray | None  # (H, W) uint8 in {0, 255}; None for normal images
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------
+
+
+def write_demo_dataset(
+    root: str | Path,
+    seed: int = 0,
+    categories: list[str] | tuple[str, ...] | None = None,
+    image_size: int = 128,
+    n_train: int = 160,
+    n_test_good: int = 30,
+    n_test_defect: int = 40,
+    overwrite: bool = False,
+) -> dict:
+    """Write the demo dataset in MVTec AD layout under ``root`` and return its manifest.
+
+    ``n_train``, ``n_test_good`` and ``n_test_defect`` are per category; the defective test images are
+    spread evenly over the category's defect types (see ``DEMO_DEFECTS``). The output depends only on the
+    arguments: the same seed gives byte-identical files. A category folder that already exists is an
+    error unless ``overwrite`` is true, in which case it is replaced.
+
+    The manifest holds ``seed``, ``image_size``, ``categories`` (list) and ``counts``:
+    ``counts[category]["train"|"test"][defect_type] = number of images``.
+    """
+    categories = _check_args(seed, categories, image_size, n_train, n_test_good, n_test_defect)
+    root = Path(root)
+    for category in categories:
+        cat_dir = root / category
+        if cat_dir.exists() and any(cat_dir.iterdir()):
+            if not overwrite:
+                raise DataError(f"{cat_dir}: already exists and is not empty (pass overwrite=True to replace)")
+            shutil.rmtree(cat_dir)
+
+    counts: dict[str, dict[str, dict[str, int]]] = {}
+    for category in categories:
+        cat_dir = root / category
+        per_defect = _spread(n_test_defect, DEMO_DEFECTS[category])
+        counts[category] = {
+            "train": {GOOD: n_train},
+            "test": {GOOD: n_test_good, **{d: k for d, k in per_defect.items() if k > 0}},
+        }
+        jobs = [("train", GOOD, n_train), ("test", GOOD, n_test_good)]
+        jobs += [("test", d, k) for d, k in per_defect.items() if k > 0]
+        for split, defect, count in jobs:
+            img_dir = cat_dir / split / defect
+            img_dir.mkdir(parents=True, exist_ok=True)
+            if defect != GOOD:
+                mask_dir = cat_dir / "ground_truth" / defect
+                mask_dir.mkdir(parents=True, exist_ok=True)
+            width = max(3, len(str(count - 1)))
+            for index in range(count):
+                sample = render_sample(category, seed, split, defect, index, image_size)
+                stem = f"{index:0{width}d}"
+                _save_png(sample.image, img_dir / f"{stem}.png")
+                if sample.mask is not None:
+                    _save_png(sample.mask, mask_dir / f"{stem}_mask.png")
+
+    manifest = {"seed": seed, "image_size": image_size, "categories": list(categories), "counts": counts}
+    (root / "README.txt").write_text(_readme_text(manifest), encoding="utf-8")
+    return manifest
+
+
+def validate_demo_dataset(root: str | Path) -> dict:
+    """Check that ``root`` holds a well-formed MVTec-layout dataset and return its categories and counts.
+
+    Checks: every category has ``train/good`` and ``test/good`` with images; every image is a readable
+    RGB PNG of one common square size; every defect image has ``ground_truth/<defect>/<stem>_mask.png``
+    of the same size, single-channel, with values only 0 and 255 and at least one 255; no mask lacks its
+    image. Raises :class:`cavga.errors.DataError` naming the first offending file.
+    Returns ``{"image_size", "categories", "counts"}`` shaped like :func:`write_demo_dataset`'s manifest.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset root does not exist or is not a folder")
+    cat_dirs = sorted(p for p in root.iterdir() if p.is_dir())
+    if not cat_dirs:
+        raise DataError(f"{root}: no category folders (expected <root>/<category>/train/good, ...)")
+
+    image_size: int | None = None
+    counts: dict[str, dict[str, dict[str, int]]] = {}
+    for cat_dir in cat_dirs:
+        counts[cat_dir.name] = {"train": {}, "test": {}}
+        for split in ("train", "test"):
+            split_dir = cat_dir / split
+            if not (split_dir / GOOD).is_dir():
+                raise DataError(f"{split_dir / GOOD}: missing folder of normal {split} images")
+            if split == "train":
+                extra = sorted(p.name for p in split_dir.iterdir() if p.name != GOOD)
+                if extra:
+                    raise DataError(f"{split_dir / extra[0]}: train split may only hold 'good' images")
+            for defect_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+                images = sorted(defect_dir.glob("*.png"))
+                if not images:
+                    raise DataError(f"{defect_dir}: folder holds no PNG images")
+                for path in images:
+                    size = _check_image(path)
+                    image_size = size if image_size is None else image_size
+                    if size != image_size:
+                        raise DataError(f"{path}: image is {size}x{size}, others are {image_size}x{image_size}")
+                    if defect_dir.name != GOOD:
+                        mask_path = cat_dir / "ground_truth" / defect_dir.name / f"{path.stem}_mask.png"
+                        _check_mask(mask_path, size)
+                counts[cat_dir.name][split][defect_dir.name] = len(images)
+        gt_dir = cat_dir / "ground_truth"
+        if gt_dir.is_dir():
+            for mask_path in sorted(gt_dir.glob("*/*_mask.png")):
+                stem = mask_path.name[: -len("_mask.png")]
+                if not (cat_dir / "test" / mask_path.parent.name / f"{stem}.png").is_file():
+                    raise DataError(f"{mask_path}: mask has no matching test image")
+    return {"image_size": image_size, "categories": [p.name for p in cat_dirs], "counts": counts}
+
+
+def render_sample(
+    category: str, seed: int, split: str, defect: str, index: int, image_size: int = 128
+) -> RenderedSample:
+    """Render one image of the demo dataset exactly as :func:`write_demo_dataset` writes it.
+
+    Each image has its own random stream seeded by (seed, category, split, defect, index), so changing the
+    counts of one folder leaves every other image unchanged.
+    """
+    if category not in DEMO_DEFECTS:
+        raise ConfigError(f"unknown demo category {category!r}; choose from {', '.join(DEMO_CATEGORIES)}")
+    if defect != GOOD and defect not in DEMO_DEFECTS[category]:
+        raise ConfigError(f"unknown defect {defect!r} for demo category {category!r}")
+    split_code = {"train": _TRAIN, "test": _TEST}[split]
+    rng = np.random.default_rng([seed, _code(category), split_code, _code(defect), index])
+    clean, region = _RENDERERS[category](rng, image_size)
+    clean_u8 = _to_uint8(clean)
+    if defect == GOOD:
+        return RenderedSample(clean=clean_u8, image=clean_u8, mask=None)
+    alpha, layer = _add_defect(category, defect, clean, region, rng, image_size)
+    mask = alpha > 0
+    blended = clean * (1.0 - alpha[..., None]) + layer * alpha[..., None]
+    # np.where keeps the pixels outside the mask bit-identical to the clean image.
+    image_u8 = np.where(mask[..., None], _to_uint8(blended), clean_u8)
+    return RenderedSample(clean=clean_u8, image=image_u8, mask=mask.astype(np.uint8) * 255)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers: arguments, files
+# ---------------------------------------------------------------------------------------------------
+
+
+def _check_args(seed, categories, image_size, n_train, n_test_good, n_test_defect) -> tuple[str, ...]:
+    if not isinstance(seed, int | np.integer) or seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+    if categories is None:
+        categories = DEMO_CATEGORIES
+    categories = tuple(categories)
+    if not categories:
+        raise ConfigError("categories is empty; choose from " + ", ".join(DEMO_CATEGORIES))
+    for name in categories:
+        if name not in DEMO_DEFECTS:
+            raise ConfigError(f"unknown demo category {name!r}; choose from {', '.join(DEMO_CATEGORIES)}")
+    if len(set(categories)) != len(categories):
+        raise ConfigError(f"categories has duplicates: {list(categories)}")
+    if not isinstance(image_size, int) or image_size < _MIN_IMAGE_SIZE:
+        raise ConfigError(f"image_size must be an integer >= {_MIN_IMAGE_SIZE}, got {image_size!r}")
+    for name, value in (("n_train", n_train), ("n_test_good", n_test_good), ("n_test_defect", n_test_defect)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    return categories
+
+
+def _spread(total: int, defects: tuple[str, ...]) -> dict[str, int]:
+    base, extra = divmod(total, len(defects))
+    return {d: base + (1 if i < extra else 0) for i, d in enumerate(defects)}
+
+
+def _code(name: str) -> int:
+    return zlib.crc32(name.encode("utf-8"))
+
+
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+    return np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    Image.fromarray(array).save(path, format="PNG", optimize=False)
+
+
+def _check_image(path: Path) -> int:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode, (w, h) = im.mode, im.size
+    except Exception as exc:  # PIL raises several types for unreadable/truncated files
+        raise DataError(f"{path}: cannot read image ({exc})") from exc
+    if mode != "RGB":
+        raise DataError(f"{path}: expected an RGB image, got mode {mode}")
+    if w != h:
+        raise DataError(f"{path}: expected a square image, got {w}x{h}")
+    return w
+
+
+def _check_mask(path: Path, size: int) -> None:
+    if not path.is_file():
+        raise DataError(f"{path}: missing ground-truth mask for a defect image")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode, mask = im.mode, np.asarray(im)
+    except Exception as exc:
+        raise DataError(f"{path}: cannot read mask ({exc})") from exc
+    if mode != "L":
+        raise DataError(f"{path}: mask must be single-channel (mode L), got mode {mode}")
+    if mask.shape != (size, size):
+        raise DataError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]}, its image is {size}x{size}")
+    values = np.unique(mask)
+    if not np.isin(values, (0, 255)).all():
+        raise DataError(f"{path}: mask is not binary (values other than 0 and 255: {values[:5].tolist()})")
+    if values.max() != 255:
+        raise DataError(f"{path}: mask of a defect image is empty")
+
+
+def _readme_text(manifest: dict) -> str:
+    lines = [
+        "cavga built-in demo dataset (synthetic)",
+        "",
+        "Procedural images rendered by cavga.data.synthetic.write_demo_dataset: no photographs.",
+        "Layout: MVTec AD (<category>/train/good, <category>/test/<defect>,",
+        "<category>/ground_truth/<defect>/<stem>_mask.png; masks are 0/255 and mark exactly the pixels",
+        "the synthetic defect changed).",
+        "",
+        f"seed: {manifest['seed']}",
+        f"image_size: {manifest['image_size']}x{manifest['image_size']} RGB",
+        "Regenerate byte-identically with: cavga make-data DIR --seed " + str(manifest["seed"]),
+        "",
+    ]
+    for category, splits in manifest["counts"].items():
+        parts = [f"train/{d}: {k}" for d, k in splits["train"].items()]
+        parts += [f"test/{d}: {k}" for d, k in splits["test"].items()]
+        lines.append(f"{category}: " + ", ".join(parts))
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Clean images. Each renderer returns (image float (H, W, 3) in [0, 1], region where defects may go).
+# Sizes are given at 128 px and scaled by n / 128 so every image size shows the same content.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _smooth_noise(rng: np.random.Generator, n: int, sigma: float | tuple[float, float]) -> np.ndarray:
+    """Gaussian-filtered white noise with unit standard deviation (periodic boundary)."""
+    field = ndimage.gaussian_filter(rng.standard_normal((n, n)), sigma, mode="wrap")
+    return field / (field.std() + 1e-12)
+
+
+def _rotated_grid(n: int, angle_deg: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel coordinates rotated by ``angle_deg`` about the image centre: (across, along)."""
+    y, x = np.mgrid[0:n, 0:n].astype(np.float64) - (n - 1) / 2.0
+    a = math.radians(angle_deg)
+    return x * math.cos(a) + y * math.sin(a), -x * math.sin(a) + y * math.cos(a)
+
+
+def _render_weave(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Plain-weave fabric: warp and weft threads crossing over/under, fibre noise, uneven lighting."""
+    s = n / 128.0
+    u, v = _rotated_grid(n, rng.uniform(-3.0, 3.0))
+    period = 8.0 * s * rng.uniform(0.96, 1.04)
+    u = u / period + rng.uniform(0, 2)
+    v = v / period + rng.uniform(0, 2)
+    fu, fv = u % 1.0, v % 1.0
+    warp_on_top = (np.floor(u) + np.floor(v)) % 2 == 0
+    # Each thread is a rounded ridge across its width that dips where it passes under the other thread.
+    warp_h = np.sin(np.pi * fu) * (0.55 + 0.45 * np.sin(np.pi * fv))
+    weft_h = np.sin(np.pi * fv) * (0.55 + 0.45 * np.sin(np.pi * fu))
+    height = np.where(warp_on_top, warp_h, weft_h)
+    fibre = np.where(
+        warp_on_top,
+        _smooth_noise(rng, n, (2.5 * s, 0.5 * s)),  # fibres run along the (vertical) warp
+        _smooth_noise(rng, n, (0.5 * s, 2.5 * s)),
+    )
+    shade = (0.30 + 0.70 * height**0.7) * (1.0 + 0.10 * fibre)
+    shade *= 1.0 + 0.06 * _smooth_noise(rng, n, 30 * s) + rng.uniform(-0.05, 0.05)
+    tint = rng.uniform(-0.02, 0.02, size=3)
+    warp_colour = np.array([0.50, 0.56, 0.66]) + tint
+    weft_colour = np.array([0.60, 0.62, 0.66]) + tint
+    colour = np.where(warp_on_top[..., None], warp_colour, weft_colour)
+    image = colour * shade[..., None] + 0.012 * rng.standard_normal((n, n, 3))
+    return np.clip(image, 0, 1), _border_region(n, 6 * s)
+
+
+def _render_wood(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Planed wood: warped growth rings (sharp dark latewood lines), long fibres, colour variation."""
+    s = n / 128.0
+    u, v = _rotated_grid(n, rng.uniform(-4.0, 4.0))
+    # Gentle, mostly straight grain: a slow bend along the board plus a little local wobble.
+    warp = 2.5 * s * _smooth_noise(rng, n, 30 * s) + 0.8 * s * _smooth_noise(rng, n, (10 * s, 4 * s))
+    warp += rng.uniform(3, 8) * s * np.sin(2 * np.pi * v / (220 * s) + rng.uniform(0, 2 * np.pi))
+    period = 12.0 * s * rng.uniform(0.9, 1.1)
+    phase = 2 * np.pi * (u + warp) / period + rng.uniform(0, 2 * np.pi)
+    rings = (0.5 + 0.5 * np.sin(phase)) ** 4  # narrow dark latewood band per period
+    fibre = _smooth_noise(rng, n, (7 * s, 0.45 * s))
+    blotch = _smooth_noise(rng, n, 25 * s)
+    darkness = np.clip(0.55 * rings + 0.10 * fibre + 0.10 * blotch + 0.25, 0, 1)
+    light = np.array([0.84, 0.64, 0.42]) + rng.uniform(-0.03, 0.03, size=3)
+    dark = np.array([0.52, 0.32, 0.17])
+    image = light * (1 - darkness[..., None]) + dark * darkness[..., None]
+    image *= 1.0 + rng.uniform(-0.05, 0.05) + 0.03 * _smooth_noise(rng, n, 40 * s)[..., None]
+    image += 0.01 * rng.standard_normal((n, n, 3))
+    return np.clip(image, 0, 1), _border_region(n, 6 * s)
+
+
+def _render_pill(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """A shaded white capsule tablet with red speckles, centred on a dark matte background."""
+    s = n / 128.0
+    y, x = np.mgrid[0:n, 0:n].astype(np.float64)
+    cx = (n - 1) / 2 + rng.uniform(-3, 3) * s
+    cy = (n - 1) / 2 + rng.uniform(-3, 3) * s
+    angle = math.radians(rng.uniform(-6, 6))
+    half_len = 24.0 * s * rng.uniform(0.97, 1.03)
+    radius = 20.0 * s * rng.uniform(0.97, 1.03)
+    a = (x - cx) * math.cos(angle) + (y - cy) * math.sin(angle)  # along the pill
+    b = -(x - cx) * math.sin(angle) + (y - cy) * math.cos(angle)  # across
+    ea = np.sign(a) * np.maximum(np.abs(a) - half_len, 0)  # offset from the pill's central segment
+    dist = np.hypot(ea, b)
+    coverage = np.clip(radius - dist + 0.5, 0, 1)  # anti-aliased edge
+    # Surface normal of a cylinder with hemispherical caps, flattened a little (tablets are not round).
+    nx = (ea * math.cos(angle) - b * math.sin(angle)) / radius
+    ny = (ea * math.sin(angle) + b * math.cos(angle)) / radius
+    nz = np.sqrt(np.clip(1 - nx**2 - ny**2, 0, 1)) * 1.6
+    norm = np.sqrt(nx**2 + ny**2 + nz**2) + 1e-9
+    light = np.array([rng.uniform(-0.5, -0.3), rng.uniform(-0.6, -0.4), 1.0])
+    light /= np.linalg.norm(light)
+    half = light + np.array([0, 0, 1.0])
+    half /= np.linalg.norm(half)
+    diffuse = np.clip((nx * light[0] + ny * light[1] + nz * light[2]) / norm, 0, 1)
+    specular = np.clip((nx * half[0] + ny * half[1] + nz * half[2]) / norm, 0, 1) ** 40
+    base = np.array([0.93, 0.91, 0.86]) + rng.uniform(-0.02, 0.02, size=3)
+    surface = np.ones((n, n, 3)) * base
+    # Red speckles, like MVTec's pill: small soft discs scattered over the tablet.
+    inside = np.argwhere(dist < radius - 3 * s)
+    for k in rng.integers(0, len(inside), size=int(rng.integers(35, 55))):
+        py, px = inside[k]
+        r = rng.uniform(0.6, 1.3) * s
+        disc = np.clip(r + 0.5 - np.hypot(x - px - rng.uniform(-0.5, 0.5), y - py - rng.uniform(-0.5, 0.5)), 0, 1)
+        surface = surface * (1 - disc[..., None]) + np.array([0.78, 0.26, 0.20]) * disc[..., None]
+    surface = surface * (0.45 + 0.55 * diffuse[..., None]) + 0.25 * specular[..., None]
+    surface *= 1.0 + 0.015 * _smooth_noise(rng, n, 1.0 * s)[..., None]
+    background = np.array([0.17, 0.18, 0.20]) * (1 + rng.uniform(-0.08, 0.08))
+    vignette = 1.0 - 0.25 * (np.hypot(x - n / 2, y - n / 2) / n) ** 2
+    shadow = ndimage.gaussian_filter(ndimage.shift(coverage, (3 * s, 2 * s), order=1), 4 * s)
+    bg = background * (vignette * (1 - 0.5 * shadow))[..., None] + 0.008 * rng.standard_normal((n, n, 3))
+    image = bg * (1 - coverage[..., None]) + surface * coverage[..., None]
+    # Defects go on the tablet only, a little inside its outline.
+    return np.clip(image, 0, 1), dist < radius - 2.5 * s
+
+
+def _border_region(n: int, margin: float) -> np.ndarray:
+    region = np.zeros((n, n), dtype=bool)
+    m = int(round(margin))
+    region[m : n - m, m : n - m] = True
+    return region
+
+
+_RENDERERS = {"weave": _render_weave, "wood": _render_wood, "pill": _render_pill}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Defects. Each returns (alpha (H, W) with 0 outside the defect and >= 0.5 inside, layer (H, W, 3)).
+# ---------------------------------------------------------------------------------------------------
+
+
+def _add_defect(
+    category: str,
+    defect: str,
+    clean: np.ndarray,
+    region: np.ndarray,
+    rng: np.random.Generator,
+    n: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    s = n / 128.0
+    is_object = category == "pill"
+    best: tuple[float, np.ndarray, np.ndarray] | None = None
+    for _ in range(20):
+        if defect == "scratch":
+            shape = _polyline_shape(rng, region, n, length=rng.uniform(*((28, 40) if is_object else (40, 64))) * s)
+            if category == "pill":
+                layer = clean * 0.35 + np.array([0.10, 0.08, 0.07])  # dark crack
+            elif category == "wood" or rng.random() < 0.5:
+                layer = clean + (np.array([0.98, 0.93, 0.84]) - clean) * 0.75  # pale scratch / pulled thread
+            else:
+                layer = clean * 0.30
+            alpha = _soft_alpha(shape, ramp=1.5 * s)
+        elif defect == "hole":
+            shape = _blob_shape(rng, region, n, area_frac=rng.uniform(0.012, 0.045), jagged=0.10)
+            # A hole shows the dark backing through the fabric; in wood it is a dark knot hole.
+            inside = [0.05, 0.045, 0.04] if category == "weave" else [0.16, 0.09, 0.05]
+            layer = np.array(inside) + 0.02 * rng.standard_normal((n, n, 1))
+            rim = ndimage.binary_dilation(shape, iterations=max(1, int(round(2 * s)))) & ~shape
+            shape = shape | rim  # a thin darkened, frayed rim around the hole belongs to the defect too
+            alpha = _soft_alpha(shape, ramp=2 * s)
+            alpha[rim] = 0.5
+        elif defect in ("stain", "colour"):
+            frac = rng.uniform(0.02, 0.07) if defect == "stain" else rng.uniform(0.015, 0.04)
+            shape = _blob_shape(rng, region, n, area_frac=frac, jagged=0.0)
+            tints = {
+                "weave": [(0.62, 0.45, 0.28), (0.55, 0.62, 0.35)],  # coffee, grease-green
+                "wood": [(0.45, 0.50, 0.52), (0.75, 0.45, 0.30)],  # grey water stain, reddish
+                "pill": [(1.0, 0.78, 0.30), (0.55, 0.70, 1.0), (1.0, 0.55, 0.60)],  # yellow, blue, pink
+            }[category]
+            tint = np.array(tints[int(rng.integers(len(tints)))]) * rng.uniform(0.9, 1.05)
+            layer = clean * tint
+            alpha = _soft_alpha(shape, ramp=4 * s)
+        elif defect == "spot":
+            shape = _blob_shape(rng, region, n, area_frac=rng.uniform(0.006, 0.016), jagged=0.15)
+            texture = 0.04 * _smooth_noise(rng, n, 1.0 * s)[..., None]
+            layer = np.array([0.32, 0.22, 0.14]) * rng.uniform(0.7, 1.1) + texture
+            alpha = _soft_alpha(shape, ramp=1.5 * s)
+        elif defect == "cut":
+            alpha, layer = _cut_paste(rng, category, region, n, small=is_object)
+        else:
+            raise ConfigError(f"unknown defect type {defect!r}")
+        mask = alpha > 0
+        if not mask.any():
+            continue
+        blended = clean * (1 - alpha[..., None]) + layer * alpha[..., None]
+        change = float(np.abs(blended - clean)[mask].mean())
+        if change >= _MIN_VISIBLE_CHANGE:
+            return alpha, layer
+        if best is None or change > best[0]:
+            best = (change, alpha, layer)
+    if best is None:  # pragma: no cover - the region is never empty for the built-in renderers
+        raise DataError(f"could not place a {defect} defect on a {category} image")
+    return best[1], best[2]
+
+
+def _soft_alpha(shape: np.ndarray, ramp: float) -> np.ndarray:
+    """Blend weight 0.5 on the shape's edge rising to 1 inside; 0 outside, so the mask is exactly the shape."""
+    depth = ndimage.distance_transform_edt(shape)
+    return np.where(shape, 0.5 + 0.5 * np.clip((depth - 1) / max(ramp, 1e-6), 0, 1), 0.0)
+
+
+def _pick_centre(rng: np.random.Generator, region: np.ndarray, clearance: float) -> tuple[float, float] | None:
+    """A random point of ``region`` at least ``clearance`` px from its outside, or None."""
+    inner = ndimage.distance_transform_edt(region) > clearance
+    points = np.argwhere(inner)
+    if len(points) == 0:
+        return None
+    y, x = points[rng.integers(len(points))]
+    return float(y), float(x)
+
+
+def _blob_shape(rng: np.random.Generator, region: np.ndarray, n: int, area_frac: float, jagged: float) -> np.ndarray:
+    """An irregular star-convex blob of about ``area_frac`` of the image, inside ``region``."""
+    radius = math.sqrt(area_frac * n * n / math.pi)
+    lobes = 1.0 + sum(
+        rng.uniform(0, 0.22 / k) * np.cos(k * np.linspace(0, 2 * np.pi, 361) + rng.uniform(0, 2 * np.pi))
+        for k in range(2, 6)
+    )
+    if jagged > 0:
+        lobes += jagged * np.convolve(rng.standard_normal(361 + 6), np.ones(7) / 7, mode="valid") * 0.8
+    r_max = radius * float(lobes.max())
+    centre = _pick_centre(rng, region, r_max)
+    while centre is None and radius > 4:
+        radius *= 0.8
+        r_max = radius * float(lobes.max())
+        centre = _pick_centre(rng, region, r_max)
+    if centre is None:
+        return np.zeros((n, n), dtype=bool)
+    y, x = np.mgrid[0:n, 0:n].astype(np.float64)
+    dy, dx = y - centre[0], x - centre[1]
+    theta = np.degrees(np.arctan2(dy, dx)) % 360
+    limit = radius * np.interp(theta, np.arange(361), lobes)
+    return (np.hypot(dx, dy) <= limit) & region
+
+
+def _polyline_shape(rng: np.random.Generator, region: np.ndarray, n: int, length: float) -> np.ndarray:
+    """A smooth wandering line of the given length, 5-7 px wide at 128 px, fully inside ``region``."""
+    s = n / 128.0
+    width = max(3, int(round(rng.integers(5, 8) * s)))
+    steps = 8
+    for _ in range(40):
+        start = _pick_centre(rng, region, width)
+        if start is None:
+            break
+        headings = rng.uniform(0, 2 * np.pi) + np.cumsum(rng.normal(0, 0.2, size=steps))
+        xs = start[1] + np.concatenate([[0], np.cumsum(np.cos(headings))]) * length / steps
+        ys = start[0] + np.concatenate([[0], np.cumsum(np.sin(headings))]) * length / steps
+        points = list(zip(xs.tolist(), ys.tolist(), strict=True))
+        canvas = Image.new("L", (n, n), 0)
+        draw = ImageDraw.Draw(canvas)
+        draw.line(points, fill=255, width=width, joint="curve")
+        r = width / 2
+        for px, py in (points[0], points[-1]):
+            draw.ellipse((px - r, py - r, px + r, py + r), fill=255)
+        shape = np.asarray(canvas) > 127
+        if shape.any() and not (shape & ~region).any():
+            return shape
+    return np.zeros((n, n), dtype=bool)
+
+
+def _cut_paste(
+    rng: np.random.Generator, category: str, region: np.ndarray, n: int, small: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """CutPaste: a patch of another normal image, rotated and colour-jittered, pasted as a hard-edged rectangle."""
+    s = n / 128.0
+    lo, hi = (12, 18) if small else (16, 30)
+    h, w = (int(round(rng.uniform(lo, hi) * s)) for _ in range(2))
+    donor, donor_region = _RENDERERS[category](rng, n)
+    diag = int(math.ceil(math.hypot(h, w))) + 2
+    src = _pick_centre(rng, donor_region, diag / 2)
+    dst = _pick_rect(rng, region, h, w)
+    if src is None or dst is None:
+        return np.zeros((n, n)), np.zeros((n, n, 3))
+    sy, sx = int(src[0]) - diag // 2, int(src[1]) - diag // 2
+    crop = donor[sy : sy + diag, sx : sx + diag]
+    angle = rng.uniform(30, 75) * rng.choice([-1, 1])
+    rotated = ndimage.rotate(crop, angle, axes=(0, 1), reshape=False, order=1, mode="reflect")
+    oy, ox = (diag - h) // 2, (diag - w) // 2
+    patch = rotated[oy : oy + h, ox : ox + w]
+    gain = 1.0 + rng.uniform(0.12, 0.25) * rng.choice([-1, 1]) + rng.uniform(-0.04, 0.04, size=3)
+    layer = np.zeros((n, n, 3))
+    alpha = np.zeros((n, n))
+    ty, tx = dst
+    layer[ty : ty + h, tx : tx + w] = np.clip(patch * gain, 0, 1)
+    alpha[ty : ty + h, tx : tx + w] = 1.0
+    return alpha, layer
+
+
+def _pick_rect(rng: np.random.Generator, region: np.ndarray, h: int, w: int) -> tuple[int, int] | None:
+    """Top-left corner of a random h x w rectangle lying entirely in ``region``, or None."""
+    table = np.pad(region.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    inside = table[h:, w:] - table[:-h, w:] - table[h:, :-w] + table[:-h, :-w]  # region count per window
+    corners = np.argwhere(inside == h * w)
+    if len(corners) == 0:
+        return None
+    y, x = corners[rng.integers(len(corners))]
+    return int(y), int(x)
