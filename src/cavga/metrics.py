@@ -352,9 +352,10 @@ def compute_all(
 
     Keys: ``image_auroc``, ``pixel_auroc``, ``iou`` (per-image mean), ``iou_pooled``, ``aupro``,
     ``balanced_accuracy``, ``n_images``. ``pred_labels=None`` derives them as ``scores > threshold``; the
-    maps are thresholded at ``threshold`` for the IoUs. Pixel metrics use only the images whose
-    ``has_mask`` is true (all images when ``has_mask`` is None). A metric is None when it cannot be
-    computed: no maps or masks given, no image with a mask, or only one class present.
+    maps are thresholded at ``threshold`` for the IoUs. ``anomaly_maps`` and ``masks`` hold one map per
+    image, in the order of ``labels``. Pixel metrics use only the images whose ``has_mask`` is true (all
+    images when ``has_mask`` is None); AUPRO uses its default 30 % FPR limit. A metric is None when it
+    cannot be computed: no maps or masks given, no image with a mask, or only one class present.
     """
     thr = _validate_threshold(threshold)
     values = _validate_scores(scores)
