@@ -1,0 +1,157 @@
+"""Plain folders (normal, abnormal, masks matched by stem) and the Magnetic Tile layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cavga.data.dataset import DatasetSplits, Record, make_splits, split_indices
+from cavga.data.io import IMAGE_EXTENSIONS, list_image_files, list_subdirs
+from cavga.data.transforms import Preprocess
+from cavga.data.types import ANOMALOUS, NORMAL
+from cavga.errors import DataError
+
+MAGNETIC_TILE_NORMAL = "MT_Free"
+
+
+def _images_without_masks(folder: Path, mask_suffix: str, mask_ext: str) -> list[Path]:
+    """Image files of ``folder``, leaving out the files that are the mask of another image there
+    (``x.jpg`` + ``x.png`` with the default suffix "" and extension ".png")."""
+    if not folder.is_dir():
+        raise DataError(f"image folder not found: {folder}")
+    files = list_image_files(folder)
+    names = {p.name for p in files}
+    # a file is never its own mask
+    masks = {p.stem + mask_suffix + mask_ext for p in files if p.stem + mask_suffix + mask_ext != p.name} & names
+    images = [p for p in files if p.name not in masks]
+    if not images:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
+    return images
+
+
+def read_folders(
+    normal_dir: str | Path,
+    abnormal_dir: str | Path | None = None,
+    mask_dir: str | Path | None = None,
+    mask_suffix: str = "",
+    mask_ext: str = ".png",
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    preprocess: Preprocess | None = None,
+) -> DatasetSplits:
+    """Normal images (split seeded into train/test, see split_indices) plus optional abnormal test images.
+
+    Folders are read non-recursively. The mask of abnormal image ``<stem>.<ext>`` is
+    ``<mask_dir or the image's folder>/<stem><mask_suffix><mask_ext>``. If no abnormal image has a mask,
+    the dataset is detection-only (masks None); if some have one, all must. When masks exist, normal test
+    images get all-zero masks. Abnormal images get defect_type = the abnormal folder's name.
+    """
+    normal_dir = Path(normal_dir)
+    mask_dir = Path(mask_dir) if mask_dir is not None else None
+    # Masks beside the images only when no mask folder is given; otherwise every image file counts.
+    beside = mask_dir is None
+    normal = _images_without_masks(normal_dir, mask_suffix, mask_ext) if beside else _all_images(normal_dir)
+    train_idx, test_idx = split_indices(len(normal), test_fraction, seed)
+    if not train_idx:
+        raise DataError(f"test_fraction={test_fraction} leaves no training image among {len(normal)} in {normal_dir}")
+
+    abnormal: list[tuple[Path, Path | None]] = []
+    if abnormal_dir is not None:
+        abnormal_dir = Path(abnormal_dir)
+        images = _images_without_masks(abnormal_dir, mask_suffix, mask_ext) if beside else _all_images(abnormal_dir)
+        for p in images:
+            mask = (mask_dir if mask_dir is not None else p.parent) / f"{p.stem}{mask_suffix}{mask_ext}"
+            abnormal.append((p, mask if mask.is_file() else None))
+        with_mask = [p for p, m in abnormal if m is not None]
+        if with_mask and len(with_mask) < len(abnormal):
+            missing = next(p for p, m in abnormal if m is None)
+            expected = (mask_dir if mask_dir is not None else missing.parent) / f"{missing.stem}{mask_suffix}{mask_ext}"
+            raise DataError(
+                f"abnormal image {missing} has no mask (expected {expected}) while {len(with_mask)} of "
+                f"{len(abnormal)} abnormal images have one"
+            )
+    has_masks = any(m is not None for _, m in abnormal)
+    defect = abnormal_dir.name if abnormal_dir is not None else ""
+
+    train = [Record(image=normal[i], label=NORMAL, defect_type="good", path=str(normal[i])) for i in train_idx]
+    test = [
+        Record(image=normal[i], label=NORMAL, defect_type="good", path=str(normal[i]), zero_mask=has_masks)
+        for i in test_idx
+    ]
+    test += [Record(image=p, label=ANOMALOUS, defect_type=defect, path=str(p), mask=m) for p, m in abnormal]
+    info = {
+        "format": "folders",
+        "root": str(normal_dir),
+        "normal_dir": str(normal_dir),
+        "abnormal_dir": str(abnormal_dir) if abnormal_dir is not None else None,
+        "mask_dir": str(mask_dir) if mask_dir is not None else None,
+        "split": {"test_fraction": test_fraction, "seed": seed, "of": "normal images"},
+    }
+    return make_splits(train, test, preprocess, info)
+
+
+def _all_images(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise DataError(f"image folder not found: {folder}")
+    images = list_image_files(folder)
+    if not images:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
+    return images
+
+
+def magnetic_tile_classes(root: str | Path) -> list[Path]:
+    """The ``MT_<class>`` folders of ``root`` that hold an ``Imgs`` folder, sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"dataset folder not found: {root}")
+    return [p for p in list_subdirs(root) if p.name.startswith("MT_") and (p / "Imgs").is_dir()]
+
+
+def read_magnetic_tile(
+    root: str | Path, test_fraction: float = 0.2, seed: int = 0, preprocess: Preprocess | None = None
+) -> DatasetSplits:
+    """Read the Magnetic Tile defect dataset (Huang et al. 2018) in its original layout.
+
+    Layout: ``<root>/MT_<class>/Imgs/<name>.jpg`` with its mask ``<name>.png`` beside it. ``MT_Free`` is
+    normal; every other class is a defect with defect_type = the class name without ``MT_`` ("Blowhole").
+    Masks are thresholded at 128 (their edges are anti-aliased); 4 Uneven masks are empty, those images
+    stay ANOMALOUS.
+
+    The dataset has no official split, so cavga defines one: the MT_Free images sorted by file name are
+    shuffled with ``numpy.random.default_rng(seed).permutation``; the first ``round(test_fraction * n)``
+    (Python's round) go to test, the rest to train (each split then kept in file-name order). All defect
+    images go to test. With the defaults: 952 Free -> 762 train, 190 test; test = 190 + 392 = 582.
+    Normal test images get all-zero masks (the MT_Free masks are all empty and are not read).
+    """
+    root = Path(root)
+    classes = magnetic_tile_classes(root)
+    names = [p.name for p in classes]
+    if MAGNETIC_TILE_NORMAL not in names:
+        raise DataError(
+            f"{root} is not laid out as Magnetic Tile: expected MT_<class>/Imgs/<name>.jpg + <name>.png, "
+            f"including {MAGNETIC_TILE_NORMAL}/Imgs; found {names or 'no MT_*/Imgs folders'}"
+        )
+    free = _images_without_masks(root / MAGNETIC_TILE_NORMAL / "Imgs", "", ".png")
+    train_idx, test_idx = split_indices(len(free), test_fraction, seed)
+    if not train_idx:
+        raise DataError(f"test_fraction={test_fraction} leaves no training image in {root / MAGNETIC_TILE_NORMAL}")
+    train = [Record(image=free[i], label=NORMAL, defect_type="good", path=str(free[i])) for i in train_idx]
+    test = [
+        Record(image=free[i], label=NORMAL, defect_type="good", path=str(free[i]), zero_mask=True) for i in test_idx
+    ]
+    for folder in classes:
+        if folder.name == MAGNETIC_TILE_NORMAL:
+            continue
+        defect = folder.name[len("MT_") :]
+        for p in _images_without_masks(folder / "Imgs", "", ".png"):
+            mask = p.with_suffix(".png")
+            if mask == p or not mask.is_file():
+                raise DataError(f"defect image {p} has no mask: expected {p.parent / (p.stem + '.png')}")
+            test.append(Record(image=p, label=ANOMALOUS, defect_type=defect, path=str(p), mask=mask))
+    info = {
+        "format": "magnetic_tile",
+        "root": str(root),
+        "category": None,
+        "split": {"test_fraction": test_fraction, "seed": seed, "of": MAGNETIC_TILE_NORMAL},
+        "images": len(free) + sum(1 for r in test if r.label == ANOMALOUS),
+    }
+    return make_splits(train, test, preprocess, info)
