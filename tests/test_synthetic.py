@@ -223,17 +223,52 @@ def test_validate_rejects_missing_root_and_folders(tmp_path):
         validate_demo_dataset(tmp_path)
 
 
-def test_existing_output_needs_overwrite(tmp_path):
+def test_existing_output_is_replaced_only_when_it_is_demo_data(tmp_path):
     args = {"categories": ["pill"], "n_train": 1, "n_test_good": 1, "n_test_defect": 4}
     write_demo_dataset(tmp_path, seed=0, **args)
-    with pytest.raises(DataError, match="already exists"):
-        write_demo_dataset(tmp_path, seed=1, **args)
-    (tmp_path / "pill" / "test" / "good" / "stale.png").write_bytes(b"x")
-    write_demo_dataset(tmp_path, seed=1, overwrite=True, **args)
-    assert not (tmp_path / "pill" / "test" / "good" / "stale.png").exists()
+    stale = tmp_path / "pill" / "test" / "good" / "stale.png"
+    stale.write_bytes(b"x")
+    write_demo_dataset(tmp_path, seed=1, **args)  # an earlier demo dataset is regenerated in place
+    assert not stale.exists()
     assert np.array_equal(
         _read(tmp_path / "pill" / "train" / "good" / "000.png"), render_sample("pill", 1, "train", "good", 0).image
     )
+    other = tmp_path / "user"
+    (other / "pill").mkdir(parents=True)
+    (other / "pill" / "mine.png").write_bytes(b"x")
+    with pytest.raises(DataError, match="already exists"):
+        write_demo_dataset(other, **args)
+    assert (other / "pill" / "mine.png").exists()
+    write_demo_dataset(other, overwrite=True, **args)
+    assert not (other / "pill" / "mine.png").exists()
+
+
+def test_read_through_read_mvtec(small_dataset):
+    """The files are a valid MVTec-layout dataset for cavga's own reader, labels and masks included."""
+    mvtec = pytest.importorskip("cavga.data.mvtec")
+    from cavga.data.transforms import Preprocess
+
+    root, manifest = small_dataset
+    for category in DEMO_CATEGORIES:
+        splits = mvtec.read_mvtec(root, category)
+        counts = manifest["counts"][category]["test"]
+        assert len(splits.train) == 3 and len(splits.test) == sum(counts.values())
+        for sample in splits.test:
+            path = Path(sample.path)
+            assert sample.image.shape == (3, 128, 128)
+            assert np.array_equal((sample.image.numpy() * 255).round().astype(np.uint8), _read(path).transpose(2, 0, 1))
+            if path.parent.name == "good":
+                assert sample.label == 0 and sample.mask.sum() == 0
+            else:
+                assert sample.label == 1 and sample.defect_type == path.parent.name
+                expected = render_sample(category, 0, "test", path.parent.name, int(path.stem)).mask
+                assert np.array_equal(sample.mask.numpy()[0], expected / 255)
+        # At the demo model's 64 px every defect is still present in the downscaled mask.
+        small = mvtec.read_mvtec(root, category, Preprocess(image_size=64))
+        for sample in small.test:
+            assert sample.image.shape == (3, 64, 64)
+            if sample.label == 1:
+                assert sample.mask.sum() >= 10, sample.path
 
 
 @pytest.mark.parametrize(

@@ -35,6 +35,7 @@ _TRAIN, _TEST = 0, 1
 # so that a person can see it; renderers retry with new parameters until it does.
 _MIN_VISIBLE_CHANGE = 0.08
 _MIN_IMAGE_SIZE = 32
+_README_TITLE = "cavga built-in demo dataset (synthetic)"
 
 
 @dataclass(frozen=True)
@@ -65,18 +66,21 @@ def write_demo_dataset(
 
     ``n_train``, ``n_test_good`` and ``n_test_defect`` are per category; the defective test images are
     spread evenly over the category's defect types (see ``DEMO_DEFECTS``). The output depends only on the
-    arguments: the same seed gives byte-identical files. A category folder that already exists is an
-    error unless ``overwrite`` is true, in which case it is replaced.
+    arguments: the same seed gives byte-identical files. A category folder that already exists is
+    replaced when ``root`` holds an earlier demo dataset (its README.txt) or ``overwrite`` is true, and is
+    an error otherwise (so a user's own data is never deleted by accident).
 
     The manifest holds ``seed``, ``image_size``, ``categories`` (list) and ``counts``:
     ``counts[category]["train"|"test"][defect_type] = number of images``.
     """
     categories = _check_args(seed, categories, image_size, n_train, n_test_good, n_test_defect)
     root = Path(root)
+    readme = root / "README.txt"
+    earlier_demo = readme.is_file() and readme.read_text(errors="replace").startswith(_README_TITLE)
     for category in categories:
         cat_dir = root / category
         if cat_dir.exists() and any(cat_dir.iterdir()):
-            if not overwrite:
+            if not (overwrite or earlier_demo):
                 raise DataError(f"{cat_dir}: already exists and is not empty (pass overwrite=True to replace)")
             shutil.rmtree(cat_dir)
 
@@ -264,7 +268,7 @@ def _check_mask(path: Path, size: int) -> None:
 
 def _readme_text(manifest: dict) -> str:
     lines = [
-        "cavga built-in demo dataset (synthetic)",
+        _README_TITLE,
         "",
         "Procedural images rendered by cavga.data.synthetic.write_demo_dataset: no photographs.",
         "Layout: MVTec AD (<category>/train/good, <category>/test/<defect>,",
@@ -291,7 +295,12 @@ def _readme_text(manifest: dict) -> str:
 
 def _smooth_noise(rng: np.random.Generator, n: int, sigma: float | tuple[float, float]) -> np.ndarray:
     """Gaussian-filtered white noise with unit standard deviation (periodic boundary)."""
-    field = ndimage.gaussian_filter(rng.standard_normal((n, n)), sigma, mode="wrap")
+    sy, sx = (sigma, sigma) if np.isscalar(sigma) else sigma
+    fy = np.fft.fftfreq(n)[:, None]
+    fx = np.fft.rfftfreq(n)[None, :]
+    # Filtering in the Fourier domain is periodic like mode="wrap" and much faster for wide kernels.
+    transfer = np.exp(-2 * np.pi**2 * ((sy * fy) ** 2 + (sx * fx) ** 2))
+    field = np.fft.irfft2(np.fft.rfft2(rng.standard_normal((n, n))) * transfer, s=(n, n))
     return field / (field.std() + 1e-12)
 
 
@@ -380,11 +389,14 @@ def _render_pill(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarr
     surface = np.ones((n, n, 3)) * base
     # Red speckles, like MVTec's pill: small soft discs scattered over the tablet.
     inside = np.argwhere(dist < radius - 3 * s)
+    speckle_colour = np.array([0.78, 0.26, 0.20])
     for k in rng.integers(0, len(inside), size=int(rng.integers(35, 55))):
-        py, px = inside[k]
+        py, px = inside[k] + rng.uniform(-0.5, 0.5, size=2)
         r = rng.uniform(0.6, 1.3) * s
-        disc = np.clip(r + 0.5 - np.hypot(x - px - rng.uniform(-0.5, 0.5), y - py - rng.uniform(-0.5, 0.5)), 0, 1)
-        surface = surface * (1 - disc[..., None]) + np.array([0.78, 0.26, 0.20]) * disc[..., None]
+        y0, y1 = int(py - r - 1), int(py + r + 3)  # a small window around the disc is enough
+        x0, x1 = int(px - r - 1), int(px + r + 3)
+        disc = np.clip(r + 0.5 - np.hypot(x[y0:y1, x0:x1] - px, y[y0:y1, x0:x1] - py), 0, 1)[..., None]
+        surface[y0:y1, x0:x1] = surface[y0:y1, x0:x1] * (1 - disc) + speckle_colour * disc
     surface = surface * (0.45 + 0.55 * diffuse[..., None]) + 0.25 * specular[..., None]
     surface *= 1.0 + 0.015 * _smooth_noise(rng, n, 1.0 * s)[..., None]
     background = np.array([0.17, 0.18, 0.20]) * (1 + rng.uniform(-0.08, 0.08))
