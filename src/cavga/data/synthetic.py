@@ -571,7 +571,9 @@ def _cut_paste(
     rotated = ndimage.rotate(crop, angle, axes=(0, 1), reshape=False, order=1, mode="reflect")
     oy, ox = (diag - h) // 2, (diag - w) // 2
     patch = rotated[oy : oy + h, ox : ox + w]
-    gain = 1.0 + rng.uniform(0.12, 0.25) * rng.choice([-1, 1]) + rng.uniform(-0.04, 0.04, size=3)
+    # Brightening a near-white tablet would saturate and hide the patch, so object patches get darker.
+    sign = -1 if small else rng.choice([-1, 1])
+    gain = 1.0 + sign * rng.uniform(0.15, 0.28) + rng.uniform(-0.04, 0.04, size=3)
     layer = np.zeros((n, n, 3))
     alpha = np.zeros((n, n))
     ty, tx = dst
