@@ -39,7 +39,7 @@ SOURCES = ("idx", "cifar10", "folders")
 
 
 def _idx_file(root: Path, name: str) -> Path | None:
-    dotted = name[::-1].replace("-", ".", 1)[::-1]  # train-images-idx3-ubyte -> train-images.idx3-ubyte
+    dotted = name.replace("-idx", ".idx")  # train-images-idx3-ubyte -> train-images.idx3-ubyte
     for base in (name, dotted):
         for candidate in (root / base, root / f"{base}.gz"):
             if candidate.is_file():
