@@ -2,4 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 __version__ = "0.1.0"
+__all__ = ["Cavga", "Prediction", "load", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: `import cavga.metrics` or `cavga --help` should not pay for importing torch and the models.
+    if name in ("Cavga", "Prediction", "load"):
+        from cavga import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'cavga' has no attribute {name!r}")

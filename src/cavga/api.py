@@ -1,0 +1,332 @@
+"""The Python API that the command line is a thin shell over: ``Cavga(...).fit(data)``, ``.predict``,
+``.evaluate``, ``.save``, and ``cavga.load``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from cavga import __version__
+from cavga.config import LossWeights, ModelConfig, TrainConfig, from_dict, to_dict
+from cavga.data import AnomalyDataset, DatasetSplits, Preprocess, load_dataset, load_image
+from cavga.data.types import NORMAL
+from cavga.errors import ConfigError, DataError, ModelFileError
+from cavga.infer import THRESHOLD, Calibration, calibrate, evaluate_outputs, infer_batch, infer_dataset
+from cavga.models import build_model
+from cavga.train import resolve_device, train
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+DEFAULT_IMAGE_SIZE = {"D": 64, "R": 128}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+ImageInput = str | os.PathLike | np.ndarray | Image.Image
+
+
+@dataclass
+class Prediction:
+    """What cavga says about one image. ``anomaly_map`` and ``mask`` are at the model's input size."""
+
+    score: float  # normalized anomaly score in [0, 1]
+    label: int  # 1 anomalous (score > 0.5), 0 normal
+    anomaly_map: np.ndarray  # (H, W) float32 in [0, 1]
+    mask: np.ndarray  # (H, W) bool, anomaly_map > 0.5
+    raw_score: float
+    path: str | None = None
+    original_size: tuple[int, int] | None = None  # (width, height) of the input image
+
+
+def _split_options(options: dict[str, Any]) -> tuple[dict, dict, dict]:
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"weights"}
+    weight_fields = {f.name for f in dataclasses.fields(LossWeights)}
+    model_kw, train_kw, weight_kw = {}, {}, {}
+    for key, value in options.items():
+        if key in model_fields:
+            model_kw[key] = value
+        elif key in train_fields:
+            train_kw[key] = value
+        elif key in weight_fields:
+            weight_kw[key] = value
+        else:
+            raise ConfigError(f"unknown option {key!r}")
+    return model_kw, train_kw, weight_kw
+
+
+class Cavga:
+    """A CAVGA anomaly detector, scikit-learn style: construct with parameters, ``fit``, then ``predict``.
+
+    ``variant`` "D" or "R", ``setting`` "u" (normal images only) or "w" (plus a few labelled anomalous images).
+    Other keyword options are any field of :class:`ModelConfig`, :class:`TrainConfig` or :class:`LossWeights`.
+    """
+
+    def __init__(
+        self,
+        variant: str = "D",
+        setting: str = "u",
+        image_size: int | None = None,
+        channels: int | None = None,
+        calibration_quantile: float = 0.95,
+        **options: Any,
+    ) -> None:
+        model_kw, train_kw, weight_kw = _split_options(options)
+        self.model_config = ModelConfig(
+            variant=variant,
+            image_size=image_size or DEFAULT_IMAGE_SIZE.get(variant, 64),
+            channels=channels or 3,
+            weakly_supervised=setting == "w",
+            **model_kw,
+        )
+        self.channels_given = channels is not None
+        self.train_config = TrainConfig(setting=setting, weights=LossWeights(**weight_kw), **train_kw)
+        self.calibration_quantile = calibration_quantile
+        self.model_config.validate()
+        self.train_config.validate()
+
+    # ---------------------------------------------------------------- fitting
+    def _preprocess(self) -> Preprocess:
+        return Preprocess(self.model_config.image_size, self.model_config.channels)
+
+    def _load(self, data: DatasetSplits | str | os.PathLike, **data_kwargs: Any) -> DatasetSplits:
+        if isinstance(data, DatasetSplits):
+            return data
+        if not self.channels_given:
+            probe = load_dataset(data, preprocess=Preprocess(self.model_config.image_size, None), **data_kwargs)
+            if len(probe.train) == 0:
+                raise DataError(f"{data}: no training images found")
+            self.model_config.channels = 1 if probe.train[0].image.shape[0] == 1 else 3
+            self.channels_given = True
+        return load_dataset(data, preprocess=self._preprocess(), **data_kwargs)
+
+    def fit(self, data: DatasetSplits | str | os.PathLike, progress: bool = True, **data_kwargs: Any) -> Cavga:
+        """Train on the normal training images of ``data`` (a DatasetSplits or a dataset folder)."""
+        splits = self._load(data, **data_kwargs)
+        train_set, calibration_set = split_calibration(
+            splits.train, self.train_config.calibration_fraction, self.train_config.seed
+        )
+        self.model_ = build_model(self.model_config)
+        start = time.perf_counter()
+        self.history_ = train(self.model_, train_set, self.train_config, progress=progress)
+        self.train_seconds_ = time.perf_counter() - start
+        self.calibration_ = calibrate(
+            self.model_, calibration_set, self.train_config.setting, self.calibration_quantile
+        )
+        self.preprocess_ = splits.train.preprocess
+        self.data_info_ = {**splits.info, "n_train": len(train_set), "n_calibration": len(calibration_set)}
+        return self
+
+    # ---------------------------------------------------------------- using
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "model_"):
+            raise ConfigError("this Cavga model is not fitted yet: call fit() or cavga.load()")
+
+    @property
+    def device(self) -> torch.device:
+        self._check_fitted()
+        return next(self.model_.parameters()).device
+
+    def preprocess(self, image: ImageInput) -> np.ndarray:
+        """The exact (C, H, W) float32 array the network takes for ``image`` (path, array or PIL image)."""
+        self._check_fitted()
+        return self.preprocess_(_to_pil(image)).numpy()
+
+    def predict(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 32) -> list[Prediction]:
+        """Score and localize one image or a list of them (paths, numpy arrays HxW / HxWxC, PIL images)."""
+        self._check_fitted()
+        items = [images] if isinstance(images, (str, os.PathLike, np.ndarray, Image.Image)) else list(images)
+        results: list[Prediction] = []
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            pils = [_to_pil(item) for item in chunk]
+            batch = torch.stack([self.preprocess_(p) for p in pils]).to(self.device)
+            outputs = infer_batch(self.model_, batch, self.train_config.setting)
+            scores = self.calibration_.normalize(outputs.raw_scores)
+            for i, item in enumerate(chunk):
+                amap = outputs.anomaly_maps[i].astype(np.float32)
+                results.append(
+                    Prediction(
+                        score=float(scores[i]),
+                        label=int(scores[i] > THRESHOLD),
+                        anomaly_map=amap,
+                        mask=amap > THRESHOLD,
+                        raw_score=float(outputs.raw_scores[i]),
+                        path=str(item) if isinstance(item, (str, os.PathLike)) else None,
+                        original_size=pils[i].size,
+                    )
+                )
+        return results
+
+    def evaluate(self, data: DatasetSplits | str | os.PathLike, **data_kwargs: Any) -> dict:
+        """Metrics on the test split of ``data``: image_auroc, pixel_auroc, iou, iou_pooled, aupro,
+        balanced_accuracy, n_images (pixel metrics None where no masks exist)."""
+        self._check_fitted()
+        splits = (
+            data if isinstance(data, DatasetSplits) else load_dataset(data, preprocess=self.preprocess_, **data_kwargs)
+        )
+        test = exclude_paths(splits.test, getattr(self, "excluded_paths_", []))
+        outputs = infer_dataset(self.model_, test, self.train_config.setting)
+        self.last_outputs_ = outputs
+        return evaluate_outputs(outputs, self.calibration_)
+
+    # ---------------------------------------------------------------- saving
+    def config_dict(self) -> dict:
+        self._check_fitted()
+        return {
+            "cavga_version": __version__,
+            "format_version": FORMAT_VERSION,
+            "model": to_dict(self.model_config),
+            "train": to_dict(self.train_config),
+            "preprocess": self.preprocess_.to_dict(),
+            "calibration": self.calibration_.to_dict(),
+            "calibration_quantile": self.calibration_quantile,
+            "data": _jsonable(self.data_info_),
+            "excluded_paths": list(getattr(self, "excluded_paths_", [])),
+            "train_seconds": getattr(self, "train_seconds_", None),
+            "history": getattr(self, "history_", []),
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``path/model.safetensors`` and ``path/config.json`` atomically (a crash leaves the old model)."""
+        self._check_fitted()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            state = {k: v.detach().cpu().contiguous() for k, v in self.model_.state_dict().items()}
+            save_file(state, str(tmp / WEIGHTS_FILE))
+            (tmp / CONFIG_FILE).write_text(json.dumps(self.config_dict(), indent=2) + "\n")
+            _replace_dir(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+
+def load(path: str | os.PathLike, device: str = "auto") -> Cavga:
+    """Load a saved model directory (no pickle anywhere: safetensors weights and a JSON config)."""
+    path = Path(path)
+    config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+    for required in (config_path, weights_path):
+        if not required.is_file():
+            raise ModelFileError(f"{path}: not a cavga model directory ({required.name} is missing)")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelFileError(f"{config_path}: unreadable config ({exc})") from exc
+    if config.get("format_version") != FORMAT_VERSION:
+        raise ModelFileError(
+            f"{config_path}: format_version {config.get('format_version')!r}, this cavga reads {FORMAT_VERSION}"
+        )
+    model_config = from_dict(ModelConfig, config["model"])
+    train_config = from_dict(TrainConfig, config["train"])
+    detector = Cavga.__new__(Cavga)
+    detector.model_config = model_config
+    detector.train_config = train_config
+    detector.channels_given = True
+    detector.calibration_quantile = config.get("calibration_quantile", 0.95)
+    model = build_model(dataclasses.replace(model_config, encoder_weights=None))
+    try:
+        state = load_file(str(weights_path))
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, OSError) as exc:
+        raise ModelFileError(f"{weights_path}: weights do not match config.json ({exc})") from exc
+    detector.model_ = model.to(resolve_device(device)).eval()
+    detector.preprocess_ = Preprocess.from_dict(config["preprocess"])
+    detector.calibration_ = Calibration.from_dict(config["calibration"])
+    detector.data_info_ = config.get("data", {})
+    detector.excluded_paths_ = config.get("excluded_paths", [])
+    detector.history_ = config.get("history", [])
+    detector.train_seconds_ = config.get("train_seconds")
+    return detector
+
+
+def split_calibration(dataset: AnomalyDataset, fraction: float, seed: int) -> tuple[AnomalyDataset, AnomalyDataset]:
+    """Hold out a seeded slice of the NORMAL training images for calibration (never test images)."""
+    normal = [i for i, label in enumerate(dataset.labels) if label == NORMAL]
+    others = [i for i, label in enumerate(dataset.labels) if label != NORMAL]
+    if len(normal) < 2:
+        raise DataError(f"need at least 2 normal training images (one to train, one to calibrate), got {len(normal)}")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(normal))
+    n_cal = min(max(1, round(fraction * len(normal))), len(normal) - 1)
+    cal = sorted(normal[i] for i in order[:n_cal])
+    fit = sorted([normal[i] for i in order[n_cal:]] + others)
+    return dataset.subset(fit), dataset.subset(cal)
+
+
+def exclude_paths(dataset: AnomalyDataset, paths: Sequence[str]) -> AnomalyDataset:
+    if not paths:
+        return dataset
+    excluded = set(paths)
+    return dataset.subset([i for i, p in enumerate(dataset.paths) if p not in excluded])
+
+
+def list_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Expand files and folders (recursively, sorted) into image files; name what is missing."""
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            if not found:
+                raise DataError(f"{p}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError(f"{p}: no such file or folder")
+    return files
+
+
+def _to_pil(image: ImageInput) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, np.ndarray):
+        array = image
+        if array.dtype != np.uint8:
+            if array.size and (np.nanmin(array) < 0 or np.nanmax(array) > 1):
+                raise DataError(f"a float image array must lie in [0, 1], got range [{array.min()}, {array.max()}]")
+            array = np.round(np.nan_to_num(array) * 255).astype(np.uint8)
+        if array.ndim == 3 and array.shape[2] == 1:
+            array = array[:, :, 0]
+        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+            raise DataError(f"an image array must be HxW, HxWx1, HxWx3 or HxWx4, got shape {array.shape}")
+        return Image.fromarray(array).convert("RGB") if array.ndim == 3 else Image.fromarray(array)
+    return load_image(image)
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Swap ``new`` into place of ``target`` so that a reader never sees a half-written model."""
+    if target.exists():
+        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, backup)
+        os.replace(new, target)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.replace(new, target)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    return value

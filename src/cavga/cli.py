@@ -1,0 +1,194 @@
+"""The ``cavga`` command line: a thin shell over :mod:`cavga.api`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from cavga import __version__
+from cavga.errors import CavgaError
+
+DATA_FORMATS = ("mvtec", "pairs", "magnetic_tile", "folders", "oneclass", "video")
+
+
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=DATA_FORMATS, default=None, help="dataset layout (detected when left out)")
+    p.add_argument("--category", default=None, help="MVTec-layout category (needed when several are present)")
+    p.add_argument("--normal-class", default=None, help="one-class protocol: the class that is normal")
+    p.add_argument("--split-seed", type=int, default=None, help="seed of the train/test split of normal images")
+    p.add_argument("--test-fraction", type=float, default=None, help="share of normal images held out for test")
+
+
+def _data_kwargs(args: argparse.Namespace) -> dict:
+    kwargs: dict = {}
+    if args.format is not None:
+        kwargs["format"] = args.format
+    if args.category is not None:
+        kwargs["category"] = args.category
+    if args.normal_class is not None:
+        kwargs["normal_class"] = args.normal_class
+    if args.split_seed is not None:
+        kwargs["seed"] = args.split_seed
+    if args.test_fraction is not None:
+        kwargs["test_fraction"] = args.test_fraction
+    return kwargs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cavga",
+        description="Find anomalies in images and show where they are (CAVGA, ECCV 2020).",
+    )
+    parser.add_argument("--version", action="version", version=f"cavga {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("make-data", help="write the built-in demo dataset (MVTec layout)")
+    p.add_argument("out", type=Path, help="folder to write")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("demo", help="generate demo data, train, evaluate and predict, all on the CPU in minutes")
+    p.add_argument("--out", type=Path, default=Path("cavga-demo"))
+    p.add_argument("--epochs", type=int, default=None, help="training epochs per category (demo default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--categories", nargs="+", default=None, help="demo categories to run (default: all)")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("train", help="train a model on a dataset folder")
+    p.add_argument("data", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="model directory to write")
+    _add_data_options(p)
+    p.add_argument("--variant", choices=("D", "R"), default="D")
+    p.add_argument("--setting", choices=("u", "w"), default="u")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--channels", type=int, choices=(1, 3), default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1 ...")
+    p.add_argument("--latent-channels", type=int, default=None)
+    p.add_argument("--width", type=int, default=None, help="base channel width of the networks")
+    p.add_argument("--encoder-weights", default=None, help="CAVGA-R: local torchvision ResNet-18 state dict")
+    p.add_argument("--gradcam-layer", choices=("latent_input", "encoder_mid"), default=None)
+    p.add_argument("--w-ae", type=float, default=None)
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("predict", help="score and localize images with a saved model")
+    p.add_argument("model", type=Path)
+    p.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--batch-size", type=int, default=32)
+
+    p = sub.add_parser("evaluate", help="metrics of a saved model on a dataset's test split")
+    p.add_argument("model", type=Path)
+    p.add_argument("data", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    _add_data_options(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(message)s",
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except CavgaError as exc:
+        print(f"cavga: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cavga: interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_make_data(args: argparse.Namespace) -> int:
+    from cavga.data.synthetic import validate_demo_dataset, write_demo_dataset
+
+    manifest = write_demo_dataset(args.out, seed=args.seed)
+    validate_demo_dataset(args.out)
+    print(f"wrote the demo dataset to {args.out}: {json.dumps(manifest, default=str)}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cavga.api import Cavga
+
+    options = {
+        key: value
+        for key, value in {
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "seed": args.seed,
+            "device": args.device,
+            "latent_channels": args.latent_channels,
+            "width": args.width,
+            "encoder_weights": args.encoder_weights,
+            "gradcam_layer": args.gradcam_layer,
+            "w_ae": args.w_ae,
+        }.items()
+        if value is not None
+    }
+    detector = Cavga(args.variant, args.setting, image_size=args.image_size, channels=args.channels, **options)
+    start = time.perf_counter()
+    detector.fit(args.data, progress=not args.no_progress, **_data_kwargs(args))
+    detector.save(args.out)
+    print(f"trained CAVGA-{args.variant}_{args.setting} in {time.perf_counter() - start:.1f} s; saved to {args.out}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from cavga.api import list_images, load
+    from cavga.outputs import write_predictions
+
+    detector = load(args.model)
+    files = list_images(args.inputs)
+    write_predictions(detector, files, args.out, batch_size=args.batch_size)
+    print(f"wrote predictions for {len(files)} images to {args.out / 'predictions.jsonl'}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cavga.api import load
+    from cavga.outputs import format_metrics_table
+
+    detector = load(args.model)
+    result = detector.evaluate(args.data, **_data_kwargs(args))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(format_metrics_table({"model": result}))
+    print(f"wrote {args.out / 'metrics.json'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cavga.demo import run_demo
+
+    run_demo(
+        args.out,
+        epochs=args.epochs,
+        seed=args.seed,
+        categories=args.categories,
+        progress=not args.no_progress,
+    )
+    return 0
+
+
+COMMANDS = {
+    "make-data": cmd_make_data,
+    "demo": cmd_demo,
+    "train": cmd_train,
+    "predict": cmd_predict,
+    "evaluate": cmd_evaluate,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

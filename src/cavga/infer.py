@@ -1,0 +1,162 @@
+"""Inference: anomaly scores, anomaly maps, and their calibration on normal images only (SPEC 1.1)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cavga import metrics
+from cavga.data.types import ANOMALOUS, NORMAL, collate_samples
+from cavga.errors import ConfigError
+from cavga.gradcam import attention_map, class_attention
+from cavga.models import CavgaNet
+
+THRESHOLD = 0.5  # the paper's decision threshold on normalized scores and on anomaly maps
+
+
+@dataclass
+class Calibration:
+    """Maps raw anomaly scores to [0, 1] so that THRESHOLD separates normal from anomalous.
+
+    Fitted on normal images only: ``score_min`` (-> 0) is their smallest raw score, ``score_threshold`` (-> 0.5)
+    their ``quantile``-quantile; the map is linear in between and continues with the same slope above, clipped to
+    [0, 1]. The paper says only that s_a is "normalized between [0, 1]"; this is our resolution, with no test data.
+    """
+
+    score_min: float
+    score_threshold: float
+    quantile: float
+    n_images: int
+    paths: list[str] = field(default_factory=list)
+
+    def normalize(self, raw: np.ndarray) -> np.ndarray:
+        spread = max(self.score_threshold - self.score_min, 1e-12)
+        return np.clip(0.5 * (np.asarray(raw, dtype=np.float64) - self.score_min) / spread, 0.0, 1.0)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Calibration:
+        return cls(**data)
+
+
+def fit_calibration(raw_scores: np.ndarray, quantile: float = 0.95, paths: Iterable[str] = ()) -> Calibration:
+    raw_scores = np.asarray(raw_scores, dtype=np.float64)
+    if raw_scores.size == 0:
+        raise ConfigError("calibration needs at least one normal image, got none")
+    if not 0.0 < quantile <= 1.0:
+        raise ConfigError(f"calibration quantile must lie in (0, 1], got {quantile}")
+    return Calibration(
+        score_min=float(raw_scores.min()),
+        score_threshold=float(np.quantile(raw_scores, quantile)),
+        quantile=quantile,
+        n_images=int(raw_scores.size),
+        paths=list(paths),
+    )
+
+
+@dataclass
+class BatchOutputs:
+    """Raw per-image results of one batch (numpy, on the CPU)."""
+
+    raw_scores: np.ndarray  # (B,) mean |x - x_hat| (u) or P(anomalous) from C (w)
+    anomaly_maps: np.ndarray  # (B, H, W) in [0, 1]
+    reconstructions: np.ndarray  # (B, C, H, W) in [0, 1]
+
+
+def infer_batch(model: CavgaNet, images: torch.Tensor, setting: str) -> BatchOutputs:
+    """Scores and anomaly maps for a preprocessed batch. Gradients are enabled only for the Grad-CAM pass."""
+    model.eval()
+    if setting == "u":
+        attention, out = attention_map(model, images, create_graph=False)
+        anomaly = 1.0 - attention  # SPEC 1.1: the anomaly is where the attention is not
+        x_hat = torch.sigmoid(out.x_hat_logits.detach())
+        raw = (images - x_hat).abs().flatten(1).mean(1)  # s_a: pixel-wise difference, averaged per image
+    elif setting == "w":
+        with torch.enable_grad():
+            out = model(images, sample=False)
+            logits = model.classify(out.z)
+            # Paper 3.2: the anomalous map is the Grad-CAM of the anomalous class on z.
+            anomaly = class_attention(model, out, ANOMALOUS, create_graph=False)
+        x_hat = torch.sigmoid(out.x_hat_logits.detach())
+        raw = torch.softmax(logits.detach(), dim=1)[:, ANOMALOUS]
+    else:
+        raise ConfigError(f"setting must be 'u' or 'w', got {setting!r}")
+    return BatchOutputs(
+        raw_scores=raw.detach().cpu().double().numpy(),
+        anomaly_maps=anomaly.detach()[:, 0].cpu().float().numpy(),
+        reconstructions=x_hat.cpu().float().numpy(),
+    )
+
+
+@dataclass
+class DatasetOutputs:
+    raw_scores: np.ndarray
+    anomaly_maps: np.ndarray
+    masks: np.ndarray
+    has_mask: np.ndarray
+    labels: np.ndarray
+    defect_types: list[str]
+    paths: list[str]
+
+
+def infer_dataset(
+    model: CavgaNet, dataset: Dataset, setting: str, batch_size: int = 32, device: torch.device | None = None
+) -> DatasetOutputs:
+    device = device or next(model.parameters()).device
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_samples)
+    parts: dict[str, list] = {k: [] for k in ("raw", "maps", "masks", "has", "labels", "defects", "paths")}
+    for batch in loader:
+        outputs = infer_batch(model, batch.images.to(device), setting)
+        parts["raw"].append(outputs.raw_scores)
+        parts["maps"].append(outputs.anomaly_maps)
+        parts["masks"].append(batch.masks[:, 0].numpy() > 0.5)
+        parts["has"].append(batch.has_mask.numpy())
+        parts["labels"].append(batch.labels.numpy())
+        parts["defects"].extend(batch.defect_types)
+        parts["paths"].extend(batch.paths)
+    if not parts["raw"]:
+        raise ConfigError("no images to run inference on")
+    return DatasetOutputs(
+        raw_scores=np.concatenate(parts["raw"]),
+        anomaly_maps=np.concatenate(parts["maps"]),
+        masks=np.concatenate(parts["masks"]),
+        has_mask=np.concatenate(parts["has"]),
+        labels=np.concatenate(parts["labels"]),
+        defect_types=parts["defects"],
+        paths=parts["paths"],
+    )
+
+
+def calibrate(
+    model: CavgaNet, normal_dataset: Dataset, setting: str, quantile: float = 0.95, batch_size: int = 32
+) -> Calibration:
+    """Fit the score calibration on a dataset of NORMAL images only (a held-out slice of the training folder)."""
+    outputs = infer_dataset(model, normal_dataset, setting, batch_size)
+    if (outputs.labels != NORMAL).any():
+        bad = [p for p, label in zip(outputs.paths, outputs.labels, strict=True) if label != NORMAL]
+        raise ConfigError(f"calibration must use normal images only; got anomalous ones such as {bad[0]}")
+    if setting == "w":
+        # C's probability is already in [0, 1] with 0.5 its decision boundary: keep it as it is.
+        return Calibration(0.0, 0.5, quantile, len(outputs.paths), outputs.paths)
+    return fit_calibration(outputs.raw_scores, quantile, outputs.paths)
+
+
+def evaluate_outputs(outputs: DatasetOutputs, calibration: Calibration) -> dict:
+    scores = calibration.normalize(outputs.raw_scores)
+    pred_labels = (scores > THRESHOLD).astype(np.int64)
+    result = metrics.compute_all(
+        scores=scores,
+        pred_labels=pred_labels,
+        labels=outputs.labels,
+        anomaly_maps=outputs.anomaly_maps,
+        masks=outputs.masks,
+        has_mask=outputs.has_mask,
+        threshold=THRESHOLD,
+    )
+    return result

@@ -1,0 +1,104 @@
+"""The Python API end to end on a tiny MVTec-layout folder: fit, save, load, predict, evaluate, calibration."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import cavga
+from cavga.api import split_calibration
+from cavga.errors import ConfigError, ModelFileError
+from tiny_data import write_tiny_mvtec
+
+TINY = {"image_size": 32, "width": 8, "latent_channels": 8, "epochs": 1, "batch_size": 4, "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    root = write_tiny_mvtec(tmp_path_factory.mktemp("mvtec"))
+    detector = cavga.Cavga("D", "u", **TINY).fit(root, category="bottle", progress=False)
+    return root, detector
+
+
+def test_fit_evaluate_reports_every_metric(fitted):
+    root, detector = fitted
+    result = detector.evaluate(root, category="bottle")
+    assert set(result) >= {"image_auroc", "pixel_auroc", "iou", "iou_pooled", "aupro", "balanced_accuracy", "n_images"}
+    assert result["n_images"] == 6
+    for key in ("image_auroc", "pixel_auroc", "iou", "iou_pooled", "aupro", "balanced_accuracy"):
+        assert 0.0 <= result[key] <= 1.0, key
+
+
+def test_save_load_predict_gives_identical_maps(fitted, tmp_path):
+    root, detector = fitted
+    images = sorted((root / "bottle/test/spot").glob("*.png"))
+    before = detector.predict(images)
+    detector.save(tmp_path / "model")
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = cavga.load(tmp_path / "model")
+    after = loaded.predict(images)
+    for a, b in zip(before, after, strict=True):
+        np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
+        assert a.score == b.score and a.label == b.label
+        np.testing.assert_array_equal(a.mask, a.anomaly_map > 0.5)
+
+
+def test_predict_accepts_paths_arrays_and_pil_images_alike(fitted):
+    root, detector = fitted
+    path = sorted((root / "bottle/test/spot").glob("*.png"))[0]
+    pil = Image.open(path).convert("RGB")
+    from_path, from_pil, from_array = detector.predict([path, pil, np.asarray(pil)])
+    np.testing.assert_allclose(from_path.anomaly_map, from_pil.anomaly_map, atol=1e-6)
+    np.testing.assert_allclose(from_path.anomaly_map, from_array.anomaly_map, atol=1e-6)
+    assert from_path.anomaly_map.shape == (32, 32)
+    assert detector.preprocess(path).shape == (3, 32, 32)
+
+
+def test_calibration_uses_normal_training_images_only(tmp_path):
+    """Two fits that differ only in their TEST images must calibrate identically, on train/good files only."""
+    root_a = write_tiny_mvtec(tmp_path / "a", seed=0)
+    root_b = write_tiny_mvtec(tmp_path / "b", seed=0, test_value=255)
+    cal = []
+    for root in (root_a, root_b):
+        detector = cavga.Cavga("D", "u", **TINY).fit(root, category="bottle", progress=False)
+        assert detector.calibration_.paths
+        assert all("/train/good/" in p for p in detector.calibration_.paths)
+        cal.append(detector.calibration_)
+    assert [Path(p).name for p in cal[0].paths] == [Path(p).name for p in cal[1].paths]
+    # Equal up to float noise of multithreaded CPU kernels; test images of value 255 would move it by far more.
+    assert cal[0].score_threshold == pytest.approx(cal[1].score_threshold, rel=1e-4)
+    assert cal[0].score_min == pytest.approx(cal[1].score_min, rel=1e-4)
+
+
+def test_calibration_slice_is_held_out_of_training(fitted):
+    _, detector = fitted
+    assert detector.data_info_["n_train"] + detector.data_info_["n_calibration"] == 12
+    from cavga.data import load_dataset
+
+    train = load_dataset(fitted[0], category="bottle").train
+    fit, cal = split_calibration(train, 0.25, seed=0)
+    assert not set(fit.paths) & set(cal.paths)
+    assert len(fit) + len(cal) == len(train)
+
+
+def test_load_refuses_a_broken_model_dir(fitted, tmp_path):
+    _, detector = fitted
+    detector.save(tmp_path / "m")
+    with pytest.raises(ModelFileError, match="model.safetensors"):
+        (tmp_path / "m" / "model.safetensors").unlink()
+        cavga.load(tmp_path / "m")
+    detector.save(tmp_path / "m2")
+    config = json.loads((tmp_path / "m2" / "config.json").read_text())
+    config["model"]["latent_channels"] = 16
+    (tmp_path / "m2" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFileError, match="do not match"):
+        cavga.load(tmp_path / "m2")
+
+
+def test_unknown_option_is_named():
+    with pytest.raises(ConfigError, match="frobnicate"):
+        cavga.Cavga(frobnicate=3)

@@ -1,0 +1,33 @@
+"""Tiny datasets written on the fly for the API and CLI tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def write_tiny_mvtec(root: Path, seed: int = 0, test_value: int | None = None) -> Path:
+    """bottle/train/good (12), test/good (3), test/spot (3) with masks. ``test_value`` fills every test image."""
+    rng = np.random.default_rng(seed)
+    cat = root / "bottle"
+    for sub in ("train/good", "test/good", "test/spot", "ground_truth/spot"):
+        (cat / sub).mkdir(parents=True, exist_ok=True)
+
+    def normal():
+        base = np.full((40, 40, 3), 120, np.uint8)
+        return np.clip(base + rng.integers(-20, 20, base.shape), 0, 255).astype(np.uint8)
+
+    for i in range(12):
+        Image.fromarray(normal()).save(cat / "train/good" / f"{i:03d}.png")
+    for i in range(3):
+        img = normal() if test_value is None else np.full((40, 40, 3), test_value, np.uint8)
+        Image.fromarray(img).save(cat / "test/good" / f"{i:03d}.png")
+        img = normal() if test_value is None else np.full((40, 40, 3), test_value, np.uint8)
+        mask = np.zeros((40, 40), np.uint8)
+        mask[10:20, 12:22] = 255
+        img[mask > 0] = [250, 10, 10]
+        Image.fromarray(img).save(cat / "test/spot" / f"{i:03d}.png")
+        Image.fromarray(mask).save(cat / "ground_truth/spot" / f"{i:03d}_mask.png")
+    return root
