@@ -182,6 +182,7 @@ def test_real_magnetic_tile_counts_and_split(real_tiles, shared_data):
     assert set(_names(test.paths[:190])) == {free[i] for i in order[:190]}
     assert set(_names(train.paths)) == {free[i] for i in order[190:]}
     assert real_tiles.info["channels"] == 1
+    assert detect_format(shared_data / "magnetic-tile") == "magnetic_tile"
     other = read_magnetic_tile(shared_data / "magnetic-tile", seed=1)
     assert other.train.paths != train.paths and len(other.train) == 762
 

@@ -266,3 +266,4 @@ def test_real_mnist_oneclass(mnist):
     s = splits.train[0]
     assert s.image.shape == (1, 28, 28) and 0.0 <= s.image.min() and s.image.max() <= 1.0
     assert splits.info["source"] == "idx" and splits.info["counts"]["test_normal"] == 980
+    assert detect_format(mnist) == "oneclass"
