@@ -123,13 +123,10 @@ def load_dataset(
             return read_mvtec(root.parent, root.name, preprocess)
         if category is None:
             categories = list_mvtec_categories(root)
-            if len(categories) != 1:
-                found = ", ".join(categories) if categories else "none"
-                raise DataError(
-                    f"{root} holds several MVTec categories, choose one: {found}"
-                    if categories
-                    else (f"no MVTec categories in {root} (found {found}); {EXPECTED_LAYOUTS}")
-                )
+            if not categories:
+                raise DataError(f"no MVTec categories in {root}; {EXPECTED_LAYOUTS}")
+            if len(categories) > 1:
+                raise DataError(f"{root} holds several MVTec categories, choose one: {', '.join(categories)}")
             category = categories[0]
         return read_mvtec(root, category, preprocess)
     if format == "magnetic_tile":
