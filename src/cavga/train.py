@@ -57,7 +57,12 @@ def _check_finite(terms: dict[str, torch.Tensor], step: int) -> None:
 
 
 def class_weights_for(labels: Sequence[int]) -> torch.Tensor:
-    """Inverse-frequency weights for the classifier's BCE (CAVGA_w: ~2 % anomalous images would else be ignored)."""
+    """Inverse-frequency weights ``n / (2 n_class)`` for the classifier's BCE (CAVGA_w).
+
+    With ~2 % anomalous images an unweighted BCE is minimized by calling everything normal. We weight the loss
+    rather than oversample the few anomalous images: oversampling would repeat a handful of images many times
+    per epoch (memorized at once) and take batch slots from the normal images the VAE and GAN learn from.
+    """
     counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=2).astype(np.float64)
     if (counts == 0).any():
         raise TrainingError(
@@ -113,6 +118,12 @@ def training_step(
         terms["L_adv"] = losses.generator_adversarial_loss(model.discriminator(fake))
         logits = model.classify(out.z)
         terms["L_bce"] = losses.classifier_loss(logits, labels, class_weights)
+        if class_weights is not None:
+            # cross_entropy's weighted mean divides by the batch's own weight sum, which balances only batches
+            # that hold both classes (most hold none of the rare anomalous images). Rescaling to
+            # sum_i w_{y_i} CE_i / B makes the epoch's expected loss the class-balanced BCE.
+            weight_sum = class_weights.to(logits.dtype)[labels].sum()
+            terms["L_bce"] = terms["L_bce"] * weight_sum / labels.shape[0]
         a_normal = class_attention(model, out, NORMAL, create_graph=True)
         a_anomalous = class_attention(model, out, ANOMALOUS, create_graph=True)
         predictions = logits.argmax(dim=1)
