@@ -82,9 +82,14 @@ def infer_batch(model: CavgaNet, images: torch.Tensor, setting: str) -> BatchOut
             out = model(images, sample=False)
             logits = model.classify(out.z)
             # Paper 3.2: the anomalous map is the Grad-CAM of the anomalous class on z.
-            anomaly = class_attention(model, out, ANOMALOUS, create_graph=False)
+            attention = class_attention(model, out, ANOMALOUS, create_graph=False)
         x_hat = torch.sigmoid(out.x_hat_logits.detach())
         raw = torch.softmax(logits.detach(), dim=1)[:, ANOMALOUS]
+        # Paper 3.2: C decides first, and the anomalous map "is computed when y = c_a". Where C says normal
+        # (P(anomalous) <= 0.5) the map is scaled by that probability: below the 0.5 threshold everywhere, so
+        # the mask is empty as the paper's decision implies, while the heat map keeps its pixel ranking.
+        says_anomalous = (raw > THRESHOLD).view(-1, 1, 1, 1)
+        anomaly = torch.where(says_anomalous, attention, attention * raw.view(-1, 1, 1, 1))
     else:
         raise ConfigError(f"setting must be 'u' or 'w', got {setting!r}")
     return BatchOutputs(
