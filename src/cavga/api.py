@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -18,21 +19,25 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from torch.utils.data import ConcatDataset
 
 from cavga import __version__
 from cavga.config import LossWeights, ModelConfig, TrainConfig, from_dict, to_dict
-from cavga.data import AnomalyDataset, DatasetSplits, Preprocess, load_dataset, load_image
-from cavga.data.types import NORMAL
+from cavga.data import AnomalyDataset, DatasetSplits, Preprocess, Record, load_dataset, load_image
+from cavga.data.types import ANOMALOUS, NORMAL
 from cavga.errors import ConfigError, DataError, ModelFileError
 from cavga.infer import THRESHOLD, Calibration, calibrate, evaluate_outputs, infer_batch, infer_dataset
 from cavga.models import build_model
 from cavga.train import resolve_device, train
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 DEFAULT_IMAGE_SIZE = {"D": 64, "R": 128}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+DEFAULT_ANOMALOUS_FRACTION = 0.02  # the paper's CAVGA_w protocol: 2 % of the anomalous test images
 
 ImageInput = str | os.PathLike | np.ndarray | Image.Image
 
@@ -72,6 +77,11 @@ class Cavga:
 
     ``variant`` "D" or "R", ``setting`` "u" (normal images only) or "w" (plus a few labelled anomalous images).
     Other keyword options are any field of :class:`ModelConfig`, :class:`TrainConfig` or :class:`LossWeights`.
+
+    Setting "w" takes its anomalous images (labels only, never their masks) from one of: a seeded random
+    ``anomalous_fraction`` of the test split's anomalous images (default 0.02, at least one image), exactly
+    ``anomalous_count`` of them, or every image in ``anomalous_dir`` (a user's own labelled defect images).
+    Test images used for training are removed from every evaluation of the model (``excluded_paths_``).
     """
 
     def __init__(
@@ -81,6 +91,9 @@ class Cavga:
         image_size: int | None = None,
         channels: int | None = None,
         calibration_quantile: float = 0.95,
+        anomalous_fraction: float | None = None,
+        anomalous_count: int | None = None,
+        anomalous_dir: str | os.PathLike | None = None,
         **options: Any,
     ) -> None:
         model_kw, train_kw, weight_kw = _split_options(options)
@@ -94,8 +107,12 @@ class Cavga:
         self.channels_given = channels is not None
         self.train_config = TrainConfig(setting=setting, weights=LossWeights(**weight_kw), **train_kw)
         self.calibration_quantile = calibration_quantile
+        self.anomalous_fraction = anomalous_fraction
+        self.anomalous_count = anomalous_count
+        self.anomalous_dir = str(anomalous_dir) if anomalous_dir is not None else None
         self.model_config.validate()
         self.train_config.validate()
+        _validate_weak_options(setting, anomalous_fraction, anomalous_count, self.anomalous_dir)
 
     # ---------------------------------------------------------------- fitting
     def _preprocess(self) -> Preprocess:
@@ -113,11 +130,21 @@ class Cavga:
         return load_dataset(data, preprocess=self._preprocess(), **data_kwargs)
 
     def fit(self, data: DatasetSplits | str | os.PathLike, progress: bool = True, **data_kwargs: Any) -> Cavga:
-        """Train on the normal training images of ``data`` (a DatasetSplits or a dataset folder)."""
+        """Train on the normal training images of ``data`` (a DatasetSplits or a dataset folder); setting "w"
+        adds the labelled anomalous images described in the class docstring."""
         splits = self._load(data, **data_kwargs)
         train_set, calibration_set = split_calibration(
             splits.train, self.train_config.calibration_fraction, self.train_config.seed
         )
+        self.excluded_paths_: list[str] = []
+        weak_info: dict[str, Any] = {}
+        if self.train_config.setting == "w":
+            anomalous, weak_info = self._weak_labels(splits)
+            # Paper protocol: weak labels never count in an evaluation. Kept by resolved path, so that another
+            # spelling of the folder still matches; anomalous_dir images are listed too, in case the folder
+            # given is part of a test split.
+            self.excluded_paths_ = [_path_key(p) for p in anomalous.paths]
+            train_set = weak_training_set(train_set, anomalous)
         self.model_ = build_model(self.model_config)
         start = time.perf_counter()
         self.history_ = train(self.model_, train_set, self.train_config, progress=progress)
@@ -127,7 +154,31 @@ class Cavga:
         )
         self.preprocess_ = splits.train.preprocess
         self.data_info_ = {**splits.info, "n_train": len(train_set), "n_calibration": len(calibration_set)}
+        if weak_info:
+            self.data_info_["weak_labels"] = weak_info
         return self
+
+    def _weak_labels(self, splits: DatasetSplits) -> tuple[AnomalyDataset, dict[str, Any]]:
+        """The labelled anomalous training images of setting "w" and a record of where they came from."""
+        if self.anomalous_dir is not None:
+            files = list_images([self.anomalous_dir])
+            folder = Path(self.anomalous_dir)
+            records = [Record(image=f, label=ANOMALOUS, defect_type=folder.name, path=str(f)) for f in files]
+            anomalous = AnomalyDataset(records, splits.train.preprocess)
+            return anomalous, {"source": "dir", "dir": str(folder), "n_anomalous": len(anomalous)}
+        fraction = self.anomalous_fraction
+        if fraction is None and self.anomalous_count is None:
+            fraction = DEFAULT_ANOMALOUS_FRACTION
+        indices = sample_weak_labels(splits.test, fraction, self.anomalous_count, self.train_config.seed)
+        info = {
+            "source": "test",
+            "fraction": fraction,
+            "count": self.anomalous_count,
+            "seed": self.train_config.seed,
+            "n_anomalous": len(indices),
+            "n_test_anomalous": sum(1 for label in splits.test.labels if label == ANOMALOUS),
+        }
+        return splits.test.subset(indices), info
 
     # ---------------------------------------------------------------- using
     def _check_fitted(self) -> None:
@@ -177,10 +228,22 @@ class Cavga:
         splits = (
             data if isinstance(data, DatasetSplits) else load_dataset(data, preprocess=self.preprocess_, **data_kwargs)
         )
-        test = exclude_paths(splits.test, getattr(self, "excluded_paths_", []))
+        excluded = getattr(self, "excluded_paths_", [])
+        test = exclude_paths(splits.test, excluded)
+        n_removed = len(splits.test) - len(test)
+        from_test = self.data_info_.get("weak_labels", {}).get("source") == "test"
+        if from_test and n_removed == 0 and ANOMALOUS in splits.test.labels:
+            log.warning(
+                "none of the %d anomalous images this model was trained on is in this test split; if it is "
+                "the training data under another path, those images now count in the metrics",
+                len(excluded),
+            )
         outputs = infer_dataset(self.model_, test, self.train_config.setting)
         self.last_outputs_ = outputs
-        return evaluate_outputs(outputs, self.calibration_)
+        result = evaluate_outputs(outputs, self.calibration_)
+        if excluded:
+            result["n_excluded"] = n_removed
+        return result
 
     # ---------------------------------------------------------------- saving
     def config_dict(self) -> dict:
@@ -193,6 +256,11 @@ class Cavga:
             "preprocess": self.preprocess_.to_dict(),
             "calibration": self.calibration_.to_dict(),
             "calibration_quantile": self.calibration_quantile,
+            "weak_supervision": {
+                "anomalous_fraction": self.anomalous_fraction,
+                "anomalous_count": self.anomalous_count,
+                "anomalous_dir": self.anomalous_dir,
+            },
             "data": _jsonable(self.data_info_),
             "excluded_paths": list(getattr(self, "excluded_paths_", [])),
             "train_seconds": getattr(self, "train_seconds_", None),
@@ -238,6 +306,10 @@ def load(path: str | os.PathLike, device: str = "auto") -> Cavga:
     detector.train_config = train_config
     detector.channels_given = True
     detector.calibration_quantile = config.get("calibration_quantile", 0.95)
+    weak = config.get("weak_supervision", {})
+    detector.anomalous_fraction = weak.get("anomalous_fraction")
+    detector.anomalous_count = weak.get("anomalous_count")
+    detector.anomalous_dir = weak.get("anomalous_dir")
     model = build_model(dataclasses.replace(model_config, encoder_weights=None))
     try:
         state = load_file(str(weights_path))
@@ -268,11 +340,78 @@ def split_calibration(dataset: AnomalyDataset, fraction: float, seed: int) -> tu
     return dataset.subset(fit), dataset.subset(cal)
 
 
+def sample_weak_labels(
+    test: AnomalyDataset,
+    fraction: float | None = DEFAULT_ANOMALOUS_FRACTION,
+    count: int | None = None,
+    seed: int = 0,
+) -> list[int]:
+    """Indices into ``test`` of a seeded random sample of its ANOMALOUS images (CAVGA_w's weak labels).
+
+    ``count`` images when given, else ``round(fraction * n_anomalous)`` and at least one. Drawn without
+    replacement by ``numpy.random.default_rng(seed)`` from the anomalous images in dataset order; ascending.
+    """
+    anomalous = [i for i, label in enumerate(test.labels) if label == ANOMALOUS]
+    if not anomalous:
+        raise DataError("setting 'w' needs labelled anomalous images: the test split has none (use anomalous_dir)")
+    if count is None:
+        if fraction is None or not 0.0 < fraction <= 1.0:
+            raise ConfigError(f"anomalous_fraction must lie in (0, 1], got {fraction}")
+        count = max(1, round(fraction * len(anomalous)))
+    if not 1 <= count <= len(anomalous):
+        raise ConfigError(f"anomalous_count must lie in [1, {len(anomalous)}] (the test split's anomalous images)")
+    chosen = np.random.default_rng(seed).choice(len(anomalous), size=count, replace=False)
+    return sorted(anomalous[int(i)] for i in chosen)
+
+
+class LabelledConcat(ConcatDataset):
+    """Datasets one after the other, with the ``labels`` and ``paths`` that training reads."""
+
+    @property
+    def labels(self) -> list[int]:
+        return [label for part in self.datasets for label in part.labels]
+
+    @property
+    def paths(self) -> list[str]:
+        return [path for part in self.datasets for path in part.paths]
+
+
+def weak_training_set(normal: AnomalyDataset, anomalous: AnomalyDataset) -> LabelledConcat:
+    """CAVGA_w's training set: the normal training images, then the anomalous ones as labels only.
+
+    The anomalous records lose their masks (weak supervision never sees pixel ground truth) and are read with
+    the normal images' preprocessing.
+    """
+    labels_only = [dataclasses.replace(r, label=ANOMALOUS, mask=None, zero_mask=False) for r in anomalous.records]
+    return LabelledConcat([normal, AnomalyDataset(labels_only, normal.preprocess, anomalous.array)])
+
+
+def _path_key(path: str) -> str:
+    return os.path.realpath(path)
+
+
 def exclude_paths(dataset: AnomalyDataset, paths: Sequence[str]) -> AnomalyDataset:
+    """``dataset`` without the images at ``paths`` (compared as resolved paths)."""
     if not paths:
         return dataset
-    excluded = set(paths)
-    return dataset.subset([i for i, p in enumerate(dataset.paths) if p not in excluded])
+    excluded = {_path_key(p) for p in paths}
+    return dataset.subset([i for i, p in enumerate(dataset.paths) if _path_key(p) not in excluded])
+
+
+def _validate_weak_options(setting: str, fraction: float | None, count: int | None, directory: str | None) -> None:
+    given = [
+        name
+        for name, v in (("anomalous_fraction", fraction), ("anomalous_count", count), ("anomalous_dir", directory))
+        if v is not None
+    ]
+    if given and setting != "w":
+        raise ConfigError(f"{given[0]} applies to setting 'w' only (got setting={setting!r})")
+    if len(given) > 1:
+        raise ConfigError(f"give at most one of anomalous_fraction, anomalous_count, anomalous_dir; got {given}")
+    if fraction is not None and not 0.0 < fraction <= 1.0:
+        raise ConfigError(f"anomalous_fraction must lie in (0, 1], got {fraction}")
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        raise ConfigError(f"anomalous_count must be an integer >= 1, got {count!r}")
 
 
 def list_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:

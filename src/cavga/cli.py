@@ -64,7 +64,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="model directory to write")
     _add_data_options(p)
     p.add_argument("--variant", choices=("D", "R"), default="D")
-    p.add_argument("--setting", choices=("u", "w"), default="u")
+    p.add_argument("--setting", choices=("u", "w"), default="u", help="u: normal images only; w: weakly supervised")
+    weak = p.add_mutually_exclusive_group()
+    weak.add_argument(
+        "--anomalous-fraction",
+        type=float,
+        default=None,
+        help="setting w: share of the test split's anomalous images used as labels (default 0.02, >= 1 image); "
+        "they are left out of every evaluation",
+    )
+    weak.add_argument(
+        "--anomalous-count", type=int, default=None, help="setting w: this many anomalous test images instead"
+    )
+    weak.add_argument(
+        "--anomalous-dir", type=Path, default=None, help="setting w: your own labelled defect images (a folder)"
+    )
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--channels", type=int, choices=(1, 3), default=None)
     p.add_argument("--epochs", type=int, default=None)
@@ -137,11 +151,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         }.items()
         if value is not None
     }
-    detector = Cavga(args.variant, args.setting, image_size=args.image_size, channels=args.channels, **options)
+    detector = Cavga(
+        args.variant,
+        args.setting,
+        image_size=args.image_size,
+        channels=args.channels,
+        anomalous_fraction=args.anomalous_fraction,
+        anomalous_count=args.anomalous_count,
+        anomalous_dir=args.anomalous_dir,
+        **options,
+    )
     start = time.perf_counter()
     detector.fit(args.data, progress=not args.no_progress, **_data_kwargs(args))
     detector.save(args.out)
     print(f"trained CAVGA-{args.variant}_{args.setting} in {time.perf_counter() - start:.1f} s; saved to {args.out}")
+    if args.setting == "w":
+        weak = detector.data_info_["weak_labels"]
+        where = weak["dir"] if weak["source"] == "dir" else "the test split (left out of every evaluation)"
+        print(f"weak labels: {weak['n_anomalous']} anomalous image(s) from {where}")
     return 0
 
 
