@@ -204,7 +204,7 @@ class Cavga:
             chunk = items[start : start + batch_size]
             pils = [_to_pil(item) for item in chunk]
             batch = torch.stack([self.preprocess_(p) for p in pils]).to(self.device)
-            outputs = infer_batch(self.model_, batch, self.train_config.setting)
+            outputs = infer_batch(self.model_, batch, self.train_config.setting, self.calibration_)
             scores = self.calibration_.normalize(outputs.raw_scores)
             for i, item in enumerate(chunk):
                 amap = outputs.anomaly_maps[i].astype(np.float32)
@@ -238,7 +238,7 @@ class Cavga:
                 "the training data under another path, those images now count in the metrics",
                 len(excluded),
             )
-        outputs = infer_dataset(self.model_, test, self.train_config.setting)
+        outputs = infer_dataset(self.model_, test, self.train_config.setting, calibration=self.calibration_)
         self.last_outputs_ = outputs
         result = evaluate_outputs(outputs, self.calibration_)
         if excluded:

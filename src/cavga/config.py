@@ -26,6 +26,13 @@ class ModelConfig:
     gradcam_layer: str = "latent_input"  # "latent_input": the map feeding the mu/logvar heads; "encoder_mid"
     gradcam_target: str = "sum_mu"  # unsupervised target score; public re-implementations use sum(mu)
     gradcam_normalization: str = "max"  # "max": relu(cam)/max; "minmax": (cam-min)/(max-min), per image
+    # Inference choices, stored with the model. The paper scores an image by "the pixel-wise difference" between x and
+    # x_hat without saying how it is aggregated: "top_mean" (default) averages the largest `score_top_fraction` of
+    # the blurred residual map, "mean" the whole residual. The anomaly map is the paper's 1 - A ("attention") or,
+    # as a documented alternative, the blurred residual calibrated on normal images ("residual").
+    score: str = "top_mean"
+    score_top_fraction: float = 0.01
+    anomaly_map: str = "attention"
 
     def validate(self) -> None:
         if self.variant not in ("D", "R"):
@@ -40,6 +47,12 @@ class ModelConfig:
             raise ConfigError(f"gradcam_layer must be 'latent_input' or 'encoder_mid', got {self.gradcam_layer!r}")
         if self.gradcam_normalization not in ("max", "minmax"):
             raise ConfigError(f"gradcam_normalization must be 'max' or 'minmax', got {self.gradcam_normalization!r}")
+        if self.score not in ("top_mean", "mean"):
+            raise ConfigError(f"score must be 'top_mean' or 'mean', got {self.score!r}")
+        if not 0.0 < self.score_top_fraction <= 1.0:
+            raise ConfigError(f"score_top_fraction must lie in (0, 1], got {self.score_top_fraction}")
+        if self.anomaly_map not in ("attention", "residual"):
+            raise ConfigError(f"anomaly_map must be 'attention' or 'residual', got {self.anomaly_map!r}")
         for name in ("latent_channels", "latent_stride", "width", "flat_latent_dim"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")

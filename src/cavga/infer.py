@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from cavga import metrics
@@ -32,10 +34,17 @@ class Calibration:
     quantile: float
     n_images: int
     paths: list[str] = field(default_factory=list)
+    # For the "residual" anomaly map: this quantile of the normal images' residual pixels maps to 0.5.
+    map_threshold: float | None = None
 
     def normalize(self, raw: np.ndarray) -> np.ndarray:
         spread = max(self.score_threshold - self.score_min, 1e-12)
         return np.clip(0.5 * (np.asarray(raw, dtype=np.float64) - self.score_min) / spread, 0.0, 1.0)
+
+    def normalize_map(self, residual: torch.Tensor) -> torch.Tensor:
+        if self.map_threshold is None:
+            raise ConfigError("this calibration has no map threshold (it was fitted for the attention map)")
+        return (0.5 * residual / max(self.map_threshold, 1e-12)).clamp(0.0, 1.0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -43,6 +52,27 @@ class Calibration:
     @classmethod
     def from_dict(cls, data: dict) -> Calibration:
         return cls(**data)
+
+
+MAP_QUANTILE = 0.995
+
+
+def residual_map(images: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """|x - x_hat| averaged over channels and box-blurred (kernel ~ 1/16 of the image side): (B, 1, H, W).
+
+    The blur turns single-pixel reconstruction noise of textures into region evidence before aggregating."""
+    k = max(3, (images.shape[-1] // 16) | 1)
+    residual = (images - x_hat).abs().mean(dim=1, keepdim=True)
+    return F.avg_pool2d(residual, k, stride=1, padding=k // 2, count_include_pad=False)
+
+
+def aggregate_score(images: torch.Tensor, x_hat: torch.Tensor, residual: torch.Tensor, config) -> torch.Tensor:
+    """s_a of paper 3.1 per image, aggregated as ``config.score`` says."""
+    if config.score == "mean":
+        return (images - x_hat).abs().flatten(1).mean(1)
+    flat = residual.flatten(1)
+    k = max(1, math.ceil(config.score_top_fraction * flat.shape[1]))
+    return flat.topk(k, dim=1).values.mean(1)
 
 
 def fit_calibration(raw_scores: np.ndarray, quantile: float = 0.95, paths: Iterable[str] = ()) -> Calibration:
@@ -64,19 +94,30 @@ def fit_calibration(raw_scores: np.ndarray, quantile: float = 0.95, paths: Itera
 class BatchOutputs:
     """Raw per-image results of one batch (numpy, on the CPU)."""
 
-    raw_scores: np.ndarray  # (B,) mean |x - x_hat| (u) or P(anomalous) from C (w)
+    raw_scores: np.ndarray  # (B,) aggregated |x - x_hat| (u) or P(anomalous) from C (w)
     anomaly_maps: np.ndarray  # (B, H, W) in [0, 1]
     reconstructions: np.ndarray  # (B, C, H, W) in [0, 1]
+    residual_maps: np.ndarray  # (B, H, W) blurred |x - x_hat|, not normalized
 
 
-def infer_batch(model: CavgaNet, images: torch.Tensor, setting: str) -> BatchOutputs:
-    """Scores and anomaly maps for a preprocessed batch. Gradients are enabled only for the Grad-CAM pass."""
+def infer_batch(
+    model: CavgaNet, images: torch.Tensor, setting: str, calibration: Calibration | None = None
+) -> BatchOutputs:
+    """Scores and anomaly maps for a preprocessed batch. Gradients are enabled only for the Grad-CAM pass.
+
+    ``calibration`` is needed only for ``anomaly_map="residual"`` models (to put the map on the 0.5 scale)."""
     model.eval()
     if setting == "u":
         attention, out = attention_map(model, images, create_graph=False)
-        anomaly = 1.0 - attention  # SPEC 1.1: the anomaly is where the attention is not
         x_hat = torch.sigmoid(out.x_hat_logits.detach())
-        raw = (images - x_hat).abs().flatten(1).mean(1)  # s_a: pixel-wise difference, averaged per image
+        residual = residual_map(images, x_hat)
+        raw = aggregate_score(images, x_hat, residual, model.config)
+        if model.config.anomaly_map == "residual" and calibration is not None:
+            anomaly = calibration.normalize_map(residual)
+        elif model.config.anomaly_map == "residual":
+            anomaly = residual.clamp(0.0, 1.0)
+        else:
+            anomaly = 1.0 - attention  # SPEC 1.1: the anomaly is where the attention is not
     elif setting == "w":
         with torch.enable_grad():
             out = model(images, sample=False)
@@ -84,6 +125,7 @@ def infer_batch(model: CavgaNet, images: torch.Tensor, setting: str) -> BatchOut
             # Paper 3.2: the anomalous map is the Grad-CAM of the anomalous class on z.
             attention = class_attention(model, out, ANOMALOUS, create_graph=False)
         x_hat = torch.sigmoid(out.x_hat_logits.detach())
+        residual = residual_map(images, x_hat)
         raw = torch.softmax(logits.detach(), dim=1)[:, ANOMALOUS]
         # Paper 3.2: C decides first, and the anomalous map "is computed when y = c_a". Where C says normal
         # (P(anomalous) <= 0.5) the map is scaled by that probability: below the 0.5 threshold everywhere, so
@@ -96,6 +138,7 @@ def infer_batch(model: CavgaNet, images: torch.Tensor, setting: str) -> BatchOut
         raw_scores=raw.detach().cpu().double().numpy(),
         anomaly_maps=anomaly.detach()[:, 0].cpu().float().numpy(),
         reconstructions=x_hat.cpu().float().numpy(),
+        residual_maps=residual.detach()[:, 0].cpu().float().numpy(),
     )
 
 
@@ -103,6 +146,7 @@ def infer_batch(model: CavgaNet, images: torch.Tensor, setting: str) -> BatchOut
 class DatasetOutputs:
     raw_scores: np.ndarray
     anomaly_maps: np.ndarray
+    residual_maps: np.ndarray
     masks: np.ndarray
     has_mask: np.ndarray
     labels: np.ndarray
@@ -111,15 +155,21 @@ class DatasetOutputs:
 
 
 def infer_dataset(
-    model: CavgaNet, dataset: Dataset, setting: str, batch_size: int = 32, device: torch.device | None = None
+    model: CavgaNet,
+    dataset: Dataset,
+    setting: str,
+    batch_size: int = 32,
+    device: torch.device | None = None,
+    calibration: Calibration | None = None,
 ) -> DatasetOutputs:
     device = device or next(model.parameters()).device
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_samples)
-    parts: dict[str, list] = {k: [] for k in ("raw", "maps", "masks", "has", "labels", "defects", "paths")}
+    parts: dict[str, list] = {k: [] for k in ("raw", "maps", "res", "masks", "has", "labels", "defects", "paths")}
     for batch in loader:
-        outputs = infer_batch(model, batch.images.to(device), setting)
+        outputs = infer_batch(model, batch.images.to(device), setting, calibration)
         parts["raw"].append(outputs.raw_scores)
         parts["maps"].append(outputs.anomaly_maps)
+        parts["res"].append(outputs.residual_maps)
         parts["masks"].append(batch.masks[:, 0].numpy() > 0.5)
         parts["has"].append(batch.has_mask.numpy())
         parts["labels"].append(batch.labels.numpy())
@@ -130,6 +180,7 @@ def infer_dataset(
     return DatasetOutputs(
         raw_scores=np.concatenate(parts["raw"]),
         anomaly_maps=np.concatenate(parts["maps"]),
+        residual_maps=np.concatenate(parts["res"]),
         masks=np.concatenate(parts["masks"]),
         has_mask=np.concatenate(parts["has"]),
         labels=np.concatenate(parts["labels"]),
@@ -149,7 +200,9 @@ def calibrate(
     if setting == "w":
         # C's probability is already in [0, 1] with 0.5 its decision boundary: keep it as it is.
         return Calibration(0.0, 0.5, quantile, len(outputs.paths), outputs.paths)
-    return fit_calibration(outputs.raw_scores, quantile, outputs.paths)
+    calibration = fit_calibration(outputs.raw_scores, quantile, outputs.paths)
+    calibration.map_threshold = float(np.quantile(outputs.residual_maps, MAP_QUANTILE))
+    return calibration
 
 
 def evaluate_outputs(outputs: DatasetOutputs, calibration: Calibration) -> dict:
