@@ -1,0 +1,323 @@
+"""CAVGA_w end to end: L_cga through Grad-CAM and the training step, the weak-label protocol (seeded sample of
+anomalous test images, labels only, excluded from evaluation), inference, save/load and the CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import cavga
+from cavga import losses
+from cavga.api import sample_weak_labels, weak_training_set
+from cavga.cli import main
+from cavga.config import LossWeights, ModelConfig, TrainConfig
+from cavga.data import AnomalyDataset, Record, load_dataset
+from cavga.data.types import ANOMALOUS, NORMAL, Sample, collate_samples
+from cavga.errors import ConfigError, DataError
+from cavga.gradcam import class_attention
+from cavga.infer import infer_batch
+from cavga.models import CavgaOutput, build_model
+from cavga.train import class_weights_for, make_optimizers, training_step
+from tiny_data import write_tiny_mvtec
+
+TINY = {"image_size": 32, "width": 8, "latent_channels": 8, "epochs": 1, "batch_size": 4, "device": "cpu"}
+
+
+def tiny_w_model(seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model(
+        ModelConfig(variant="D", image_size=32, channels=3, width=8, latent_channels=8, weakly_supervised=True)
+    )
+
+
+def batch_of(labels: list[int], seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(len(labels), 3, 32, 32, generator=g)
+    return collate_samples(
+        [Sample(img, None, y, "x", f"{i}.png") for i, (img, y) in enumerate(zip(images, labels, strict=True))]
+    )
+
+
+def force_prediction(model, cls: int) -> None:
+    """Make C predict ``cls`` for every input (a bias that dwarfs the small initial weights)."""
+    with torch.no_grad():
+        model.classifier.bias.copy_(torch.tensor([50.0, -50.0] if cls == NORMAL else [-50.0, 50.0]))
+
+
+# ------------------------------------------------------------------ L_cga by hand, through class_attention
+
+
+def test_cga_loss_matches_a_hand_computed_case_through_class_attention():
+    # z: 2 images, 2 channels of 2x2. C is linear, so Grad-CAM's alpha_k is the spatial mean of C's weights
+    # for channel k: normal row alpha = (1, -1), anomalous row alpha = (0.5, 1) (uneven weights, same means).
+    w_normal = [1, 1, 1, 1, -1, -1, -1, -1]
+    w_anomalous = [0, 1, 0.5, 0.5, 2, 0, 1, 1]
+    weight = torch.tensor([w_normal, w_anomalous], dtype=torch.float32)
+    model = SimpleNamespace(
+        classify=lambda z: z.flatten(1) @ weight.T, config=SimpleNamespace(gradcam_normalization="max")
+    )
+    z = torch.tensor(
+        [
+            [[[1.0, 2.0], [3.0, 4.0]], [[0.0, 1.0], [0.0, 1.0]]],
+            [[[-1.0, 0.0], [0.0, 2.0]], [[1.0, 1.0], [1.0, 1.0]]],
+        ],
+        requires_grad=True,
+    )
+    out = CavgaOutput(features=z, mu=z, logvar=torch.zeros_like(z), z=z, x_hat_logits=torch.zeros(2, 1, 2, 2))
+    a_n = class_attention(model, out, NORMAL, create_graph=True)
+    a_a = class_attention(model, out, ANOMALOUS, create_graph=True)
+    # image 0: relu(k0 - k1) = [[1,1],[3,3]] / 3; relu(0.5 k0 + k1) = [[.5,2],[1.5,3]] / 3
+    #   per image = 1 - mean(A_n) + mean(A_a) = 1 - 2/3 + 7/12 = 11/12
+    # image 1: relu(k0 - k1) = [[0,0],[0,1]]; relu(0.5 k0 + k1) = [[.5,1],[1,2]] / 2
+    #   per image = 1 - 1/4 + 9/16 = 21/16
+    np.testing.assert_allclose(a_n[0, 0].detach(), [[1 / 3, 1 / 3], [1, 1]], rtol=1e-6)
+    np.testing.assert_allclose(a_a[1, 0].detach(), [[0.25, 0.5], [0.5, 1]], rtol=1e-6)
+    normal = torch.tensor([NORMAL, NORMAL])
+    both_right = losses.complementary_guided_attention_loss(a_n, a_a, normal, normal)
+    assert both_right.item() == pytest.approx((11 / 12 + 21 / 16) / 2, rel=1e-6)
+    # The indicator: image 1 misclassified, or image 1 anomalous -> it adds zero but still counts in N = 2.
+    misclassified = losses.complementary_guided_attention_loss(a_n, a_a, torch.tensor([NORMAL, ANOMALOUS]), normal)
+    anomalous = losses.complementary_guided_attention_loss(a_n, a_a, normal, torch.tensor([NORMAL, ANOMALOUS]))
+    assert misclassified.item() == pytest.approx(11 / 24, rel=1e-6)
+    assert anomalous.item() == pytest.approx(11 / 24, rel=1e-6)
+    # Differentiable: the loss reaches z through both maps.
+    (grad,) = torch.autograd.grad(both_right, z)
+    assert grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------ the indicator through the training step
+
+
+def expected_cga(model, batch, seed: int) -> float:
+    """L_cga recomputed on a copy of the model with the same sampled z the step will draw."""
+    twin = copy.deepcopy(model).train()
+    torch.manual_seed(seed)
+    out = twin(batch.images, sample=True)
+    predictions = twin.classify(out.z).argmax(1)
+    a_n = class_attention(twin, out, NORMAL, create_graph=False)
+    a_a = class_attention(twin, out, ANOMALOUS, create_graph=False)
+    per_image = (1 - a_n + a_a).flatten(1).mean(1)
+    keep = (predictions == NORMAL) & (batch.labels == NORMAL)
+    return float(per_image[keep].sum()) / len(batch.labels)
+
+
+@pytest.mark.parametrize("predicted", [NORMAL, ANOMALOUS])
+def test_training_step_counts_only_correctly_classified_normal_images_in_cga(predicted):
+    model = tiny_w_model().train()
+    force_prediction(model, predicted)
+    batch = batch_of([NORMAL, NORMAL, ANOMALOUS, ANOMALOUS])
+    config = TrainConfig(setting="w", batch_size=4)
+    opt_g, opt_d = make_optimizers(model, config)
+    expected = expected_cga(model, batch, seed=123)
+    torch.manual_seed(123)
+    terms = training_step(model, batch, opt_g, opt_d, config, class_weights_for(batch.labels.tolist()))
+    if predicted == NORMAL:
+        # the two normal images only, divided by all four
+        assert expected > 0
+        assert terms["L_cga"] == pytest.approx(expected, rel=1e-5)
+    else:
+        assert terms["L_cga"] == 0.0  # every normal image misclassified, every anomalous one excluded
+
+
+def test_l_bce_is_the_class_balanced_mean_of_the_epoch():
+    # Class weights n / (2 n_c) from the whole training set; one batch's L_bce is sum_i w_{y_i} CE_i / B.
+    model = tiny_w_model().train()
+    batch = batch_of([NORMAL, NORMAL, NORMAL, ANOMALOUS])
+    weights = class_weights_for([NORMAL] * 9 + [ANOMALOUS])  # 10 / 18 and 10 / 2
+    config = TrainConfig(setting="w", batch_size=4, weights=LossWeights(w_r=0, w_adv=0, w_c=1, w_cga=0))
+    twin = copy.deepcopy(model).train()
+    torch.manual_seed(5)
+    ce = torch.nn.functional.cross_entropy(
+        twin.classify(twin(batch.images, sample=True).z), batch.labels, reduction="none"
+    )
+    expected = float((weights[batch.labels] * ce.detach()).sum() / 4)
+    torch.manual_seed(5)
+    terms = training_step(model, batch, *make_optimizers(model, config), config, weights)
+    assert weights.tolist() == pytest.approx([10 / 18, 5.0])
+    assert terms["L_bce"] == pytest.approx(expected, rel=1e-5)
+
+
+# ------------------------------------------------------------------ gradient flow
+
+
+def test_both_class_maps_carry_gradient_into_the_encoder():
+    model = tiny_w_model().train()
+    images = batch_of([NORMAL, NORMAL]).images
+    encoder = [p for p in model.encoder.parameters()]
+    for cls, term in ((NORMAL, lambda a: (1 - a).mean()), (ANOMALOUS, lambda a: a.mean())):
+        out = model(images, sample=False)
+        attention = class_attention(model, out, cls, create_graph=True)
+        grads = torch.autograd.grad(term(attention), encoder + [model.classifier.weight], allow_unused=True)
+        assert sum(float(g.abs().sum()) for g in grads[:-1] if g is not None) > 0, cls
+        assert float(grads[-1].abs().sum()) > 0, cls  # and into C, through Grad-CAM's alpha
+        detached = class_attention(model, model(images, sample=False), cls, create_graph=False)
+        assert not detached.requires_grad
+
+
+@pytest.mark.parametrize("w_cga", [0.0, 1.0])
+def test_only_cga_moves_the_encoder_when_the_other_weights_are_zero(w_cga):
+    model = tiny_w_model().train()
+    force_prediction(model, NORMAL)
+    batch = batch_of([NORMAL, NORMAL, NORMAL, ANOMALOUS])
+    config = TrainConfig(setting="w", batch_size=4, weights=LossWeights(w_r=0, w_adv=0, w_c=0, w_cga=w_cga))
+    before = [p.detach().clone() for p in model.encoder.parameters()]
+    training_step(model, batch, *make_optimizers(model, config), config, class_weights_for(batch.labels.tolist()))
+    moved = any(not torch.equal(b, p) for b, p in zip(before, model.encoder.parameters(), strict=True))
+    assert moved == (w_cga > 0)
+
+
+# ------------------------------------------------------------------ inference
+
+
+def test_inference_map_is_the_anomalous_grad_cam_only_where_c_says_anomalous():
+    model = tiny_w_model().eval()
+    images = batch_of([NORMAL, NORMAL]).images
+    attention = class_attention(model, model(images, sample=False), ANOMALOUS, create_graph=False)[:, 0]
+    force_prediction(model, ANOMALOUS)
+    says_anomalous = infer_batch(model, images, "w")
+    assert (says_anomalous.raw_scores > 0.99).all()
+    np.testing.assert_allclose(says_anomalous.anomaly_maps, attention.numpy(), atol=1e-6)
+    assert (says_anomalous.anomaly_maps > 0.5).any()
+    force_prediction(model, NORMAL)
+    says_normal = infer_batch(model, images, "w")
+    p = says_normal.raw_scores[:, None, None]
+    np.testing.assert_allclose(says_normal.anomaly_maps, attention.numpy() * p, atol=1e-6)
+    assert not (says_normal.anomaly_maps > 0.5).any()  # no mask where C says normal
+
+
+# ------------------------------------------------------------------ the weak-label protocol
+
+
+def fake_test_split(n_normal: int = 10, n_anomalous: int = 100) -> AnomalyDataset:
+    records = [Record(Path(f"good/{i}.png"), NORMAL, "good", f"good/{i}.png") for i in range(n_normal)]
+    records += [Record(Path(f"crack/{i}.png"), ANOMALOUS, "crack", f"crack/{i}.png") for i in range(n_anomalous)]
+    return AnomalyDataset(records)
+
+
+def test_weak_sample_is_seeded_anomalous_and_sized():
+    test = fake_test_split()
+    a, b, other = (sample_weak_labels(test, 0.02, None, seed) for seed in (0, 0, 1))
+    assert a == b and len(a) == 2
+    assert a != other
+    assert all(test.labels[i] == ANOMALOUS for i in a + other)
+    assert len(sample_weak_labels(test, None, 7, 0)) == 7
+    assert len(sample_weak_labels(test, 0.001, None, 0)) == 1  # at least one image
+    with pytest.raises(ConfigError, match="anomalous_count"):
+        sample_weak_labels(test, None, 101, 0)
+    with pytest.raises(DataError, match="none"):
+        sample_weak_labels(fake_test_split(n_anomalous=0), 0.02, None, 0)
+
+
+def test_weak_training_set_keeps_labels_and_drops_masks(tmp_path):
+    root = write_tiny_mvtec(tmp_path)
+    splits = load_dataset(root, category="bottle")
+    spots = [i for i, y in enumerate(splits.test.labels) if y == ANOMALOUS]
+    assert splits.test[spots[0]].mask is not None  # the test image does have a mask ...
+    train = weak_training_set(splits.train, splits.test.subset(spots[:2]))
+    assert train.labels == [NORMAL] * len(splits.train) + [ANOMALOUS, ANOMALOUS]
+    tail = [train[len(train) - 1], train[len(train) - 2]]
+    assert all(s.mask is None and s.label == ANOMALOUS for s in tail)  # ... which training never sees
+
+
+def test_weak_options_are_validated():
+    with pytest.raises(ConfigError, match="setting 'w' only"):
+        cavga.Cavga("D", "u", anomalous_count=2)
+    with pytest.raises(ConfigError, match="at most one"):
+        cavga.Cavga("D", "w", anomalous_count=2, anomalous_fraction=0.1)
+    with pytest.raises(ConfigError, match="anomalous_fraction"):
+        cavga.Cavga("D", "w", anomalous_fraction=0.0)
+    with pytest.raises(ConfigError, match="anomalous_count"):
+        cavga.Cavga("D", "w", anomalous_count=0)
+
+
+@pytest.fixture(scope="module")
+def fitted_w(tmp_path_factory):
+    root = write_tiny_mvtec(tmp_path_factory.mktemp("mvtec"))
+    detector = cavga.Cavga("D", "w", anomalous_count=2, **TINY).fit(root, category="bottle", progress=False)
+    return root, detector
+
+
+def test_sampled_test_images_train_the_model_and_never_count_in_evaluation(fitted_w, tmp_path):
+    root, detector = fitted_w
+    spots = {os.path.realpath(p) for p in (root / "bottle/test/spot").glob("*.png")}
+    excluded = set(detector.excluded_paths_)
+    assert len(excluded) == 2 and excluded <= spots
+    assert detector.data_info_["weak_labels"]["n_anomalous"] == 2
+    # 12 normal training images minus the calibration slice, plus the 2 labelled anomalous ones
+    assert detector.data_info_["n_train"] == 12 - detector.data_info_["n_calibration"] + 2
+    result = detector.evaluate(root, category="bottle")
+    assert result["n_images"] == 4 and result["n_excluded"] == 2  # 3 good + 3 spot - 2 used for training
+    evaluated = {os.path.realpath(p) for p in detector.last_outputs_.paths}
+    assert not evaluated & excluded
+    # Another spelling of the same folder (a symlink) must not let them back in.
+    link = tmp_path / "link"
+    link.symlink_to(root, target_is_directory=True)
+    assert detector.evaluate(link, category="bottle")["n_images"] == 4
+
+
+def test_predict_and_evaluate_read_the_same_for_both_settings(fitted_w):
+    root, detector = fitted_w
+    result = detector.evaluate(root, category="bottle")
+    for key in ("image_auroc", "pixel_auroc", "iou", "iou_pooled", "aupro", "balanced_accuracy"):
+        assert result[key] is None or 0.0 <= result[key] <= 1.0, key
+    predictions = detector.predict(sorted((root / "bottle/test/good").glob("*.png")))
+    for p in predictions:
+        assert 0.0 <= p.score <= 1.0 and p.label == int(p.score > 0.5)
+        assert p.anomaly_map.shape == (32, 32)
+        np.testing.assert_array_equal(p.mask, p.anomaly_map > 0.5)
+        assert p.score == pytest.approx(p.raw_score)  # C's probability is the score
+        if p.label == NORMAL:
+            assert not p.mask.any()
+
+
+def test_save_load_keeps_the_exclusion(fitted_w, tmp_path):
+    root, detector = fitted_w
+    before = detector.evaluate(root, category="bottle")
+    detector.save(tmp_path / "model")
+    config = json.loads((tmp_path / "model/config.json").read_text())
+    assert sorted(config["excluded_paths"]) == sorted(detector.excluded_paths_)
+    assert config["weak_supervision"]["anomalous_count"] == 2
+    loaded = cavga.load(tmp_path / "model")
+    assert loaded.excluded_paths_ == detector.excluded_paths_
+    after = loaded.evaluate(root, category="bottle")
+    assert after == before and after["n_images"] == 4
+
+
+def test_a_labelled_folder_gives_the_weak_labels_and_is_kept_out_of_evaluation(tmp_path):
+    root = write_tiny_mvtec(tmp_path / "data")
+    spot_dir = root / "bottle/test/spot"  # the user points at a test folder: those images must not count
+    detector = cavga.Cavga("D", "w", anomalous_dir=spot_dir, **TINY).fit(root, category="bottle", progress=False)
+    weak = detector.data_info_["weak_labels"]
+    assert weak["source"] == "dir" and weak["n_anomalous"] == 3
+    assert detector.evaluate(root, category="bottle")["n_images"] == 3
+
+
+# ------------------------------------------------------------------ the command line
+
+
+def test_cli_trains_evaluates_and_predicts_with_weak_labels(tmp_path, capsys):
+    root = write_tiny_mvtec(tmp_path / "data")
+    model_dir, eval_dir, pred_dir = tmp_path / "model", tmp_path / "eval", tmp_path / "pred"
+    tiny = ["--image-size", "32", "--width", "8", "--latent-channels", "8", "--epochs", "1", "--batch-size", "4"]
+    args = ["train", str(root), "--category", "bottle", "--out", str(model_dir), "--setting", "w"]
+    assert main([*args, "--anomalous-count", "2", *tiny, "--device", "cpu", "--no-progress"]) == 0
+    assert "2 anomalous image(s)" in capsys.readouterr().out
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["train"]["setting"] == "w" and len(config["excluded_paths"]) == 2
+    assert main(["evaluate", str(model_dir), str(root), "--category", "bottle", "--out", str(eval_dir)]) == 0
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    assert metrics["n_images"] == 4
+    assert main(["predict", str(model_dir), str(root / "bottle/test/good"), "--out", str(pred_dir)]) == 0
+    assert len((pred_dir / "predictions.jsonl").read_text().splitlines()) == 3
+    # setting u with a weak-label option is refused with a message; two options at once by argparse
+    assert main(["train", str(root), "--out", str(tmp_path / "m2"), "--anomalous-count", "2"]) == 2
+    assert "setting 'w' only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, "--anomalous-count", "2", "--anomalous-fraction", "0.1"])
