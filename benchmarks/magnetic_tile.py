@@ -28,7 +28,7 @@ from cavga.data import DatasetSplits, Preprocess, read_magnetic_tile
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "magnetic-tile"
-MODELS = ("D_u", "R_u", "D_w", "R_w")
+MODELS = ("D_u", "D_w", "R_u", "R_w")  # D first: its pair finishes long before R's
 COLUMNS = (
     ("image_auroc", "image AuROC"),
     ("pixel_auroc", "pixel AuROC"),
@@ -129,9 +129,15 @@ def main(argv: list[str] | None = None) -> int:
         row = run_model(name, splits_by_size[size], size, args)
         rows.append(row)
         print(f"{row['model']}: {json.dumps({k: row[k] for k, _ in COLUMNS})}", flush=True)
-    table = markdown_table(rows)
+        write_report(args, argv, sizes, splits_by_size, rows, started)  # after every model: partial runs count
     print()
-    print(table)
+    print(markdown_table(rows))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+def write_report(args, argv, sizes, splits_by_size, rows, started) -> None:
+    table = markdown_table(rows)
     report = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "data": str(args.data),
@@ -151,8 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
-    return 0
 
 
 if __name__ == "__main__":
