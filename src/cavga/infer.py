@@ -205,14 +205,21 @@ def calibrate(
     return calibration
 
 
-def evaluate_outputs(outputs: DatasetOutputs, calibration: Calibration) -> dict:
+def evaluate_outputs(outputs: DatasetOutputs, calibration: Calibration, anomaly_map: str | None = None) -> dict:
+    """The metrics of ``outputs``. ``anomaly_map="residual"`` scores the calibrated residual map instead of the
+    model's own map (for reporting the alternative beside the paper's 1 - A without running inference twice)."""
     scores = calibration.normalize(outputs.raw_scores)
     pred_labels = (scores > THRESHOLD).astype(np.int64)
+    maps = outputs.anomaly_maps
+    if anomaly_map == "residual":
+        maps = calibration.normalize_map(torch.from_numpy(outputs.residual_maps)).numpy()
+    elif anomaly_map not in (None, "model"):
+        raise ConfigError(f"anomaly_map must be None, 'model' or 'residual', got {anomaly_map!r}")
     result = metrics.compute_all(
         scores=scores,
         pred_labels=pred_labels,
         labels=outputs.labels,
-        anomaly_maps=outputs.anomaly_maps,
+        anomaly_maps=maps,
         masks=outputs.masks,
         has_mask=outputs.has_mask,
         threshold=THRESHOLD,
