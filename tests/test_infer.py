@@ -1,0 +1,50 @@
+"""Inference pieces: score aggregation, residual map, calibration (hand-worked cases)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cavga.config import ModelConfig
+from cavga.errors import ConfigError
+from cavga.infer import Calibration, aggregate_score, fit_calibration, residual_map
+
+
+def test_residual_map_is_the_channel_mean_box_blurred():
+    images = torch.zeros(1, 3, 32, 32)
+    x_hat = torch.zeros(1, 3, 32, 32)
+    images[0, :, 10, 10] = 0.9  # one bad pixel in every channel -> channel mean 0.9
+    res = residual_map(images, x_hat)
+    assert res.shape == (1, 1, 32, 32)
+    # 32 px images use a 3x3 box: the pixel's 0.9 spreads as 0.1 over its 3x3 neighbourhood.
+    assert res[0, 0, 9:12, 9:12].numpy() == pytest.approx(np.full((3, 3), 0.1), abs=1e-6)
+    assert float(res.sum()) == pytest.approx(0.9, abs=1e-5)
+    assert float(res[0, 0, 20, 20]) == 0.0
+
+
+def test_top_mean_score_averages_the_largest_fraction():
+    residual = torch.arange(100, dtype=torch.float32).view(1, 1, 10, 10) / 100.0
+    images = torch.zeros(1, 1, 10, 10)
+    config = ModelConfig(score="top_mean", score_top_fraction=0.05)
+    # Top 5 of 0.00 .. 0.99 are 0.95 .. 0.99, mean 0.97.
+    assert float(aggregate_score(images, images, residual, config)) == pytest.approx(0.97)
+    x_hat = torch.full((1, 1, 10, 10), 0.25)
+    assert float(aggregate_score(images, x_hat, residual, ModelConfig(score="mean"))) == pytest.approx(0.25)
+
+
+def test_calibration_maps_min_to_zero_and_quantile_to_half():
+    raw = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    cal = fit_calibration(raw, quantile=0.5)
+    assert cal.score_min == 1.0 and cal.score_threshold == 3.0
+    np.testing.assert_allclose(cal.normalize(np.array([1.0, 3.0, 4.0, 5.0, 9.0, 0.0])), [0, 0.5, 0.75, 1, 1, 0])
+    with pytest.raises(ConfigError, match="at least one normal image"):
+        fit_calibration(np.array([]))
+
+
+def test_residual_map_normalization_needs_a_map_threshold():
+    cal = Calibration(0.0, 1.0, 0.95, 3, map_threshold=0.2)
+    out = cal.normalize_map(torch.tensor([0.0, 0.1, 0.2, 0.5]))
+    assert out.tolist() == pytest.approx([0.0, 0.25, 0.5, 1.0])
+    with pytest.raises(ConfigError, match="no map threshold"):
+        Calibration(0.0, 1.0, 0.95, 3).normalize_map(torch.zeros(2))
