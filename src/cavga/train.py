@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
-from cavga import losses
-from cavga.config import TrainConfig
+from cavga import distributed, losses
+from cavga.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from cavga.config import TrainConfig, to_dict
 from cavga.data.types import ANOMALOUS, NORMAL, Batch, collate_samples
 from cavga.errors import CavgaError
 from cavga.gradcam import class_attention, grad_cam, target_score
@@ -79,8 +83,13 @@ def training_step(
     config: TrainConfig,
     class_weights: torch.Tensor | None = None,
     step: int = 0,
+    grad_sync: Callable[[torch.optim.Optimizer], None] | None = None,
 ) -> dict[str, float]:
-    """One update of the discriminator, then one of the generator side. Returns the loss terms."""
+    """One update of the discriminator, then one of the generator side. Returns the loss terms.
+
+    ``grad_sync(optimizer)`` runs after each backward, before that optimizer's step (data-parallel training
+    averages the gradients there).
+    """
     w = config.weights
     x = batch.images
     labels = batch.labels
@@ -95,6 +104,8 @@ def training_step(
     loss_d = losses.discriminator_loss(model.discriminator(real), model.discriminator(fake.detach()))
     _check_finite({"L_D": loss_d}, step)
     loss_d.backward()
+    if grad_sync is not None:
+        grad_sync(opt_d)
     opt_d.step()
 
     # Generator side: eq. 4 (u) or eq. 6 (w).
@@ -133,6 +144,8 @@ def training_step(
     _check_finite(terms, step)
     opt_g.zero_grad(set_to_none=True)
     total.backward()
+    if grad_sync is not None:
+        grad_sync(opt_g)
     opt_g.step()
     result = {k: float(v.detach()) for k, v in terms.items()}
     result["L_D"] = float(loss_d.detach())
@@ -146,73 +159,197 @@ def make_optimizers(model: CavgaNet, config: TrainConfig) -> tuple[torch.optim.O
     return opt_g, opt_d
 
 
+# Discriminator collapse: L_D this small for this many consecutive steps means D wins outright and the
+# generator's adversarial gradient has vanished (logged as a warning; training goes on).
+COLLAPSE_D_LOSS = 1e-3
+COLLAPSE_STEPS = 20
+# TrainConfig fields a resumed run may change; any other difference makes the checkpoint's data order or
+# optimizer state meaningless for this run.
+_RESUMABLE_CHANGES = {"epochs", "device", "num_workers", "checkpoint_every"}
+
+
 def train(
     model: CavgaNet,
     dataset: Dataset,
     config: TrainConfig,
     progress: bool = True,
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+    run_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    checkpoint_steps: int = 0,
 ) -> list[dict[str, float]]:
     """Train ``model`` in place on ``dataset`` (Samples; for setting "w" with some ANOMALOUS labels).
 
     Returns the per-epoch mean of every loss term. Deterministic on CPU for a given ``config.seed``.
+
+    ``run_dir``: where ``checkpoint.safetensors`` is kept, written every ``checkpoint_steps`` steps, every
+    ``config.checkpoint_every`` epochs, at the end, and before stopping on a NaN/Inf loss. ``resume``: continue
+    exactly from that checkpoint (same weights, optimizer moments, RNG states and position in the data order).
+    Under ``torchrun`` each rank trains on its shard of every global batch of ``batch_size * world_size`` images;
+    see :mod:`cavga.distributed`.
     """
     config.validate()
     if len(dataset) == 0:
         raise TrainingError("the training set is empty")
+    ctx = distributed.setup(config.device)
     device = resolve_device(config.device)
     seed_everything(config.seed)
     model.to(device).train()
+    distributed.broadcast_model(model)
     opt_g, opt_d = make_optimizers(model, config)
+    optimizers = {"g": opt_g, "d": opt_d}
     class_weights = None
     if config.setting == "w":
         class_weights = class_weights_for(dataset.labels).to(device)  # type: ignore[attr-defined]
-    generator = torch.Generator().manual_seed(config.seed)
-    # drop_last keeps BatchNorm away from batches of one image (a lone last image would make BN statistics undefined).
-    drop_last = len(dataset) > config.batch_size
-    loader = DataLoader(
-        dataset,
-        batch_size=config.batch_size,
-        shuffle=True,
-        generator=generator,
-        collate_fn=collate_samples,
-        num_workers=config.num_workers,
-        drop_last=drop_last,
-        pin_memory=device.type == "cuda",
+    # The data order of epoch e is torch.randperm(n) drawn from a generator seeded with seed + e (what
+    # DistributedSampler does), so a resumed run can rebuild it and skip the batches already done.
+    sampler = DistributedSampler(
+        dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.seed, drop_last=False
     )
-    history: list[dict[str, float]] = []
-    step = 0
+    # drop_last keeps BatchNorm away from batches of one image (a lone last image would make BN statistics undefined).
+    drop_last = len(sampler) > config.batch_size
+    batches_per_epoch = len(BatchSampler(range(len(sampler)), config.batch_size, drop_last))
+
+    checkpoint = Path(run_dir) / CHECKPOINT_FILE if run_dir is not None else None
+    state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "history": [], "sums": {}, "n": 0, "streak": 0}
+    if resume:
+        if checkpoint is None or not checkpoint.is_file():
+            raise TrainingError(f"nothing to resume: no {CHECKPOINT_FILE} in {run_dir}")
+        saved = load_checkpoint(checkpoint, model, optimizers)
+        _check_resumable(saved, config, ctx.world_size, len(dataset), checkpoint)
+        state.update({k: saved[k] for k in state})
+        log.info(
+            "resuming from %s: epoch %d, batch %d, step %d", checkpoint, state["epoch"], state["batch"], state["step"]
+        )
+
+    def save(reason: str) -> None:
+        if checkpoint is None:
+            return
+        if reason != "failure":
+            distributed.average_buffers(model)  # a collective: every rank gets here at the same step
+        if ctx.is_main:
+            progress_info = {
+                **state,
+                "world_size": ctx.world_size,
+                "n_samples": len(dataset),
+                "train_config": to_dict(config),
+                "reason": reason,
+            }
+            save_checkpoint(checkpoint, model, optimizers, progress_info)
+
     bar = None
-    if progress:
+    if progress and ctx.is_main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=config.epochs * len(loader), desc="train", unit="step", dynamic_ncols=True)
+        bar = tqdm(
+            total=config.epochs * batches_per_epoch,
+            initial=state["step"],
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+        )
     try:
-        for epoch in range(config.epochs):
-            sums = StepLosses()
-            n = 0
-            for batch in loader:
+        for epoch in range(state["epoch"], config.epochs):
+            sampler.set_epoch(epoch)
+            batches = list(BatchSampler(sampler, config.batch_size, drop_last))
+            skip = state["batch"] if epoch == state["epoch"] else 0
+            if epoch != state["epoch"]:
+                state.update(epoch=epoch, batch=0, sums={}, n=0)
+            loader = DataLoader(
+                dataset,
+                batch_sampler=batches[skip:],
+                collate_fn=collate_samples,
+                num_workers=config.num_workers,
+                pin_memory=device.type == "cuda",
+                # Worker seeds come from this generator, not the global RNG (which must stay as checkpointed).
+                generator=torch.Generator().manual_seed(config.seed + epoch),
+            )
+            for batch_index, batch in enumerate(loader, start=skip):
                 batch = batch.to(device)
-                if config.setting == "w" and not bool((batch.labels == NORMAL).any()):
+                if config.setting == "w" and _lacks_normal_images(batch, ctx):
+                    state["batch"] = batch_index + 1
                     continue  # a batch of anomalous images only has nothing for the VAE/GAN terms
-                terms = training_step(model, batch, opt_g, opt_d, config, class_weights, step)
-                sums.add(terms)
-                n += 1
-                step += 1
+                try:
+                    terms = training_step(
+                        model, batch, opt_g, opt_d, config, class_weights, state["step"], distributed.average_gradients
+                    )
+                except TrainingError as exc:
+                    raise TrainingError(f"{exc}; {_save_last_good(model, save, checkpoint)}") from exc
+                state["sums"] = {k: state["sums"].get(k, 0.0) + v for k, v in terms.items()}
+                state["n"] += 1
+                state["step"] += 1
+                state["batch"] = batch_index + 1
+                state["streak"] = _watch_discriminator(terms["L_D"], state["streak"], state["step"])
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix({k: f"{v:.3g}" for k, v in terms.items() if k != "total"}, refresh=False)
-            means = {k: v / max(n, 1) for k, v in sums.values.items()}
+                if checkpoint_steps and state["step"] % checkpoint_steps == 0:
+                    save("steps")
+            means = {k: v / max(state["n"], 1) for k, v in state["sums"].items()}
             means["epoch"] = epoch + 1
-            history.append(means)
-            log.info("epoch %d/%d %s", epoch + 1, config.epochs, _fmt(means))
+            state["history"].append(means)
+            state.update(epoch=epoch + 1, batch=0, sums={}, n=0)
+            if ctx.is_main:
+                log.info("epoch %d/%d %s", epoch + 1, config.epochs, _fmt(means))
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1, means)
+            if config.checkpoint_every and (epoch + 1) % config.checkpoint_every == 0 and epoch + 1 < config.epochs:
+                save("epoch")
     finally:
         if bar is not None:
             bar.close()
+    distributed.average_buffers(model)
+    save("end")
     model.eval()
-    return history
+    return state["history"]
+
+
+def _lacks_normal_images(batch: Batch, ctx: distributed.DistContext) -> bool:
+    lacks = not bool((batch.labels == NORMAL).any())
+    if not ctx.enabled:
+        return lacks
+    # Every rank must skip together, or the others would wait forever in the gradient all_reduce.
+    flag = torch.tensor([float(lacks)])
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _save_last_good(model: CavgaNet, save: Callable[[str], None], checkpoint: Path | None) -> str:
+    """Save the state before the failing update when it is still finite; say what was done."""
+    if checkpoint is None:
+        return "no run directory, so no checkpoint was written"
+    if not all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point()):
+        return f"the weights are no longer finite; the last good checkpoint is the earlier one in {checkpoint}"
+    # The failing step's batch is not counted as done. When the bad term is on the generator side, the
+    # discriminator has already taken its step on that batch (it comes first), which this state includes.
+    save("failure")
+    return f"the last good state is saved in {checkpoint}"
+
+
+def _watch_discriminator(loss_d: float, streak: int, step: int) -> int:
+    streak = streak + 1 if loss_d < COLLAPSE_D_LOSS else 0
+    if streak == COLLAPSE_STEPS:
+        log.warning(
+            "discriminator collapse: L_D < %g for %d consecutive steps (step %d); the generator's adversarial "
+            "gradient is vanishing (try a lower lr or w_adv)",
+            COLLAPSE_D_LOSS,
+            COLLAPSE_STEPS,
+            step,
+        )
+    return streak
+
+
+def _check_resumable(saved: dict, config: TrainConfig, world_size: int, n_samples: int, path: Path) -> None:
+    if saved["world_size"] != world_size:
+        raise TrainingError(
+            f"{path} was written by a run of {saved['world_size']} process(es); resume it with the same number"
+        )
+    if saved["n_samples"] != n_samples:
+        raise TrainingError(f"{path} was trained on {saved['n_samples']} images, this dataset has {n_samples}")
+    now = to_dict(config)
+    changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and now[k] != saved["train_config"].get(k))
+    if changed:
+        raise TrainingError(f"{path} was written with other training settings ({', '.join(changed)} differ)")
 
 
 def _fmt(values: dict[str, float]) -> str:
