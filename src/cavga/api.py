@@ -129,9 +129,20 @@ class Cavga:
             self.channels_given = True
         return load_dataset(data, preprocess=self._preprocess(), **data_kwargs)
 
-    def fit(self, data: DatasetSplits | str | os.PathLike, progress: bool = True, **data_kwargs: Any) -> Cavga:
+    def fit(
+        self,
+        data: DatasetSplits | str | os.PathLike,
+        progress: bool = True,
+        run_dir: str | os.PathLike | None = None,
+        resume: bool = False,
+        checkpoint_steps: int = 0,
+        **data_kwargs: Any,
+    ) -> Cavga:
         """Train on the normal training images of ``data`` (a DatasetSplits or a dataset folder); setting "w"
-        adds the labelled anomalous images described in the class docstring."""
+        adds the labelled anomalous images described in the class docstring.
+
+        ``run_dir`` keeps a training checkpoint (every ``checkpoint_steps`` steps, every ``checkpoint_every``
+        epochs, at the end); ``resume=True`` continues exactly from it (same parameters and data)."""
         splits = self._load(data, **data_kwargs)
         train_set, calibration_set = split_calibration(
             splits.train, self.train_config.calibration_fraction, self.train_config.seed
@@ -147,7 +158,15 @@ class Cavga:
             train_set = weak_training_set(train_set, anomalous)
         self.model_ = build_model(self.model_config)
         start = time.perf_counter()
-        self.history_ = train(self.model_, train_set, self.train_config, progress=progress)
+        self.history_ = train(
+            self.model_,
+            train_set,
+            self.train_config,
+            progress=progress,
+            run_dir=run_dir,
+            resume=resume,
+            checkpoint_steps=checkpoint_steps,
+        )
         self.train_seconds_ = time.perf_counter() - start
         self.calibration_ = calibrate(
             self.model_, calibration_set, self.train_config.setting, self.calibration_quantile

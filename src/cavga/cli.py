@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cavga import __version__
-from cavga.errors import CavgaError
+from cavga.errors import CavgaError, ConfigError
 
 DATA_FORMATS = ("mvtec", "pairs", "magnetic_tile", "folders", "oneclass", "video")
 
@@ -59,9 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--categories", nargs="+", default=None, help="demo categories to run (default: all)")
     p.add_argument("--no-progress", action="store_true")
 
-    p = sub.add_parser("train", help="train a model on a dataset folder")
-    p.add_argument("data", type=Path)
-    p.add_argument("--out", type=Path, required=True, help="model directory to write")
+    p = sub.add_parser("train", help="train a model on a dataset folder (also under torchrun)")
+    p.add_argument("data", type=Path, nargs="?", help="dataset folder (left out with --resume)")
+    p.add_argument("--out", type=Path, default=None, help="model directory to write")
+    p.add_argument("--run-dir", type=Path, default=None, help="folder for the training checkpoint and run.json")
+    p.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="continue an interrupted run exactly from RUN_DIR's checkpoint, with its own settings "
+        "(only --epochs, --device and --no-progress may be given)",
+    )
+    p.add_argument("--checkpoint-steps", type=int, default=0, help="write the checkpoint every N steps")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="write the checkpoint every N epochs")
     _add_data_options(p)
     p.add_argument("--variant", choices=("D", "R"), default="D")
     p.add_argument("--setting", choices=("u", "w"), default="u", help="u: normal images only; w: weakly supervised")
@@ -132,9 +143,49 @@ def cmd_make_data(args: argparse.Namespace) -> int:
     return 0
 
 
+RUN_FILE = "run.json"
+_RESUME_OVERRIDES = ("epochs", "device", "no_progress", "verbose", "resume", "command")
+_PATH_ARGS = ("data", "out", "run_dir", "anomalous_dir")
+
+
+def _resume_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The arguments of the run in ``args.resume`` (its run.json), with the few allowed overrides."""
+    run_file = args.resume / RUN_FILE
+    if not run_file.is_file():
+        raise ConfigError(f"{args.resume} is not a cavga run directory ({RUN_FILE} is missing)")
+    saved = json.loads(run_file.read_text())
+    defaults = vars(build_parser().parse_args(["train", "--resume", str(args.resume)]))
+    given = sorted(k for k, v in vars(args).items() if k not in _RESUME_OVERRIDES and v != defaults.get(k))
+    if given:
+        raise ConfigError(f"--resume takes the run's own settings; do not give {', '.join(given)}")
+    merged = {**saved, **{k: getattr(args, k) for k in _RESUME_OVERRIDES if k != "epochs"}}
+    if args.epochs is not None:
+        merged["epochs"] = args.epochs
+    merged["device"] = args.device if args.device is not None else saved.get("device")
+    for key in _PATH_ARGS:
+        merged[key] = Path(merged[key]) if merged.get(key) is not None else None
+    merged["run_dir"] = args.resume
+    return argparse.Namespace(**merged)
+
+
+def _write_run_file(args: argparse.Namespace) -> None:
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    saved = {k: v for k, v in vars(args).items() if k not in ("resume", "no_progress", "verbose", "command")}
+    for key in _PATH_ARGS:
+        if saved.get(key) is not None:
+            saved[key] = str(Path(saved[key]).resolve())
+    (args.run_dir / RUN_FILE).write_text(json.dumps(saved, indent=2) + "\n")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from cavga import distributed
     from cavga.api import Cavga
 
+    resume = args.resume is not None
+    if resume:
+        args = _resume_args(args)
+    elif args.data is None or args.out is None:
+        raise ConfigError("train needs DATA and --out (or --resume RUN_DIR)")
     options = {
         key: value
         for key, value in {
@@ -148,6 +199,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "encoder_weights": args.encoder_weights,
             "gradcam_layer": args.gradcam_layer,
             "w_ae": args.w_ae,
+            "checkpoint_every": args.checkpoint_every,
         }.items()
         if value is not None
     }
@@ -161,8 +213,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         anomalous_dir=args.anomalous_dir,
         **options,
     )
+    # Under torchrun every rank runs this command; only rank 0 writes files and prints.
+    ctx = distributed.setup(args.device or "auto")
+    if args.run_dir is not None and not resume and ctx.is_main:
+        _write_run_file(args)
     start = time.perf_counter()
-    detector.fit(args.data, progress=not args.no_progress, **_data_kwargs(args))
+    try:
+        detector.fit(
+            args.data,
+            progress=not args.no_progress,
+            run_dir=args.run_dir,
+            resume=resume,
+            checkpoint_steps=args.checkpoint_steps,
+            **_data_kwargs(args),
+        )
+    finally:
+        distributed.cleanup()
+    if not ctx.is_main:
+        return 0
     detector.save(args.out)
     print(f"trained CAVGA-{args.variant}_{args.setting} in {time.perf_counter() - start:.1f} s; saved to {args.out}")
     if args.setting == "w":
@@ -173,12 +241,27 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from cavga import distributed
     from cavga.api import list_images, load
     from cavga.outputs import write_predictions
 
+    ctx = distributed.setup()
     detector = load(args.model)
     files = list_images(args.inputs)
-    write_predictions(detector, files, args.out, batch_size=args.batch_size)
+    if not ctx.enabled:
+        write_predictions(detector, files, args.out, batch_size=args.batch_size)
+    else:
+        # Under torchrun each rank predicts every world_size-th file; rank 0 merges the outputs in input order.
+        try:
+            shard = distributed.shard_dir(args.out, ctx.rank)
+            write_predictions(detector, distributed.shard(files, ctx), shard, batch_size=args.batch_size)
+            distributed.barrier()
+            if ctx.is_main:
+                distributed.merge_prediction_shards(args.out, files, ctx.world_size)
+        finally:
+            distributed.cleanup()
+        if not ctx.is_main:
+            return 0
     print(f"wrote predictions for {len(files)} images to {args.out / 'predictions.jsonl'}")
     return 0
 
