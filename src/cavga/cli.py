@@ -13,7 +13,7 @@ from pathlib import Path
 from cavga import __version__
 from cavga.errors import CavgaError, ConfigError
 
-DATA_FORMATS = ("mvtec", "pairs", "magnetic_tile", "folders", "oneclass", "video")
+DATA_FORMATS = ("mvtec", "pairs", "magnetic_tile", "folders", "folder", "oneclass", "video")
 
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
@@ -27,7 +27,7 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
 def _data_kwargs(args: argparse.Namespace) -> dict:
     kwargs: dict = {}
     if args.format is not None:
-        kwargs["format"] = args.format
+        kwargs["format"] = "folders" if args.format == "folder" else args.format
     if args.category is not None:
         kwargs["category"] = args.category
     if args.normal_class is not None:
