@@ -28,7 +28,7 @@ from cavga.data.types import ANOMALOUS, NORMAL
 from cavga.errors import ConfigError, DataError, ModelFileError
 from cavga.infer import THRESHOLD, Calibration, calibrate, evaluate_outputs, infer_batch, infer_dataset
 from cavga.models import build_model
-from cavga.train import resolve_device, train
+from cavga.train import resolve_device, seed_everything, train
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +156,9 @@ class Cavga:
             # given is part of a test split.
             self.excluded_paths_ = [_path_key(p) for p in anomalous.paths]
             train_set = weak_training_set(train_set, anomalous)
+        # Seeded here, not only in train(): the initial weights must follow the seed too (a fresh process's
+        # default torch seed is random), or two runs with one seed differ and a resumed run has no twin.
+        seed_everything(self.train_config.seed)
         self.model_ = build_model(self.model_config)
         start = time.perf_counter()
         self.history_ = train(
