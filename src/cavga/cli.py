@@ -115,6 +115,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", type=Path)
     p.add_argument("--out", type=Path, required=True)
     _add_data_options(p)
+    p.add_argument("--no-report", action="store_true", help="write only metrics.json (no overlays, no report)")
+
+    p = sub.add_parser("report", help="write the HTML report of an evaluate/predict/demo output folder")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--out", type=Path, default=None, help="HTML file to write (default RUN_DIR/report.html)")
+    p.add_argument("--title", default=None)
+    embed = p.add_mutually_exclusive_group()
+    embed.add_argument("--embed", dest="embed", action="store_true", default=None, help="images as data URIs")
+    embed.add_argument("--link", dest="embed", action="store_false", help="link the image files beside the page")
+
+    p = sub.add_parser("export", help="export a saved model to ONNX or TorchScript (attention map in the graph)")
+    p.add_argument("model", type=Path)
+    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    p.add_argument("--out", type=Path, default=None, help="file to write (default MODEL/model.onnx or model.pt)")
     return parser
 
 
@@ -276,6 +290,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     (args.out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     print(format_metrics_table({"model": result}))
     print(f"wrote {args.out / 'metrics.json'}")
+    if not args.no_report:
+        from cavga.outputs import write_evaluation
+        from cavga.report import write_report
+
+        write_evaluation(detector.last_outputs_, detector.calibration_, args.out)
+        print(f"wrote overlays and {args.out / 'predictions.jsonl'}; report: {write_report(args.out)}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from cavga.report import write_report
+
+    print(f"wrote {write_report(args.run_dir, args.out, title=args.title, embed=args.embed)}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from cavga.export import export
+
+    path = export(args.model, args.out, args.format)
+    print(f"wrote {path} ({args.format}): input 'image' (B, C, H, W) in [0, 1]; outputs score, anomaly_map, mask")
     return 0
 
 
@@ -298,6 +333,8 @@ COMMANDS = {
     "train": cmd_train,
     "predict": cmd_predict,
     "evaluate": cmd_evaluate,
+    "report": cmd_report,
+    "export": cmd_export,
 }
 
 if __name__ == "__main__":
