@@ -336,8 +336,8 @@ def load(path: str | os.PathLike, device: str = "auto") -> Cavga:
     try:
         state = load_file(str(weights_path))
         model.load_state_dict(state, strict=True)
-    except (RuntimeError, OSError) as exc:
-        raise ModelFileError(f"{weights_path}: weights do not match config.json ({exc})") from exc
+    except Exception as exc:  # safetensors has its own error type for a file that is not safetensors (a pickle)
+        raise ModelFileError(f"{weights_path}: not safetensors weights that match config.json ({exc})") from exc
     detector.model_ = model.to(resolve_device(device)).eval()
     detector.preprocess_ = Preprocess.from_dict(config["preprocess"])
     detector.calibration_ = Calibration.from_dict(config["calibration"])
