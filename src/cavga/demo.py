@@ -11,7 +11,8 @@ import numpy as np
 
 from cavga.api import Cavga
 from cavga.infer import evaluate_outputs
-from cavga.outputs import METRIC_KEYS, format_metrics_table, write_predictions
+from cavga.outputs import METRIC_KEYS, format_metrics_table, write_evaluation
+from cavga.report import write_report
 
 DEMO_EPOCHS = 15
 DEMO_OPTIONS = {"variant": "D", "setting": "u", "image_size": 64, "batch_size": 16}
@@ -46,8 +47,8 @@ def run_demo(
         residual = evaluate_outputs(detector.last_outputs_, detector.calibration_, anomaly_map="residual")
         alternatives[category] = residual
         per_category[category] = result
-        test_files = [Path(p) for p in detector.last_outputs_.paths]
-        write_predictions(detector, test_files, out / "predictions" / category)
+        # Overlays (with ground-truth contours) and predictions.jsonl from the evaluation's own outputs.
+        write_evaluation(detector.last_outputs_, detector.calibration_, out / "predictions" / category)
     summary = {key: _mean([r[key] for r in per_category.values()]) for key in METRIC_KEYS if key != "n_images"}
     summary["n_images"] = int(sum(r["n_images"] for r in per_category.values()))
     summary["per_category"] = per_category
@@ -56,13 +57,14 @@ def run_demo(
     summary["seconds"] = round(time.perf_counter() - start, 1)
     summary["settings"] = {**DEMO_OPTIONS, "epochs": epochs or DEMO_EPOCHS, "seed": seed, "map": "1 - A"}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    report = write_report(out, title="cavga demo: CAVGA-D_u on the built-in data")
     print("paper's anomaly map (1 - A):")
     print(format_metrics_table({**per_category, "mean": summary}))
     print("alternative map (calibrated residual |x - x_hat|), same models and scores:")
     print(format_metrics_table({**alternatives, "mean": {**alt_mean, "n_images": summary["n_images"]}}))
     print(
         f"demo finished in {summary['seconds']:.0f} s; metrics in {out / 'metrics.json'}, "
-        f"predictions in {out / 'predictions'}"
+        f"predictions in {out / 'predictions'}, report in {report}"
     )
     return summary
 
