@@ -68,6 +68,8 @@ def to_gray_or_rgb(img: Image.Image) -> Image.Image:
 def _decode(path: str | Path, what: str) -> Image.Image:
     path = Path(path)
     if not path.exists():
+        if path.is_symlink():
+            raise DataError(f"{what} file {path} is a broken or looping symbolic link")
         raise DataError(f"{what} file not found: {path}")
     if not path.is_file():
         raise DataError(f"{what} path is not a file: {path}")
