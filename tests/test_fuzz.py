@@ -18,7 +18,7 @@ from cavga.data import Preprocess, load_image, load_mask
 from cavga.data.oneclass import CIFAR_RECORD, _cifar_binary, _cifar_python, read_idx_file
 from cavga.errors import DataError
 
-FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 WORK = Path(tempfile.mkdtemp(prefix="cavga-hypothesis-"))
 
 
