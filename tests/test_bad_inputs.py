@@ -112,7 +112,8 @@ def check_empty_category(root: Path) -> None:
 
 def check_symlink_loop_file(root: Path) -> None:
     splits = read_mvtec(root, "widget")
-    assert len(splits.train) == 3 and "loop.png" not in [Path(p).name for p in splits.train.paths]  # skipped when listing
+    # The loop is skipped when listing.
+    assert len(splits.train) == 3 and "loop.png" not in [Path(p).name for p in splits.train.paths]
     loop = root / "widget" / "train" / "good" / "loop.png"
     refused(load_image, loop, match=f"{loop} is a broken or looping symbolic link")
 
