@@ -14,8 +14,8 @@ from cavga.infer import evaluate_outputs
 from cavga.outputs import METRIC_KEYS, format_metrics_table, write_evaluation
 from cavga.report import write_report
 
-DEMO_EPOCHS = 15
-DEMO_OPTIONS = {"variant": "D", "setting": "u", "image_size": 64, "batch_size": 16}
+DEMO_EPOCHS = 20
+DEMO_OPTIONS = {"variant": "D", "setting": "u", "image_size": 64, "batch_size": 16, "w_ae": 1.0}
 
 
 def run_demo(
