@@ -1,0 +1,232 @@
+"""The paper's autoencoder baselines AE-L2 and AE-SSIM (Bergmann et al., VISAPP 2019; paper Tables 3 and 6).
+
+A plain convolutional autoencoder with a 100-d bottleneck, trained on the normal training images only, with
+the per-pixel L2 loss (AE-L2) or the SSIM loss (AE-SSIM). The anomaly map is the per-pixel squared L2 residual
+resp. 1 - local SSIM between the image and its reconstruction; the image score is the mean of the map's top
+1 %. Both are calibrated like CAVGA_u: on a seeded held-out slice of the normal training images only
+(:func:`cavga.infer.fit_calibration` for scores; the ``MAP_QUANTILE`` quantile of the normal pixels maps to
+0.5 for the map), then thresholded at 0.5 and scored with :func:`cavga.infer.evaluate_outputs`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from cavga.api import split_calibration
+from cavga.data import DatasetSplits
+from cavga.data.types import collate_samples
+from cavga.errors import ConfigError
+from cavga.infer import MAP_QUANTILE, Calibration, DatasetOutputs, evaluate_outputs, fit_calibration
+from cavga.train import resolve_device, seed_everything
+
+KINDS = ("l2", "ssim")
+SSIM_WINDOW = 11  # Bergmann et al. and Wang et al. (2004): 11 x 11 Gaussian window, sigma 1.5
+SSIM_SIGMA = 1.5
+SSIM_K1, SSIM_K2 = 0.01, 0.03
+
+
+@dataclass
+class AutoencoderConfig:
+    """One AE baseline: architecture, training budget and inference choices."""
+
+    kind: str = "l2"  # "l2": AE-L2; "ssim": AE-SSIM
+    image_size: int = 64  # a power of two >= 16
+    channels: int = 3
+    latent_dim: int = 100  # Bergmann et al.'s bottleneck (also the paper's flattened-z size)
+    width: int = 32
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 2e-4
+    seed: int = 0
+    calibration_fraction: float = 0.1
+    calibration_quantile: float = 0.95
+    score_top_fraction: float = 0.01
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        size = self.image_size
+        if size < 16 or size & (size - 1):
+            raise ConfigError(f"image_size must be a power of two >= 16 (32, 64, 128, ...), got {size}")
+        if self.channels not in (1, 3):
+            raise ConfigError(f"channels must be 1 or 3, got {self.channels}")
+        if self.epochs < 1 or self.batch_size < 1 or self.width < 1 or self.latent_dim < 1:
+            raise ConfigError("epochs, batch_size, width and latent_dim must be positive")
+        if not 0.0 < self.score_top_fraction <= 1.0:
+            raise ConfigError(f"score_top_fraction must lie in (0, 1], got {self.score_top_fraction}")
+
+
+class ConvAutoencoder(nn.Module):
+    """Strided 4x4 convs down to a 4x4 map, a fully connected 100-d code, and the mirror image back up."""
+
+    def __init__(self, channels: int, image_size: int, width: int = 32, latent_dim: int = 100) -> None:
+        super().__init__()
+        n_down = int(math.log2(image_size // 4))
+        if 4 * 2**n_down != image_size:
+            raise ConfigError(f"image_size must be 4 * a power of two, got {image_size}")
+        chans = [channels] + [width * 2 ** min(i, 3) for i in range(n_down)]
+        enc: list[nn.Module] = []
+        for c_in, c_out in zip(chans[:-1], chans[1:], strict=True):
+            enc += [nn.Conv2d(c_in, c_out, 4, 2, 1), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
+        self.encoder = nn.Sequential(*enc)
+        self.bottom = (chans[-1], 4, 4)
+        self.to_code = nn.Linear(chans[-1] * 16, latent_dim)
+        self.from_code = nn.Linear(latent_dim, chans[-1] * 16)
+        dec: list[nn.Module] = []
+        rev = chans[::-1]
+        for i, (c_in, c_out) in enumerate(zip(rev[:-1], rev[1:], strict=True)):
+            dec.append(nn.ConvTranspose2d(c_in, c_out, 4, 2, 1))
+            if i < len(rev) - 2:
+                dec += [nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
+        self.decoder = nn.Sequential(*dec, nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        code = self.to_code(self.encoder(x).flatten(1))
+        return self.decoder(self.from_code(code).view(-1, *self.bottom))
+
+
+def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:
+    """A normalized (size, size) Gaussian kernel."""
+    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return torch.outer(g, g)
+
+
+def ssim_map(
+    x: torch.Tensor, y: torch.Tensor, window_size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA, data_range: float = 1.0
+) -> torch.Tensor:
+    """Local SSIM of two (B, C, H, W) batches, averaged over channels: (B, 1, H, W).
+
+    Wang et al. (2004) with a Gaussian window; borders are reflect-padded so every pixel gets a value."""
+    channels = x.shape[1]
+    window = gaussian_window(window_size, sigma).to(x).expand(channels, 1, window_size, window_size)
+    pad = window_size // 2
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.pad(t, (pad, pad, pad, pad), mode="reflect"), window, groups=channels)
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x**2
+    var_y = blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
+    value = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return value.mean(dim=1, keepdim=True)
+
+
+def residual(kind: str, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """The raw anomaly map (B, 1, H, W): squared L2 distance over channels, or 1 - local SSIM."""
+    if kind == "l2":
+        return ((x - x_hat) ** 2).sum(dim=1, keepdim=True)
+    if kind == "ssim":
+        return 1.0 - ssim_map(x, x_hat)
+    raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}")
+
+
+def top_mean(maps: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Per image, the mean of the largest ``fraction`` of the map's pixels (at least one)."""
+    flat = maps.flatten(1)
+    k = max(1, math.ceil(fraction * flat.shape[1]))
+    return flat.topk(k, dim=1).values.mean(1)
+
+
+class AutoencoderBaseline:
+    """AE-L2 / AE-SSIM with the same ``fit`` / ``evaluate`` shape as :class:`cavga.Cavga` (DatasetSplits only)."""
+
+    def __init__(self, kind: str = "l2", **options) -> None:
+        self.config = AutoencoderConfig(kind=kind, **options)
+        self.config.validate()
+
+    @property
+    def name(self) -> str:
+        return "AE-L2" if self.config.kind == "l2" else "AE-SSIM"
+
+    def fit(self, splits: DatasetSplits, progress: bool = False) -> AutoencoderBaseline:
+        """Train on the normal training images (less a calibration slice), then calibrate on that slice."""
+        cfg = self.config
+        train_set, calibration_set = split_calibration(splits.train, cfg.calibration_fraction, cfg.seed)
+        seed_everything(cfg.seed)
+        device = resolve_device(cfg.device)
+        self.model_ = ConvAutoencoder(cfg.channels, cfg.image_size, cfg.width, cfg.latent_dim).to(device)
+        optimizer = torch.optim.Adam(self.model_.parameters(), lr=cfg.lr, weight_decay=1e-5)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        loader = DataLoader(
+            train_set, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate_samples, generator=generator
+        )
+        start = time.perf_counter()
+        self.history_: list[float] = []
+        for _ in range(cfg.epochs):
+            self.model_.train()
+            total, count = 0.0, 0
+            for batch in loader:
+                x = batch.images.to(device)
+                if len(x) < 2:  # BatchNorm needs two samples; a last batch of one is dropped
+                    continue
+                x_hat = self.model_(x)
+                loss = F.mse_loss(x_hat, x) if cfg.kind == "l2" else (1.0 - ssim_map(x, x_hat)).mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                total += float(loss.detach()) * len(x)
+                count += len(x)
+            self.history_.append(total / max(count, 1))
+        self.train_seconds_ = time.perf_counter() - start
+        outputs = self._infer(calibration_set)
+        self.calibration_ = fit_calibration(outputs.raw_scores, cfg.calibration_quantile, outputs.paths)
+        # Same rule as CAVGA's "residual" map: a high quantile of the normal images' map pixels maps to 0.5.
+        self.calibration_.map_threshold = float(np.quantile(outputs.residual_maps, MAP_QUANTILE))
+        self.data_info_ = {**splits.info, "n_train": len(train_set), "n_calibration": len(calibration_set)}
+        return self
+
+    @torch.no_grad()
+    def _infer(self, dataset: Dataset, calibration: Calibration | None = None) -> DatasetOutputs:
+        self.model_.eval()
+        device = next(self.model_.parameters()).device
+        loader = DataLoader(dataset, batch_size=32, shuffle=False, collate_fn=collate_samples)
+        parts: dict[str, list] = {k: [] for k in ("raw", "maps", "res", "masks", "has", "labels")}
+        defects: list[str] = []
+        paths: list[str] = []
+        for batch in loader:
+            x = batch.images.to(device)
+            res = residual(self.config.kind, x, self.model_(x))
+            parts["raw"].append(top_mean(res, self.config.score_top_fraction).double().cpu().numpy())
+            amap = calibration.normalize_map(res) if calibration is not None else res.clamp(0.0, 1.0)
+            parts["maps"].append(amap[:, 0].float().cpu().numpy())
+            parts["res"].append(res[:, 0].float().cpu().numpy())
+            parts["masks"].append(batch.masks[:, 0].numpy() > 0.5)
+            parts["has"].append(batch.has_mask.numpy())
+            parts["labels"].append(batch.labels.numpy())
+            defects.extend(batch.defect_types)
+            paths.extend(batch.paths)
+        if not parts["raw"]:
+            raise ConfigError("no images to run inference on")
+        return DatasetOutputs(
+            raw_scores=np.concatenate(parts["raw"]),
+            anomaly_maps=np.concatenate(parts["maps"]),
+            residual_maps=np.concatenate(parts["res"]),
+            masks=np.concatenate(parts["masks"]),
+            has_mask=np.concatenate(parts["has"]),
+            labels=np.concatenate(parts["labels"]),
+            defect_types=defects,
+            paths=paths,
+        )
+
+    def evaluate(self, splits: DatasetSplits) -> dict:
+        """The metrics of :func:`cavga.infer.evaluate_outputs` on the test split of ``splits``."""
+        if not hasattr(self, "model_"):
+            raise ConfigError("this baseline is not fitted yet: call fit()")
+        self.last_outputs_ = self._infer(splits.test, self.calibration_)
+        return evaluate_outputs(self.last_outputs_, self.calibration_)
+
+    def config_dict(self) -> dict:
+        return asdict(self.config)
