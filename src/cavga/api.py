@@ -136,13 +136,19 @@ class Cavga:
         run_dir: str | os.PathLike | None = None,
         resume: bool = False,
         checkpoint_steps: int = 0,
+        tensorboard: bool = False,
         **data_kwargs: Any,
     ) -> Cavga:
         """Train on the normal training images of ``data`` (a DatasetSplits or a dataset folder); setting "w"
         adds the labelled anomalous images described in the class docstring.
 
         ``run_dir`` keeps a training checkpoint (every ``checkpoint_steps`` steps, every ``checkpoint_every``
-        epochs, at the end); ``resume=True`` continues exactly from it (same parameters and data)."""
+        epochs, at the end), ``config.json`` and the log ``train.log``; ``resume=True`` continues exactly from
+        the checkpoint (same parameters and data). ``tensorboard=True`` also writes loss scalars and image grids
+        of inputs, reconstructions and anomaly maps to ``run_dir/tensorboard`` (``pip install
+        'cavga[tensorboard]'``)."""
+        if tensorboard and run_dir is None:
+            raise ConfigError("tensorboard=True needs a run_dir to write to")
         splits = self._load(data, **data_kwargs)
         train_set, calibration_set = split_calibration(
             splits.train, self.train_config.calibration_fraction, self.train_config.seed
@@ -169,6 +175,7 @@ class Cavga:
             run_dir=run_dir,
             resume=resume,
             checkpoint_steps=checkpoint_steps,
+            tensorboard=tensorboard,
         )
         self.train_seconds_ = time.perf_counter() - start
         self.calibration_ = calibrate(

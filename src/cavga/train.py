@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
-from cavga import distributed, losses
+from cavga import distributed, losses, runlog
 from cavga.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from cavga.config import TrainConfig, to_dict
 from cavga.data.types import ANOMALOUS, NORMAL, Batch, collate_samples
-from cavga.errors import CavgaError
+from cavga.errors import CavgaError, ConfigError
 from cavga.gradcam import class_attention, grad_cam, target_score
 from cavga.models import CavgaNet
 
@@ -177,20 +177,53 @@ def train(
     run_dir: str | os.PathLike | None = None,
     resume: bool = False,
     checkpoint_steps: int = 0,
+    tensorboard: bool = False,
 ) -> list[dict[str, float]]:
     """Train ``model`` in place on ``dataset`` (Samples; for setting "w" with some ANOMALOUS labels).
 
     Returns the per-epoch mean of every loss term. Deterministic on CPU for a given ``config.seed``.
 
     ``run_dir``: where ``checkpoint.safetensors`` is kept, written every ``checkpoint_steps`` steps, every
-    ``config.checkpoint_every`` epochs, at the end, and before stopping on a NaN/Inf loss. ``resume``: continue
-    exactly from that checkpoint (same weights, optimizer moments, RNG states and position in the data order).
-    Under ``torchrun`` each rank trains on its shard of every global batch of ``batch_size * world_size`` images;
-    see :mod:`cavga.distributed`.
+    ``config.checkpoint_every`` epochs, at the end, and before stopping on a NaN/Inf loss; also ``config.json``
+    (the resolved settings) and ``train.log`` (epoch loss means, checkpoints, why training stopped), appended
+    to by every run there. ``resume``: continue exactly from that checkpoint (same weights, optimizer moments,
+    RNG states and position in the data order). ``tensorboard``: also write every loss term per step and per
+    epoch, and image grids of a fixed batch each epoch, to ``run_dir/tensorboard`` (needs the tensorboard
+    package). Under ``torchrun`` each rank trains on its shard of every global batch of
+    ``batch_size * world_size`` images (see :mod:`cavga.distributed`); rank 0 alone writes the run's files.
     """
     config.validate()
     if len(dataset) == 0:
         raise TrainingError("the training set is empty")
+    if tensorboard:
+        if run_dir is None:
+            raise ConfigError("tensorboard logging needs a run directory (run_dir) to write to")
+        runlog.require_tensorboard()  # on every rank, before any collective a failing rank 0 would leave hanging
+    ctx = distributed.setup(config.device)
+    if run_dir is None or not ctx.is_main:
+        return _train(model, dataset, config, progress, on_epoch_end, run_dir, resume, checkpoint_steps, False)
+    with runlog.log_to_file(Path(run_dir) / runlog.LOG_FILE):
+        try:
+            return _train(
+                model, dataset, config, progress, on_epoch_end, run_dir, resume, checkpoint_steps, tensorboard
+            )
+        except BaseException as exc:
+            # The caller reports the error itself; the log file should say how the run ended too.
+            log.error("training stopped: %s", str(exc) or type(exc).__name__, extra={runlog.FILE_ONLY: True})
+            raise
+
+
+def _train(
+    model: CavgaNet,
+    dataset: Dataset,
+    config: TrainConfig,
+    progress: bool,
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None,
+    run_dir: str | os.PathLike | None,
+    resume: bool,
+    checkpoint_steps: int,
+    tensorboard: bool,
+) -> list[dict[str, float]]:
     ctx = distributed.setup(config.device)
     device = resolve_device(config.device)
     seed_everything(config.seed)
@@ -236,6 +269,35 @@ def train(
                 "reason": reason,
             }
             save_checkpoint(checkpoint, model, optimizers, progress_info)
+            log.info(
+                "checkpoint (%s): epoch %d, batch %d, step %d -> %s",
+                reason,
+                state["epoch"],
+                state["batch"],
+                state["step"],
+                checkpoint,
+            )
+
+    board = None
+    if run_dir is not None and ctx.is_main:
+        runlog.write_run_config(
+            run_dir, model, config, n_samples=len(dataset), world_size=ctx.world_size, device=str(device)
+        )
+        log.info(
+            "training CAVGA-%s_%s on %d images: %d epochs of %d steps, device %s, %d process(es)%s",
+            model.config.variant,
+            config.setting,
+            len(dataset),
+            config.epochs,
+            batches_per_epoch,
+            device,
+            ctx.world_size,
+            f", from step {state['step']}" if resume else "",
+        )
+        if tensorboard:
+            board = runlog.TensorBoardLog(
+                Path(run_dir) / runlog.TENSORBOARD_DIR, dataset, purge_step=state["step"] if resume else None
+            )
 
     bar = None
     if progress and ctx.is_main:
@@ -280,6 +342,8 @@ def train(
                 state["step"] += 1
                 state["batch"] = batch_index + 1
                 state["streak"] = _watch_discriminator(terms["L_D"], state["streak"], state["step"])
+                if board is not None:
+                    board.step(terms, state["step"])
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix({k: f"{v:.3g}" for k, v in terms.items() if k != "total"}, refresh=False)
@@ -291,6 +355,8 @@ def train(
             state.update(epoch=epoch + 1, batch=0, sums={}, n=0)
             if ctx.is_main:
                 log.info("epoch %d/%d %s", epoch + 1, config.epochs, _fmt(means))
+            if board is not None:
+                board.epoch(means, epoch + 1, model, config.setting)
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1, means)
             if config.checkpoint_every and (epoch + 1) % config.checkpoint_every == 0 and epoch + 1 < config.epochs:
@@ -298,6 +364,8 @@ def train(
     finally:
         if bar is not None:
             bar.close()
+        if board is not None:
+            board.close()
     distributed.average_buffers(model)
     save("end")
     model.eval()

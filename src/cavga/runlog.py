@@ -1,0 +1,165 @@
+"""What a training run leaves in its run directory for a person to watch: ``config.json`` (the resolved model and
+training settings), ``train.log`` (the ``cavga`` loggers' INFO lines: epochs, checkpoints, stops) and, on
+request, TensorBoard scalars of every loss term and image grids of inputs, reconstructions and anomaly maps."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from cavga import __version__
+from cavga.checkpoint import atomic_write
+from cavga.config import TrainConfig, to_dict
+from cavga.data.types import ANOMALOUS, collate_samples
+from cavga.errors import ConfigError
+from cavga.gradcam import attention_map, class_attention
+from cavga.models import CavgaNet
+
+RUN_CONFIG_FILE = "config.json"
+LOG_FILE = "train.log"
+TENSORBOARD_DIR = "tensorboard"
+PACKAGE_LOGGER = "cavga"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# A record logged with extra={FILE_ONLY: True} goes to train.log but not to the console (the CLI prints the
+# same message itself, e.g. the error that stopped training).
+FILE_ONLY = "cavga_file_only"
+N_VISUAL_IMAGES = 8
+
+
+def write_run_config(run_dir: str | os.PathLike, model: CavgaNet, config: TrainConfig, **facts: Any) -> Path:
+    """``run_dir/config.json``: the model and training settings this run uses, with every default filled in.
+
+    The CLI's ``run.json`` holds the command's own arguments (what ``--resume`` replays); this file holds what
+    they resolved to, in the same ``model`` / ``train`` sections as a saved model's config.json."""
+    data = {"cavga_version": __version__, "model": to_dict(model.config), "train": to_dict(config), **facts}
+    text = json.dumps(data, indent=2, default=str) + "\n"
+    return atomic_write(Path(run_dir) / RUN_CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+
+
+class _Forward(logging.Handler):
+    """Hands records at or above ``level`` (and not FILE_ONLY) to the handlers above the package logger."""
+
+    def __init__(self, target: logging.Logger, level: int) -> None:
+        super().__init__(level)
+        self.target = target
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not getattr(record, FILE_ONLY, False):
+            self.target.handle(record)
+
+
+@contextmanager
+def log_to_file(path: str | os.PathLike) -> Iterator[logging.Handler]:
+    """Append the ``cavga`` loggers' INFO-and-above records to ``path`` while the block runs.
+
+    The file gets INFO even when the console shows only warnings. Lowering the package logger's level alone
+    would send INFO to the console handlers too, so while the block runs the package stops propagating and a
+    forwarding handler passes on exactly what passed before (the old level, the old console)."""
+    package = logging.getLogger(PACKAGE_LOGGER)
+    old_level, old_propagate = package.level, package.propagate
+    console_level = package.getEffectiveLevel()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    forward = _Forward(package.parent, console_level) if old_propagate and package.parent is not None else None
+    package.addHandler(handler)
+    if forward is not None:
+        package.addHandler(forward)
+        package.propagate = False
+    package.setLevel(min(console_level, logging.INFO))
+    try:
+        yield handler
+    finally:
+        package.removeHandler(handler)
+        if forward is not None:
+            package.removeHandler(forward)
+        package.setLevel(old_level)
+        package.propagate = old_propagate
+        handler.close()
+
+
+def _summary_writer_class() -> type:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:  # torch raises ImportError when the tensorboard package is missing
+        raise ConfigError(
+            f"TensorBoard logging needs the tensorboard package: pip install 'cavga[tensorboard]' ({exc})"
+        ) from exc
+    return SummaryWriter
+
+
+def require_tensorboard() -> None:
+    """Raise ConfigError now (before any training) when TensorBoard logging cannot work."""
+    _summary_writer_class()
+
+
+def visual_indices(n: int, k: int = N_VISUAL_IMAGES) -> list[int]:
+    """``k`` indices spread evenly over ``range(n)`` (first and last included): the images shown every epoch.
+
+    Spread rather than the first k so that a weakly supervised set (anomalous images last) shows some too."""
+    if n <= k:
+        return list(range(n))
+    return sorted({int(i) for i in np.linspace(0, n - 1, k).round()})
+
+
+class TensorBoardLog:
+    """Loss scalars and image grids for TensorBoard in ``directory`` (rank 0 only)."""
+
+    def __init__(self, directory: str | os.PathLike, dataset: Dataset, purge_step: int | None = None) -> None:
+        writer_class = _summary_writer_class()
+        # purge_step: a resumed run rewrites the steps after its checkpoint; TensorBoard drops the old ones.
+        self.writer = writer_class(log_dir=str(directory), purge_step=purge_step)
+        self.images = collate_samples([dataset[i] for i in visual_indices(len(dataset))]).images
+
+    def step(self, terms: dict[str, float], step: int) -> None:
+        for name, value in terms.items():
+            self.writer.add_scalar(f"step/{name}", value, step)
+
+    def epoch(self, means: dict[str, float], epoch: int, model: CavgaNet, setting: str) -> None:
+        from torchvision.utils import make_grid
+
+        for name, value in means.items():
+            if name != "epoch":
+                self.writer.add_scalar(f"epoch/{name}", value, epoch)
+        images, x_hat, anomaly = visual_batch(model, self.images, setting)
+        n = images.shape[0]
+        self.writer.add_image("images/input", make_grid(images, nrow=n, padding=2), epoch)
+        self.writer.add_image("images/reconstruction", make_grid(x_hat, nrow=n, padding=2), epoch)
+        self.writer.add_image("images/anomaly_map", make_grid(anomaly, nrow=n, padding=2), epoch)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def visual_batch(model: CavgaNet, images: torch.Tensor, setting: str) -> tuple[torch.Tensor, ...]:
+    """Inputs, reconstructions and anomaly maps (u: 1 - A; w: the anomalous class's attention), on the CPU.
+
+    Eval mode and the mean latent: this must not move BatchNorm's running statistics or draw from the RNG, or
+    watching a run would change it."""
+    was_training = model.training
+    device = next(model.parameters()).device
+    model.eval()
+    try:
+        x = images.to(device)
+        if setting == "u":
+            attention, out = attention_map(model, x, create_graph=False)
+            anomaly = 1.0 - attention  # SPEC 1.1: the anomaly is where the attention is not
+        else:
+            with torch.enable_grad():
+                out = model(x, sample=False)
+                anomaly = class_attention(model, out, ANOMALOUS, create_graph=False)
+        x_hat = torch.sigmoid(out.x_hat_logits.detach())
+    finally:
+        model.train(was_training)
+    return images, x_hat.cpu(), anomaly.detach().cpu()
