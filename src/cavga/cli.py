@@ -62,7 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model on a dataset folder (also under torchrun)")
     p.add_argument("data", type=Path, nargs="?", help="dataset folder (left out with --resume)")
     p.add_argument("--out", type=Path, default=None, help="model directory to write")
-    p.add_argument("--run-dir", type=Path, default=None, help="folder for the training checkpoint and run.json")
+    p.add_argument(
+        "--run-dir",
+        type=Path,
+        default=None,
+        help="folder for run.json, config.json, train.log, the checkpoint and TensorBoard files "
+        "(default: OUT.run beside the model directory)",
+    )
+    p.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="write loss scalars and image grids (inputs, reconstructions, anomaly maps) to RUN_DIR/tensorboard "
+        "(needs: pip install 'cavga[tensorboard]')",
+    )
     p.add_argument(
         "--resume",
         type=Path,
@@ -182,6 +194,13 @@ def _resume_args(args: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(**merged)
 
 
+def default_run_dir(out: Path) -> Path:
+    """``OUT.run`` beside the model directory: ``--out`` is replaced whole when the model is saved, so the run's
+    files (written while training) cannot live inside it."""
+    out = out.resolve()
+    return out.with_name(out.name + ".run")
+
+
 def _write_run_file(args: argparse.Namespace) -> None:
     args.run_dir.mkdir(parents=True, exist_ok=True)
     saved = {k: v for k, v in vars(args).items() if k not in ("resume", "no_progress", "verbose", "command")}
@@ -200,6 +219,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         args = _resume_args(args)
     elif args.data is None or args.out is None:
         raise ConfigError("train needs DATA and --out (or --resume RUN_DIR)")
+    elif args.run_dir is None:
+        args.run_dir = default_run_dir(args.out)
     options = {
         key: value
         for key, value in {
@@ -229,7 +250,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     # Under torchrun every rank runs this command; only rank 0 writes files and prints.
     ctx = distributed.setup(args.device or "auto")
-    if args.run_dir is not None and not resume and ctx.is_main:
+    if not resume and ctx.is_main:
         _write_run_file(args)
     start = time.perf_counter()
     try:
@@ -239,6 +260,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             run_dir=args.run_dir,
             resume=resume,
             checkpoint_steps=args.checkpoint_steps,
+            tensorboard=getattr(args, "tensorboard", False),  # run.json of an older cavga lacks it
             **_data_kwargs(args),
         )
     finally:
@@ -247,6 +269,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     detector.save(args.out)
     print(f"trained CAVGA-{args.variant}_{args.setting} in {time.perf_counter() - start:.1f} s; saved to {args.out}")
+    print(f"run directory (log, checkpoint; --resume it to train longer): {args.run_dir}")
     if args.setting == "w":
         weak = detector.data_info_["weak_labels"]
         where = weak["dir"] if weak["source"] == "dir" else "the test split (left out of every evaluation)"
