@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import subprocess
 import sys
 
 import pytest
@@ -16,6 +17,7 @@ from cavga.data.types import ANOMALOUS, NORMAL, Sample
 from cavga.errors import ConfigError
 from cavga.models import build_model
 from cavga.train import TrainingError, train
+from tiny_data import write_tiny_mvtec
 
 EPOCH_LINE = re.compile(r"INFO cavga\.train: epoch (\d+)/(\d+) (.*)$")
 
@@ -176,3 +178,27 @@ def test_missing_tensorboard_package_is_a_config_error_naming_the_extra(tmp_path
     with pytest.raises(ConfigError, match=r"cavga\[tensorboard\]"):
         train(tiny_model(), tiny_data(), config(), progress=False, run_dir=tmp_path / "run", tensorboard=True)
     assert not (tmp_path / "run" / "checkpoint.safetensors").exists()  # refused before training
+
+
+def test_cavga_train_writes_its_run_dir_beside_the_model_by_default(tmp_path):
+    pytest.importorskip("tensorboard")
+    data = write_tiny_mvtec(tmp_path / "data")
+    options = ["--image-size", "32", "--width", "8", "--latent-channels", "8", "--epochs", "2", "--batch-size", "4"]
+    model = tmp_path / "model"
+    done = subprocess.run(
+        [sys.executable, "-m", "cavga.cli", "train", str(data), "--out", str(model), "--device", "cpu"]
+        + ["--no-progress", "--tensorboard", *options],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    run = tmp_path / "model.run"
+    assert str(run) in done.stdout
+    assert "epoch 1/2" not in done.stderr  # INFO goes to the log file, not the console (no -v)
+    assert sorted(parse_epoch_lines((run / runlog.LOG_FILE).read_text())) == [1, 2]
+    assert json.loads((run / "run.json").read_text())["tensorboard"] is True
+    assert json.loads((run / runlog.RUN_CONFIG_FILE).read_text())["train"]["epochs"] == 2
+    events = read_events(run / runlog.TENSORBOARD_DIR)
+    assert "epoch/L_ae" in events.Tags()["scalars"] and "images/reconstruction" in events.Tags()["images"]
+    assert sorted(p.name for p in model.iterdir()) == ["config.json", "model.safetensors"]  # the model dir alone
