@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -141,6 +142,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", type=Path)
     p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     p.add_argument("--out", type=Path, default=None, help="file to write (default MODEL/model.onnx or model.pt)")
+
+    p = sub.add_parser("benchmark", help="run a suite of the paper's experiments (Tables 3, 6, 7, 8); resumable")
+    p.add_argument("suite", choices=("mvtec", "pairs", "oneclass", "ablation"))
+    p.add_argument("--data", type=Path, default=None, help="dataset root (left out with --quick: tiny generated data)")
+    p.add_argument("--out", type=Path, required=True, help="folder for results.json, results.md and the cache")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--image-size", type=int, default=None, help="one image size for every model")
+    p.add_argument("--categories", nargs="+", default=None, help="categories / classes to run (default: all)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--models", nargs="+", default=None, help="models to run (default: the suite's)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--width", type=int, default=None, help="base channel width of every model")
+    p.add_argument("--max-train", type=int, default=None, help="seeded cap on training images per category")
+    p.add_argument("--max-test", type=int, default=None, help="seeded cap on test images per category")
+    p.add_argument("--paper-dataset", choices=("mnist", "fashion-mnist", "cifar10"), default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--quick", action="store_true", help="tiny budget (and data) that runs in seconds")
+    p.add_argument("--progress", action="store_true", help="show training progress bars")
     return parser
 
 
@@ -350,6 +369,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from cavga import benchmark
+
+    budget = benchmark.QUICK_BUDGET if args.quick else benchmark.Budget()
+    changes = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "width": args.width,
+        "max_train": args.max_train,
+        "max_test": args.max_test,
+        "device": args.device,
+    }
+    if args.image_size is not None:
+        changes.update(image_size_d=args.image_size, image_size_r=args.image_size, image_size_ae=args.image_size)
+    budget = dataclasses.replace(budget, **{k: v for k, v in changes.items() if v is not None})
+    run = benchmark.run_suite(
+        args.suite,
+        args.out,
+        data=args.data,
+        budget=budget,
+        categories=args.categories,
+        seeds=args.seeds,
+        models=args.models,
+        quick=args.quick,
+        paper_dataset=args.paper_dataset,
+        progress=args.progress,
+        command=" ".join(["cavga", *sys.argv[1:]]) if sys.argv[1:2] == ["benchmark"] else None,
+    )
+    print(run.results_md.read_text())
+    cached = len(run.records) - run.trained
+    print(f"wrote {run.results_json} and {run.results_md} ({run.trained} trained, {cached} cached)")
+    return 0
+
+
 COMMANDS = {
     "make-data": cmd_make_data,
     "demo": cmd_demo,
@@ -358,6 +411,7 @@ COMMANDS = {
     "evaluate": cmd_evaluate,
     "report": cmd_report,
     "export": cmd_export,
+    "benchmark": cmd_benchmark,
 }
 
 if __name__ == "__main__":
