@@ -95,7 +95,7 @@ def test_load_refuses_a_broken_model_dir(fitted, tmp_path):
     config = json.loads((tmp_path / "m2" / "config.json").read_text())
     config["model"]["latent_channels"] = 16
     (tmp_path / "m2" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelFileError, match="do not match"):
+    with pytest.raises(ModelFileError, match="weights that match config.json"):
         cavga.load(tmp_path / "m2")
 
 
