@@ -148,7 +148,7 @@ class Budget:
 
 
 QUICK_BUDGET = Budget(
-    epochs=1, image_size_d=32, image_size_r=64, image_size_ae=32, batch_size=4, width=8, max_train=12, max_test=24
+    epochs=1, image_size_d=32, image_size_r=64, image_size_ae=32, batch_size=4, width=8, max_train=8, max_test=12
 )
 
 
@@ -699,7 +699,7 @@ def write_quick_data(suite: str, root: str | os.PathLike) -> Path:
         write_tiny_idx(root)
         return root
     mvtec = root / "mvtec" if suite == "pairs" else root
-    write_demo_dataset(mvtec, categories=["weave"], image_size=64, n_train=12, n_test_good=4, n_test_defect=6)
+    write_demo_dataset(mvtec, categories=["weave"], image_size=64, n_train=10, n_test_good=3, n_test_defect=5)
     if suite != "pairs":
         return root
     tiles = root / "tiles"
