@@ -17,21 +17,9 @@ from cavga.data.types import ANOMALOUS, NORMAL, Sample
 from cavga.errors import ConfigError
 from cavga.models import build_model
 from cavga.train import TrainingError, train
-from tiny_data import write_tiny_mvtec
+from tiny_data import ListDataset, write_tiny_mvtec
 
 EPOCH_LINE = re.compile(r"INFO cavga\.train: epoch (\d+)/(\d+) (.*)$")
-
-
-class ListDataset(torch.utils.data.Dataset):
-    def __init__(self, samples):
-        self.samples = samples
-        self.labels = [s.label for s in samples]
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        return self.samples[i]
 
 
 def tiny_data(n: int = 8, labels: list[int] | None = None) -> ListDataset:

@@ -10,6 +10,7 @@ from cavga.config import ModelConfig, TrainConfig
 from cavga.data.types import Sample, collate_samples
 from cavga.models import build_model
 from cavga.train import TrainingError, class_weights_for, make_optimizers, train, training_step
+from tiny_data import ListDataset
 
 
 def tiny_batch(n: int = 6, size: int = 32, seed: int = 0):
@@ -72,18 +73,6 @@ def test_discriminator_step_does_not_touch_the_generator():
     training_step(model, batch, opt_g, opt_d, config)
     assert all(torch.equal(a, b) for a, b in zip(g_before, model.generator_parameters(), strict=True))
     assert any(not torch.equal(a, b) for a, b in zip(d_before, model.discriminator_parameters(), strict=True))
-
-
-class ListDataset(torch.utils.data.Dataset):
-    def __init__(self, samples):
-        self.samples = samples
-        self.labels = [s.label for s in samples]
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        return self.samples[i]
 
 
 def test_training_is_deterministic_on_cpu_for_a_seed():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 
@@ -31,3 +32,17 @@ def write_tiny_mvtec(root: Path, seed: int = 0, test_value: int | None = None) -
         Image.fromarray(img).save(cat / "test/spot" / f"{i:03d}.png")
         Image.fromarray(mask).save(cat / "ground_truth/spot" / f"{i:03d}_mask.png")
     return root
+
+
+class ListDataset(torch.utils.data.Dataset):
+    """Samples held in memory, with the ``labels`` attribute the training loop reads."""
+
+    def __init__(self, samples):
+        self.samples = samples
+        self.labels = [s.label for s in samples]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return self.samples[i]
