@@ -48,7 +48,23 @@ def grad_cam(
             f"grad_cam needs score (B,) and features (B, K, h, w); got {tuple(score.shape)} and {tuple(features.shape)}"
         )
     (grads,) = torch.autograd.grad(score.sum(), features, create_graph=create_graph, retain_graph=True)
-    alpha = grads.mean(dim=(2, 3), keepdim=True)
+    return cam_from_weights(grads.mean(dim=(2, 3), keepdim=True), features, output_size, normalization, eps)
+
+
+def cam_from_weights(
+    alpha: torch.Tensor,
+    features: torch.Tensor,
+    output_size: tuple[int, int] | None = None,
+    normalization: str = "max",
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """normalize(relu(sum_k alpha_k F_k)) resized to ``output_size``: (B, 1, H, W) in [0, 1].
+
+    ``alpha`` is (K,) (the same weights for every image) or (B, K, 1, 1)."""
+    if normalization not in NORMALIZATIONS:
+        raise ConfigError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    if alpha.dim() == 1:
+        alpha = alpha.view(1, -1, 1, 1)
     cam = F.relu((alpha * features).sum(dim=1, keepdim=True))
     flat = cam.flatten(1)
     high = flat.amax(dim=1).view(-1, 1, 1, 1)
@@ -71,6 +87,77 @@ def target_score(output: CavgaOutput, target: str = "sum_mu") -> torch.Tensor:
     raise ConfigError(f"gradcam target must be 'sum_mu' or 'sum_z', got {target!r}")
 
 
+def _sampled(output: CavgaOutput) -> bool:
+    """Whether ``z`` is a reparameterized sample rather than ``mu`` (forward with ``sample=False`` returns mu)."""
+    if output.z is output.mu:
+        return False
+    return output.z.shape != output.mu.shape or not torch.equal(output.z, output.mu)
+
+
+def closed_form_weights(model: CavgaNet, target: str | int, output: CavgaOutput) -> torch.Tensor | None:
+    """Grad-CAM channel weights alpha (K,) as a function of the weights alone, or None where none exists.
+
+    ``target`` is a CAVGA_u target ("sum_mu", "sum_z") or a class index (CAVGA_w's classifier logit). When the
+    target is linear in the Grad-CAM features, d target / d F is a constant of the weights (derivation in
+    :mod:`cavga.export`) and this alpha equals the autograd one. It is built with ordinary ops, so under
+    autograd it stays differentiable with respect to the head weights: the attention losses then train the
+    same parameters through alpha as the double backward does, without a second backward through the network.
+    None for the ``encoder_mid`` layer (a LeakyReLU lies in between), for ``sum_z`` on a sampled ``z``, and for
+    a flattened sampled latent under the classifier (the path through ``logvar`` depends on the input).
+    """
+    if not isinstance(model, CavgaNet) or model.config.gradcam_layer != "latent_input":
+        return None  # anything else with a ``classify`` goes through autograd
+    cfg = model.config
+    if isinstance(target, str):
+        if target not in ("sum_mu", "sum_z") or (target == "sum_z" and _sampled(output)):
+            return None
+        if cfg.flatten_latent:
+            # mu = W flatten(F) + b: d sum(mu) / d F = sum_d W[d, :] viewed as F's (K, h, w); alpha its mean.
+            return model.mu_head[1].weight.sum(0).view(output.features.shape[1:]).mean(dim=(1, 2))
+        return model.mu_head.weight.sum(dim=(0, 2, 3))  # 1x1 conv: alpha_k = sum_c W[c, k]
+    if model.classifier is None:
+        return None
+    row = model.classifier.weight[target]
+    if output.z.dim() == 4:
+        return row.view(output.z.shape[1:]).mean(dim=(1, 2))  # features are z itself
+    if _sampled(output):
+        return None
+    return (row @ model.mu_head[1].weight).view(output.features.shape[1:]).mean(dim=(1, 2))
+
+
+def has_closed_form(model: CavgaNet, setting: str) -> bool:
+    """Whether inference (no sampling) of ``setting`` "u" or "w" gets its Grad-CAM weights in closed form."""
+    if not isinstance(model, CavgaNet) or model.config.gradcam_layer != "latent_input":
+        return False
+    cfg = model.config
+    if setting == "u":
+        return cfg.gradcam_target in ("sum_mu", "sum_z")
+    return setting == "w" and model.classifier is not None
+
+
+def output_attention(model: CavgaNet, output: CavgaOutput, size: tuple[int, int], create_graph: bool) -> torch.Tensor:
+    """CAVGA_u attention A (B, 1, H, W) of a forward pass's ``output``, resized to ``size``.
+
+    The closed form when one exists (no backward at all), else autograd Grad-CAM (double backward with
+    ``create_graph``). Without ``create_graph`` the map is detached.
+    """
+    cfg = model.config
+    alpha = closed_form_weights(model, cfg.gradcam_target, output)
+    if alpha is not None:
+        if not create_graph:
+            alpha = alpha.detach()
+        attention = cam_from_weights(alpha, output.features, size, cfg.gradcam_normalization)
+    else:
+        attention = grad_cam(
+            target_score(output, cfg.gradcam_target),
+            output.features,
+            output_size=size,
+            normalization=cfg.gradcam_normalization,
+            create_graph=create_graph,
+        )
+    return attention if create_graph else attention.detach()
+
+
 def _detached(output: CavgaOutput) -> CavgaOutput:
     return CavgaOutput(
         features=output.features.detach(),
@@ -84,26 +171,28 @@ def _detached(output: CavgaOutput) -> CavgaOutput:
 def attention_map(model: CavgaNet, x: torch.Tensor, create_graph: bool = False) -> tuple[torch.Tensor, CavgaOutput]:
     """Attention A (B, 1, H, W) of CAVGA_u for images ``x`` and the model's output, using ``mu`` (no sampling).
 
-    Grad-CAM needs gradients even at inference (SPEC 1.4), so this enables them locally and works inside
-    ``torch.no_grad()``. Without ``create_graph`` both results are detached. The anomaly map is ``1 - A``.
+    Where the Grad-CAM weights have a closed form (the default layer and target) and no graph is asked for,
+    this runs one forward pass without autograd. Otherwise Grad-CAM needs gradients even at inference
+    (SPEC 1.4), so this enables them locally and works inside ``torch.no_grad()``. Without ``create_graph``
+    both results are detached. The anomaly map is ``1 - A``.
     """
     cfg = model.config
+    size = tuple(x.shape[-2:])
+    if not create_graph and has_closed_form(model, "u"):
+        with torch.no_grad():
+            output = model(x, sample=False)
+            alpha = closed_form_weights(model, cfg.gradcam_target, output)
+            if alpha is not None:
+                return cam_from_weights(alpha, output.features, size, cfg.gradcam_normalization), output
     with torch.enable_grad():
         output = model(x, sample=False)
         if not output.features.requires_grad:
             # Frozen parameters: make the input a leaf so the features are part of a graph again.
             output = model(x.detach().requires_grad_(True), sample=False)
-        score = target_score(output, cfg.gradcam_target)
-        attention = grad_cam(
-            score,
-            output.features,
-            output_size=tuple(x.shape[-2:]),
-            normalization=cfg.gradcam_normalization,
-            create_graph=create_graph,
-        )
+        attention = output_attention(model, output, size, create_graph)
     if create_graph:
         return attention, output
-    return attention.detach(), _detached(output)
+    return attention, _detached(output)
 
 
 def class_attention(model: CavgaNet, output: CavgaOutput, cls: int, create_graph: bool) -> torch.Tensor:
@@ -111,10 +200,20 @@ def class_attention(model: CavgaNet, output: CavgaOutput, cls: int, create_graph
 
     Paper 3.2 uses the conv latent ``z`` itself as the feature map. The flattened-latent ablation has no
     spatial ``z``; its classifier maps are taken on the encoder feature map (``output.features``) instead.
-    Works inside ``torch.no_grad()``; at inference ``z`` may come from a graph-free forward pass. Without
-    ``create_graph`` the map is detached.
+    The classifier is linear, so the weights have a closed form (:func:`closed_form_weights`) except for a
+    sampled flattened latent, which goes through autograd. Works inside ``torch.no_grad()``; at inference
+    ``z`` may come from a graph-free forward pass. Without ``create_graph`` the map is detached.
     """
     size = tuple(output.x_hat_logits.shape[-2:])
+    normalization = model.config.gradcam_normalization
+    features = output.z if output.z.dim() == 4 else output.features
+    alpha = closed_form_weights(model, cls, output)
+    if alpha is not None:
+        if not create_graph:
+            with torch.no_grad():
+                return cam_from_weights(alpha, features.detach(), size, normalization)
+        with torch.enable_grad():
+            return cam_from_weights(alpha, features, size, normalization)
     with torch.enable_grad():
         if output.z.dim() == 4:
             z = output.z
@@ -130,7 +229,7 @@ def class_attention(model: CavgaNet, output: CavgaOutput, cls: int, create_graph
             logits[:, cls],
             features,
             output_size=size,
-            normalization=model.config.gradcam_normalization,
+            normalization=normalization,
             create_graph=create_graph,
         )
     return attention if create_graph else attention.detach()

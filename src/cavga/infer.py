@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -14,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from cavga import metrics
 from cavga.data.types import ANOMALOUS, NORMAL, collate_samples
 from cavga.errors import ConfigError
-from cavga.gradcam import attention_map, class_attention
+from cavga.gradcam import attention_map, class_attention, has_closed_form
 from cavga.models import CavgaNet
 
 THRESHOLD = 0.5  # the paper's decision threshold on normalized scores and on anomaly maps
@@ -103,10 +104,18 @@ class BatchOutputs:
 def infer_batch(
     model: CavgaNet, images: torch.Tensor, setting: str, calibration: Calibration | None = None
 ) -> BatchOutputs:
-    """Scores and anomaly maps for a preprocessed batch. Gradients are enabled only for the Grad-CAM pass.
+    """Scores and anomaly maps for a preprocessed batch. Gradients are enabled only for an autograd Grad-CAM
+    pass; with closed-form Grad-CAM weights (the default layer) the whole batch runs in inference mode.
 
     ``calibration`` is needed only for ``anomaly_map="residual"`` models (to put the map on the 0.5 scale)."""
     model.eval()
+    if has_closed_form(model, setting):
+        with torch.inference_mode():
+            return _infer_batch(model, images, setting, calibration)
+    return _infer_batch(model, images, setting, calibration)
+
+
+def _infer_batch(model: CavgaNet, images: torch.Tensor, setting: str, calibration: Calibration | None) -> BatchOutputs:
     if setting == "u":
         attention, out = attention_map(model, images, create_graph=False)
         x_hat = torch.sigmoid(out.x_hat_logits.detach())
@@ -119,7 +128,8 @@ def infer_batch(
         else:
             anomaly = 1.0 - attention  # SPEC 1.1: the anomaly is where the attention is not
     elif setting == "w":
-        with torch.enable_grad():
+        # Inference mode means closed-form weights (see infer_batch); autograd Grad-CAM needs gradients.
+        with nullcontext() if torch.is_inference_mode_enabled() else torch.enable_grad():
             out = model(images, sample=False)
             logits = model.classify(out.z)
             # Paper 3.2: the anomalous map is the Grad-CAM of the anomalous class on z.

@@ -7,7 +7,8 @@ import logging
 import math
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from cavga.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from cavga.config import TrainConfig, to_dict
 from cavga.data.types import ANOMALOUS, NORMAL, Batch, collate_samples
 from cavga.errors import CavgaError, ConfigError
-from cavga.gradcam import class_attention, grad_cam, target_score
+from cavga.gradcam import class_attention, output_attention
 from cavga.models import CavgaNet
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,23 @@ def class_weights_for(labels: Sequence[int]) -> torch.Tensor:
     return torch.tensor(counts.sum() / (2.0 * counts), dtype=torch.float32)
 
 
+@contextmanager
+def _frozen(module: torch.nn.Module) -> Iterator[None]:
+    """Parameters of ``module`` need no gradient inside the block (they still pass gradients to its input).
+
+    The generator's adversarial term backpropagates through D to x_hat only; D's own weight gradients there
+    would be computed and then discarded (opt_d zeroes them before its next step), so we skip them.
+    """
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 def training_step(
     model: CavgaNet,
     batch: Batch,
@@ -112,21 +130,18 @@ def training_step(
     terms: dict[str, torch.Tensor] = {}
     if config.setting == "u":
         terms["L"] = losses.vae_loss(out.x_hat_logits, x, out.mu, out.logvar)
-        terms["L_adv"] = losses.generator_adversarial_loss(model.discriminator(fake))
-        attention = grad_cam(
-            target_score(out, model.config.gradcam_target),
-            out.features,
-            output_size=tuple(x.shape[-2:]),
-            normalization=model.config.gradcam_normalization,
-            create_graph=True,
-        )
+        with _frozen(model.discriminator):
+            terms["L_adv"] = losses.generator_adversarial_loss(model.discriminator(fake))
+        # Closed-form Grad-CAM for the default layer/target (no double backward), autograd otherwise.
+        attention = output_attention(model, out, tuple(x.shape[-2:]), create_graph=True)
         terms["L_ae"] = losses.attention_expansion_loss(attention)
         total = w.w_r * terms["L"] + w.w_adv * terms["L_adv"] + w.w_ae * terms["L_ae"]
     else:
         # The VAE and the adversarial game model the normal images only; the few labelled anomalous images train
         # the classifier C and, through it, the attention (paper 3.2).
         terms["L"] = losses.vae_loss(out.x_hat_logits[normal], x[normal], out.mu[normal], out.logvar[normal])
-        terms["L_adv"] = losses.generator_adversarial_loss(model.discriminator(fake))
+        with _frozen(model.discriminator):
+            terms["L_adv"] = losses.generator_adversarial_loss(model.discriminator(fake))
         logits = model.classify(out.z)
         terms["L_bce"] = losses.classifier_loss(logits, labels, class_weights)
         if class_weights is not None:
