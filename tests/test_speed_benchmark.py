@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -118,3 +121,61 @@ def test_training_step_equals_double_backward_step(setting: str, flat: bool) -> 
         torch.testing.assert_close(value, slow_state[name], rtol=1e-5, atol=1e-6)
         moved += int(not torch.equal(value, model.state_dict()[name]))
     assert moved > 0
+
+
+# --------------------------------------------------------------------------- benchmarks/speed.py --quick
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def test_speed_benchmark_quick_writes_json_and_table(tmp_path: Path) -> None:
+    out = tmp_path / "speed.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert record["quick"] is True and record["threads"] == 1
+    assert isinstance(record["torch"], str) and isinstance(record["onnxruntime"], str)
+    peak = record["matmul_peak"]
+    assert _positive(peak["gflops"]) and peak["q1"] <= peak["gflops"] <= peak["q3"]
+    names = [c["name"] for c in record["configs"]]
+    assert names == ["CAVGA-D_u 32 px", "CAVGA-D_w 32 px", "CAVGA-R_u 64 px"]
+    for c in record["configs"]:
+        assert "error" not in c, c.get("error")
+        assert set(c["train"]) == {"full", "no_cam", "before", "channels_last", "bf16"} - {
+            n.split()[1] for n in c["notes"] if n.startswith("train ")
+        }
+        assert {"eager", "before", "naive", "onnx"} <= set(c["infer"])
+        for summary in [*c["train"].values(), *c["infer"].values()]:
+            assert _positive(summary["images_per_s"]) and summary["q1"] <= summary["images_per_s"] <= summary["q3"]
+            assert summary["n"] >= 2
+        flops = c["flops_per_image"]
+        assert all(_positive(flops[k]) for k in ("train", "infer", "train_before"))
+        # Training does a forward, a backward and D's passes: more work per image than inference.
+        assert flops["train"] > flops["infer"]
+        # Achieved GFLOP/s = FLOPs per image x images/s, recomputed here.
+        expected = flops["train"] * c["train"]["full"]["images_per_s"] / 1e9
+        assert c["train_gflops"] == pytest.approx(expected, rel=1e-9)
+        assert c["train_peak_fraction"] == pytest.approx(expected / peak["gflops"], rel=1e-9)
+        assert _positive(c["peak_rss_mib"]) and 50 < c["peak_rss_mib"] < 64 * 1024
+        for key in ("gradcam_overhead", "train_speedup_vs_before", "infer_vs_naive", "onnx_vs_eager"):
+            assert _positive(c["ratios"][key]), key
+        no_cam, full = c["train"]["no_cam"]["images_per_s"], c["train"]["full"]["images_per_s"]
+        assert c["ratios"]["gradcam_overhead"] == pytest.approx(no_cam / full, rel=1e-9)
+    # The printed Markdown tables: a header and one row per configuration, in both tables.
+    lines = done.stdout.splitlines()
+    assert any(line.startswith("| config | train img/s |") for line in lines)
+    assert any(line.startswith("| config | Grad-CAM overhead") for line in lines)
+    for name in names:
+        rows = [line for line in lines if line.startswith(f"| {name} |")]
+        assert len(rows) == 2, name
+        assert rows[0].count("|") == 9 and rows[1].count("|") == 9
+    assert f"wrote {out}" in done.stdout
