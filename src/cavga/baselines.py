@@ -24,7 +24,15 @@ from cavga.api import split_calibration
 from cavga.data import DatasetSplits
 from cavga.data.types import collate_samples
 from cavga.errors import ConfigError
-from cavga.infer import MAP_QUANTILE, Calibration, DatasetOutputs, evaluate_outputs, fit_calibration
+from cavga.infer import (
+    MAP_QUANTILE,
+    BatchOutputs,
+    Calibration,
+    DatasetOutputs,
+    collect_outputs,
+    evaluate_outputs,
+    fit_calibration,
+)
 from cavga.train import resolve_device, seed_everything
 
 KINDS = ("l2", "ssim")
@@ -192,34 +200,19 @@ class AutoencoderBaseline:
     def _infer(self, dataset: Dataset, calibration: Calibration | None = None) -> DatasetOutputs:
         self.model_.eval()
         device = next(self.model_.parameters()).device
-        loader = DataLoader(dataset, batch_size=32, shuffle=False, collate_fn=collate_samples)
-        parts: dict[str, list] = {k: [] for k in ("raw", "maps", "res", "masks", "has", "labels")}
-        defects: list[str] = []
-        paths: list[str] = []
-        for batch in loader:
-            x = batch.images.to(device)
-            res = residual(self.config.kind, x, self.model_(x))
-            parts["raw"].append(top_mean(res, self.config.score_top_fraction).double().cpu().numpy())
+
+        def run_batch(x: torch.Tensor) -> BatchOutputs:
+            x_hat = self.model_(x)
+            res = residual(self.config.kind, x, x_hat)
             amap = calibration.normalize_map(res) if calibration is not None else res.clamp(0.0, 1.0)
-            parts["maps"].append(amap[:, 0].float().cpu().numpy())
-            parts["res"].append(res[:, 0].float().cpu().numpy())
-            parts["masks"].append(batch.masks[:, 0].numpy() > 0.5)
-            parts["has"].append(batch.has_mask.numpy())
-            parts["labels"].append(batch.labels.numpy())
-            defects.extend(batch.defect_types)
-            paths.extend(batch.paths)
-        if not parts["raw"]:
-            raise ConfigError("no images to run inference on")
-        return DatasetOutputs(
-            raw_scores=np.concatenate(parts["raw"]),
-            anomaly_maps=np.concatenate(parts["maps"]),
-            residual_maps=np.concatenate(parts["res"]),
-            masks=np.concatenate(parts["masks"]),
-            has_mask=np.concatenate(parts["has"]),
-            labels=np.concatenate(parts["labels"]),
-            defect_types=defects,
-            paths=paths,
-        )
+            return BatchOutputs(
+                raw_scores=top_mean(res, self.config.score_top_fraction).double().cpu().numpy(),
+                anomaly_maps=amap[:, 0].float().cpu().numpy(),
+                reconstructions=x_hat.float().cpu().numpy(),
+                residual_maps=res[:, 0].float().cpu().numpy(),
+            )
+
+        return collect_outputs(dataset, run_batch, batch_size=32, device=device)
 
     def evaluate(self, splits: DatasetSplits) -> dict:
         """The metrics of :func:`cavga.infer.evaluate_outputs` on the test split of ``splits``."""

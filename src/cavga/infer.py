@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
@@ -164,19 +164,14 @@ class DatasetOutputs:
     paths: list[str]
 
 
-def infer_dataset(
-    model: CavgaNet,
-    dataset: Dataset,
-    setting: str,
-    batch_size: int = 32,
-    device: torch.device | None = None,
-    calibration: Calibration | None = None,
+def collect_outputs(
+    dataset: Dataset, run_batch: Callable[[torch.Tensor], BatchOutputs], batch_size: int = 32, device=None
 ) -> DatasetOutputs:
-    device = device or next(model.parameters()).device
+    """Run ``run_batch`` over ``dataset`` in order and gather its outputs with the ground truth of every image."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_samples)
     parts: dict[str, list] = {k: [] for k in ("raw", "maps", "res", "masks", "has", "labels", "defects", "paths")}
     for batch in loader:
-        outputs = infer_batch(model, batch.images.to(device), setting, calibration)
+        outputs = run_batch(batch.images.to(device) if device is not None else batch.images)
         parts["raw"].append(outputs.raw_scores)
         parts["maps"].append(outputs.anomaly_maps)
         parts["res"].append(outputs.residual_maps)
@@ -197,6 +192,18 @@ def infer_dataset(
         defect_types=parts["defects"],
         paths=parts["paths"],
     )
+
+
+def infer_dataset(
+    model: CavgaNet,
+    dataset: Dataset,
+    setting: str,
+    batch_size: int = 32,
+    device: torch.device | None = None,
+    calibration: Calibration | None = None,
+) -> DatasetOutputs:
+    device = device or next(model.parameters()).device
+    return collect_outputs(dataset, lambda images: infer_batch(model, images, setting, calibration), batch_size, device)
 
 
 def calibrate(
