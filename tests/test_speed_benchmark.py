@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import json
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cavga import gradcam, infer, train
+from cavga import train
 from cavga.config import ModelConfig, TrainConfig
 from cavga.data.types import Batch
 from cavga.gradcam import attention_map, class_attention, grad_cam, target_score
@@ -32,17 +33,15 @@ def _config(**kw) -> ModelConfig:
     return ModelConfig(**{**base, **kw})
 
 
-@contextlib.contextmanager
-def _autograd_gradcam():
-    """The code paths before the optimizations: autograd Grad-CAM everywhere, D weight gradients computed."""
-    saved = gradcam.closed_form_weights, gradcam.has_closed_form, infer.has_closed_form, train._frozen
-    gradcam.closed_form_weights = lambda *a, **k: None
-    gradcam.has_closed_form = infer.has_closed_form = lambda *a, **k: False
-    train._frozen = lambda module: contextlib.nullcontext()
-    try:
-        yield
-    finally:
-        gradcam.closed_form_weights, gradcam.has_closed_form, infer.has_closed_form, train._frozen = saved
+def _load_speed_script():
+    spec = importlib.util.spec_from_file_location("cavga_speed_benchmark", ROOT / "benchmarks" / "speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# The benchmark's "before" switch restores the code paths the optimizations replaced; the tests use the same one.
+_autograd_gradcam = _load_speed_script().before_optimizations
 
 
 # --------------------------------------------------------------------------- results equal
