@@ -85,14 +85,7 @@ def _validate_maps(anomaly_maps: Any, name: str = "anomaly_maps") -> np.ndarray:
 
 def _validate_binary(array: Any, name: str, *, stack: bool) -> np.ndarray:
     """Return a bool array from bool or 0/1 numbers; ``stack`` selects N x H x W vs. 1-D validation."""
-    if stack:
-        arr = _as_stack(array, name)
-    else:
-        arr = np.asarray(array)
-        if arr.ndim != 1:
-            raise ValueError(f"{name} must be one-dimensional (one value per image); got shape {arr.shape}")
-        if arr.size == 0:
-            raise ValueError(f"{name} is empty")
+    arr = _as_stack(array, name) if stack else _as_vector(array, name)
     _check_numeric(arr, name)
     if arr.dtype == bool:
         return arr
@@ -102,12 +95,18 @@ def _validate_binary(array: Any, name: str, *, stack: bool) -> np.ndarray:
     return arr == 1
 
 
-def _validate_scores(scores: Any, name: str = "scores") -> np.ndarray:
-    arr = np.asarray(scores)
+def _as_vector(array: Any, name: str) -> np.ndarray:
+    """One value per image: a non-empty 1-D array."""
+    arr = np.asarray(array)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be one-dimensional (one value per image); got shape {arr.shape}")
     if arr.size == 0:
         raise ValueError(f"{name} is empty")
+    return arr
+
+
+def _validate_scores(scores: Any, name: str = "scores") -> np.ndarray:
+    arr = _as_vector(scores, name)
     _check_numeric(arr, name)
     arr = arr.astype(np.float64)
     bad = ~np.isfinite(arr)
