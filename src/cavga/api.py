@@ -121,13 +121,15 @@ class Cavga:
     def _load(self, data: DatasetSplits | str | os.PathLike, **data_kwargs: Any) -> DatasetSplits:
         if isinstance(data, DatasetSplits):
             return data
-        if not self.channels_given:
-            probe = load_dataset(data, preprocess=Preprocess(self.model_config.image_size, None), **data_kwargs)
-            if len(probe.train) == 0:
-                raise DataError(f"{data}: no training images found")
-            self.model_config.channels = 1 if probe.train[0].image.shape[0] == 1 else 3
-            self.channels_given = True
-        return load_dataset(data, preprocess=self._preprocess(), **data_kwargs)
+        if self.channels_given:
+            return load_dataset(data, preprocess=self._preprocess(), **data_kwargs)
+        # Channels left open: the reader settles them from the image headers (one read, no probe pass).
+        splits = load_dataset(data, preprocess=Preprocess(self.model_config.image_size, None), **data_kwargs)
+        if len(splits.train) == 0:
+            raise DataError(f"{data}: no training images found")
+        self.model_config.channels = 1 if splits.train.preprocess.channels == 1 else 3
+        self.channels_given = True
+        return splits
 
     def fit(
         self,
