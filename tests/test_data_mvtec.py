@@ -147,3 +147,25 @@ def test_load_dataset_detects_and_accepts_category_folder(mvtec):
     by_category = load_dataset(root / "widget")
     assert by_root.test.paths == by_category.test.paths
     assert by_category.info["category"] == "widget"
+
+
+def test_memo_decodes_each_file_once_and_changes_nothing(mvtec, monkeypatch):
+    import cavga.data.dataset as dataset_module
+
+    root, _ = mvtec
+    plain = load_dataset(root, category="widget", preprocess=Preprocess(16, 3))
+    calls = []
+    real_load_image = dataset_module.load_image
+    monkeypatch.setattr(dataset_module, "load_image", lambda path: calls.append(path) or real_load_image(path))
+    memo: dict = {}
+    cached = dataset_module.AnomalyDataset(plain.test.records, plain.test.preprocess, plain.test.array, memo=memo)
+    part = cached.subset(range(1, len(cached)))  # a subset shares the memo
+    for _ in range(3):
+        for i in range(len(cached)):
+            a, b = cached[i], plain.test[i]
+            assert torch.equal(a.image, b.image) and a.path == b.path and a.label == b.label
+            assert (a.mask is None) == (b.mask is None) and (a.mask is None or torch.equal(a.mask, b.mask))
+        part[0]
+    # plain.test decoded each file 3 times; the memo dataset once, and the subset not at all.
+    assert len(calls) == 4 * len(cached)
+    assert len(memo) == len(cached)

@@ -326,8 +326,11 @@ def sized(splits: DatasetSplits, image_size: int, budget: Budget) -> DatasetSpli
     pre = Preprocess(image_size, channels)
     train = _cap(splits.train, budget.max_train)
     test = _cap(splits.test, budget.max_test)
+    # Every model of this size trains and evaluates on these datasets: decode and resize each image once.
     return DatasetSplits(
-        AnomalyDataset(train.records, pre, train.array), AnomalyDataset(test.records, pre, test.array), splits.info
+        AnomalyDataset(train.records, pre, train.array, memo={}),
+        AnomalyDataset(test.records, pre, test.array, memo={}),
+        splits.info,
     )
 
 

@@ -39,6 +39,9 @@ class AnomalyDataset(torch.utils.data.Dataset):
     """A list of records, decoded and preprocessed one at a time in ``__getitem__``.
 
     ``array``: uint8 images (N, H, W) or (N, H, W, 3) that integer record images index into.
+    ``memo``: a dict that keeps every decoded, preprocessed sample by record, so that each file is decoded once
+    however many epochs read it (benchmarks train many models on one category); shared with :meth:`subset`.
+    None (default) decodes on every access and holds nothing in memory.
     """
 
     def __init__(
@@ -46,10 +49,12 @@ class AnomalyDataset(torch.utils.data.Dataset):
         records: Sequence[Record],
         preprocess: Preprocess | None = None,
         array: np.ndarray | None = None,
+        memo: dict[Record, Sample] | None = None,
     ) -> None:
         self.records = list(records)
         self.preprocess = preprocess if preprocess is not None else Preprocess()
         self.array = array
+        self.memo = memo
         if any(isinstance(r.image, int) for r in self.records) and array is None:
             raise ConfigError("records index an in-memory image array, but no array was given")
         # First image seen when channels are kept as stored: (channels, path), to report a mixture.
@@ -84,7 +89,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
 
     def subset(self, indices: Sequence[int]) -> AnomalyDataset:
         """A dataset of the records at ``indices`` (same preprocessing, shared image array)."""
-        return AnomalyDataset([self.records[int(i)] for i in indices], self.preprocess, self.array)
+        return AnomalyDataset([self.records[int(i)] for i in indices], self.preprocess, self.array, self.memo)
 
     def _load(self, record: Record) -> Image.Image:
         if isinstance(record.image, int):
@@ -106,6 +111,14 @@ class AnomalyDataset(torch.utils.data.Dataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)}")
         record = self.records[index]
+        if self.memo is not None:
+            sample = self.memo.get(record)
+            if sample is None:
+                sample = self.memo[record] = self._decode(record)
+            return sample
+        return self._decode(record)
+
+    def _decode(self, record: Record) -> Sample:
         image = self._load(record)
         if self.preprocess.channels is None:
             self._check_channels(image, record.path)
