@@ -50,6 +50,7 @@ from cavga.data import (
 from cavga.data.oneclass import detect_oneclass_source, read_cifar10, read_class_folders, read_idx
 from cavga.data.synthetic import write_demo_dataset
 from cavga.errors import ConfigError, DataError
+from cavga.train import resolve_device
 
 SUITES = ("mvtec", "pairs", "oneclass", "ablation")
 METRICS = ("iou", "pixel_auroc", "aupro", "balanced_accuracy", "image_auroc")
@@ -400,7 +401,16 @@ def run_job(
         "wall_seconds": round(time.perf_counter() - started, 2),
         "n_train": model.data_info_["n_train"],
         "n_calibration": model.data_info_["n_calibration"],
+        "device": device_name(budget.device),
     }
+
+
+def device_name(device: str) -> str:
+    """What trained a model: "cpu" or the CUDA device's name (records from several machines can share a cache)."""
+    resolved = resolve_device(device)
+    if resolved.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(resolved)})"
+    return resolved.type
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -659,11 +669,16 @@ def markdown_report(
         lines += [f"## {METRIC_TITLES[metric]}", "", metric_table(metric, specs, categories, summary), ""]
     if suite == "ablation":
         lines += ["Columns: " + "; ".join(f"{s.name} = {s.title}" for s in specs), ""]
-    lines += ["## Runs", "", "| model | category | seed | train s | eval s | wall s | cached |", "|---" * 7 + "|"]
+    lines += [
+        "## Runs",
+        "",
+        "| model | category | seed | device | train s | eval s | wall s | cached |",
+        "|---" * 8 + "|",
+    ]
     for r in records:
         lines.append(
-            f"| {r['model']} | {r['category']} | {r['seed']} | {r['train_seconds']:.1f} | {r['eval_seconds']:.1f} "
-            f"| {r['wall_seconds']:.1f} | {'yes' if r['cached'] else 'no'} |"
+            f"| {r['model']} | {r['category']} | {r['seed']} | {r.get('device', 'n/a')} | {r['train_seconds']:.1f} "
+            f"| {r['eval_seconds']:.1f} | {r['wall_seconds']:.1f} | {'yes' if r['cached'] else 'no'} |"
         )
     return "\n".join(lines) + "\n"
 
