@@ -101,16 +101,18 @@ def summarize(runs: list[dict]) -> list[dict]:
     return rows
 
 
-def print_table(rows: list[dict]) -> None:
+def markdown_table(rows: list[dict]) -> str:
+    """The summary rows as a markdown table, best mean pixel AuROC of 1 - A first."""
     cats = sorted({k[6:] for row in rows for k in row if k.startswith("pixel_") and k[6:] in DEMO_CATEGORIES})
-    head = ["setting", "runs", "image", "pixel 1-A", "worst seed", *cats, "pixel residual"]
-    print(" | ".join(head))
-    for row in rows:
+    head = ["setting", "runs", "image AuROC", "pixel AuROC 1 - A", "worst seed", *cats, "pixel AuROC residual"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in sorted(rows, key=lambda r: -r["pixel_auroc"]):
         cells = [row["setting"], str(row["runs"]), f"{row['image_auroc']:.3f}", f"{row['pixel_auroc']:.3f}"]
         cells += [f"{row['worst_seed_pixel_auroc']:.3f}"]
         cells += [f"{row.get('pixel_' + c, float('nan')):.3f}" for c in cats]
         cells += [f"{row['pixel_auroc_residual']:.3f}"]
-        print(" | ".join(cells))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
                 os.replace(tmp, path)
     print(f"sweep finished in {time.perf_counter() - started:.0f} s; {path}")
     if runs:
-        print_table(summarize(runs))
+        table = markdown_table(summarize(runs))
+        (args.out / "sweep.md").write_text(table)
+        print(table, end="")
     return 0
 
 

@@ -656,7 +656,8 @@ def markdown_report(
         + (" (quick)" if meta.get("quick") else ""),
         f"- seeds: {', '.join(map(str, seeds))}" + (" (cells: mean ± sample sd over seeds)" if len(seeds) > 1 else ""),
         f"- git commit: {meta.get('git_commit') or 'n/a'}; cavga {meta['cavga_version']}; torch {meta['torch']}, "
-        f"{meta['threads']} threads; total {meta.get('total_seconds', 0):.0f} s",
+        f"{meta['threads']} threads; this run {meta.get('total_seconds', 0):.0f} s, the models' own wall time "
+        f"{sum(r['wall_seconds'] for r in records):.0f} s (cached ones included; devices in the Runs table)",
         "- paper: "
         + (
             f"numbers in parentheses are the paper's ({PAPER_SOURCES[table]}), where it has that row"
