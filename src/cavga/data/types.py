@@ -55,9 +55,7 @@ def collate_samples(samples: list[Sample]) -> Batch:
     """DataLoader ``collate_fn`` for lists of :class:`Sample`."""
     images = torch.stack([s.image for s in samples])
     _, _, h, w = images.shape
-    masks = torch.stack(
-        [s.mask if s.mask is not None else torch.zeros(1, h, w, dtype=torch.float32) for s in samples]
-    )
+    masks = torch.stack([s.mask if s.mask is not None else torch.zeros(1, h, w, dtype=torch.float32) for s in samples])
     return Batch(
         images=images,
         masks=masks,
