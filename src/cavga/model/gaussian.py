@@ -1,0 +1,81 @@
+"""A per-position Gaussian of a feature map over normal images, and the Mahalanobis distance map it gives.
+
+The deviation maps of cavga (the latent Gaussian of ``mu`` inside a CAVGA model, and the PaDiM-style baseline on
+pretrained features) both ask the same question of every position p of a feature map: how far is this image's
+feature vector f_p from the normal images' feature vectors at p, in the metric of their covariance?
+
+    d_p(f) = sqrt((f_p - m_p)^T S_p^-1 (f_p - m_p))
+
+with m_p and S_p the mean and covariance over the normal training images (Defard et al., PaDiM, 2020). With fewer
+images than channels S_p is singular, so it is shrunk towards a multiple of the identity:
+S_p + shrinkage * (trace(S_p) / C) * I. The amount is relative to the features' own scale, so the same default
+serves features of any magnitude (PaDiM adds a fixed 0.01 I to features of unit scale).
+
+The statistics are buffers: they are saved with the weights (safetensors) and travel into an exported graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from cavga.errors import ConfigError
+
+DEFAULT_SHRINKAGE = 0.01
+
+
+class PositionGaussian(nn.Module):
+    """N(mean_p, cov_p) per position p of a (C, h, w) feature map; ``forward`` returns distances (B, 1, h, w)."""
+
+    def __init__(self, channels: int, height: int, width: int) -> None:
+        super().__init__()
+        self.channels, self.height, self.width = channels, height, width
+        positions = height * width
+        self.register_buffer("mean", torch.zeros(positions, channels))
+        self.register_buffer("precision", torch.eye(channels).expand(positions, channels, channels).clone())
+        self.register_buffer("n_images", torch.zeros((), dtype=torch.long))
+
+    @property
+    def fitted(self) -> bool:
+        return int(self.n_images) > 1
+
+    def _check(self, features: torch.Tensor) -> None:
+        expected = (self.channels, self.height, self.width)
+        if features.dim() != 4 or tuple(features.shape[1:]) != expected:
+            raise ConfigError(f"PositionGaussian expects features (B, {expected}), got {tuple(features.shape)}")
+
+    @torch.no_grad()
+    def fit(self, batches: Iterable[torch.Tensor], shrinkage: float = DEFAULT_SHRINKAGE) -> PositionGaussian:
+        """Fit the mean and the shrunk inverse covariance of every position from batches (B, C, h, w)."""
+        if shrinkage <= 0:
+            raise ConfigError(f"shrinkage must be positive, got {shrinkage}")
+        total = outer = None
+        n = 0
+        for features in batches:
+            self._check(features)
+            f = features.detach().to(torch.float64).flatten(2)  # (B, C, P); float64: sums of squares cancel
+            s, o = f.sum(0), torch.einsum("bcp,bdp->pcd", f, f)
+            total, outer = (s, o) if total is None else (total + s, outer + o)
+            n += f.shape[0]
+        if n < 2:
+            raise ConfigError(f"a per-position Gaussian needs at least 2 normal images, got {n}")
+        mean = (total / n).T  # (P, C)
+        cov = (outer - n * mean[:, :, None] * mean[:, None, :]) / (n - 1)
+        scale = torch.diagonal(cov, dim1=1, dim2=2).mean(1).clamp_min(1e-12)  # trace / C per position
+        eye = torch.eye(self.channels, dtype=torch.float64, device=cov.device)
+        cov = cov + shrinkage * scale[:, None, None] * eye
+        self.mean.copy_(mean.to(self.mean))
+        # Cholesky, not a batched LU: the covariance is symmetric positive definite after shrinkage (and MKL's
+        # batched float64 LU fails on large batches).
+        self.precision.copy_(torch.cholesky_inverse(torch.linalg.cholesky(cov)).to(self.precision))
+        self.n_images.fill_(n)
+        return self
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Mahalanobis distance of every position's feature vector: (B, 1, h, w), >= 0."""
+        self._check(features)
+        d = features.flatten(2).transpose(1, 2) - self.mean  # (B, P, C)
+        q = torch.einsum("bpc,pcd,bpd->bp", d, self.precision, d)
+        return q.clamp_min(0.0).sqrt().view(-1, 1, self.height, self.width)
