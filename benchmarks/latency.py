@@ -24,9 +24,9 @@ import torch
 import cavga
 from cavga.config import LossWeights, ModelConfig, TrainConfig
 from cavga.data import Preprocess
+from cavga.engine.infer import Calibration, infer_batch
 from cavga.export import OnnxInferencer, export
-from cavga.infer import Calibration, infer_batch
-from cavga.models import build_model
+from cavga.model.networks import build_model
 
 MODELS = {"CAVGA-D 64 px": {"variant": "D", "image_size": 64}, "CAVGA-R 128 px": {"variant": "R", "image_size": 128}}
 

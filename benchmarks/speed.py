@@ -40,11 +40,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cavga import gradcam, infer, train
 from cavga.config import ModelConfig, TrainConfig
 from cavga.data.types import Batch
-from cavga.infer import aggregate_score, infer_batch, residual_map
-from cavga.models import build_model
+from cavga.engine import infer, train
+from cavga.engine.infer import aggregate_score, infer_batch, residual_map
+from cavga.model import gradcam
+from cavga.model.networks import build_model
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "speed.json"

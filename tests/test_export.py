@@ -11,10 +11,10 @@ import torch
 
 from cavga.config import LossWeights, ModelConfig, TrainConfig
 from cavga.data import Preprocess
+from cavga.engine.infer import Calibration, infer_batch
 from cavga.errors import ConfigError
-from cavga.gradcam import attention_map, class_attention
-from cavga.infer import Calibration, infer_batch
-from cavga.models import build_model
+from cavga.model.gradcam import attention_map, class_attention
+from cavga.model.networks import build_model
 
 onnxruntime = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install '.[export]')")
 pytest.importorskip("onnx", reason="onnx is not installed (pip install '.[export]')")
@@ -117,7 +117,7 @@ def _check_outputs(got, expected, setting):
 
 
 def _check_closed_form_gradcam(detector, x):
-    """ExportedCavga's constant-weight Grad-CAM equals cavga.gradcam's autograd map."""
+    """ExportedCavga's constant-weight Grad-CAM equals cavga.model.gradcam's autograd map."""
     model, setting = detector.model_, detector.train_config.setting
     module = ExportedCavga(model, setting, detector.calibration_)
     with torch.no_grad():

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from cavga.config import ModelConfig
 from cavga.errors import ConfigError
-from cavga.gradcam import attention_map, class_attention, grad_cam, target_score
-from cavga.losses import attention_expansion_loss, complementary_guided_attention_loss
-from cavga.models import build_model
+from cavga.model.gradcam import attention_map, class_attention, grad_cam, target_score
+from cavga.model.losses import attention_expansion_loss, complementary_guided_attention_loss
+from cavga.model.networks import build_model
 
 EPS = 1e-8
 

@@ -11,12 +11,12 @@ import sys
 import pytest
 import torch
 
-from cavga import runlog
 from cavga.config import ModelConfig, TrainConfig
 from cavga.data.types import ANOMALOUS, NORMAL, Sample
+from cavga.engine import runlog
+from cavga.engine.train import TrainingError, train
 from cavga.errors import ConfigError
-from cavga.models import build_model
-from cavga.train import TrainingError, train
+from cavga.model.networks import build_model
 from tiny_data import ListDataset, write_tiny_mvtec
 
 EPOCH_LINE = re.compile(r"INFO cavga\.train: epoch (\d+)/(\d+) (.*)$")
@@ -79,15 +79,15 @@ def test_the_file_handler_is_removed_and_the_console_keeps_its_level(tmp_path, c
     assert "epoch 1/1" not in caplog.text
     # Logging after the run does not reach the file any more.
     size = (tmp_path / "run" / runlog.LOG_FILE).stat().st_size
-    logging.getLogger("cavga.train").warning("after the run")
+    logging.getLogger("cavga.engine.train").warning("after the run")
     assert (tmp_path / "run" / runlog.LOG_FILE).stat().st_size == size
 
 
 def test_warnings_still_reach_the_console_while_the_file_is_attached(tmp_path, caplog):
     with runlog.log_to_file(tmp_path / "x.log"):
-        logging.getLogger("cavga.train").info("only in the file")
-        logging.getLogger("cavga.train").warning("in both")
-        logging.getLogger("cavga.train").error("file only", extra={runlog.FILE_ONLY: True})
+        logging.getLogger("cavga.engine.train").info("only in the file")
+        logging.getLogger("cavga.engine.train").warning("in both")
+        logging.getLogger("cavga.engine.train").error("file only", extra={runlog.FILE_ONLY: True})
     # caplog's handler sits on the root logger, where the console handlers are.
     assert "in both" in caplog.text and "only in the file" not in caplog.text and "file only" not in caplog.text
     text = (tmp_path / "x.log").read_text()

@@ -12,7 +12,7 @@ from torchvision.models import resnet18
 
 from cavga.config import ModelConfig
 from cavga.errors import ConfigError, ModelFileError
-from cavga.models import CavgaNet, build_model, load_encoder_weights
+from cavga.model.networks import CavgaNet, build_model, load_encoder_weights
 
 WIDTH = 8
 C_Z = 4

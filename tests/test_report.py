@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cavga.report import build_report, curve_area, find_runs, histogram, roc_curve, thin_curve, write_report
+from cavga.report.html import build_report, curve_area, find_runs, histogram, roc_curve, thin_curve, write_report
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 

@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from cavga import train
 from cavga.config import ModelConfig, TrainConfig
 from cavga.data.types import Batch
-from cavga.gradcam import attention_map, class_attention, grad_cam, target_score
-from cavga.infer import infer_batch
-from cavga.models import build_model
+from cavga.engine import train
+from cavga.engine.infer import infer_batch
+from cavga.model.gradcam import attention_map, class_attention, grad_cam, target_score
+from cavga.model.networks import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,17 +14,17 @@ import pytest
 import torch
 
 import cavga
-from cavga import losses
 from cavga.api import sample_weak_labels, weak_training_set
 from cavga.cli import main
 from cavga.config import LossWeights, ModelConfig, TrainConfig
 from cavga.data import AnomalyDataset, Record, load_dataset
 from cavga.data.types import ANOMALOUS, NORMAL, Sample, collate_samples
+from cavga.engine.infer import infer_batch
+from cavga.engine.train import class_weights_for, make_optimizers, training_step
 from cavga.errors import ConfigError, DataError
-from cavga.gradcam import class_attention
-from cavga.infer import infer_batch
-from cavga.models import CavgaOutput, build_model
-from cavga.train import class_weights_for, make_optimizers, training_step
+from cavga.model import losses
+from cavga.model.gradcam import class_attention
+from cavga.model.networks import CavgaOutput, build_model
 from tiny_data import write_tiny_mvtec
 
 TINY = {"image_size": 32, "width": 8, "latent_channels": 8, "epochs": 1, "batch_size": 4, "device": "cpu"}

@@ -25,10 +25,10 @@ from cavga import __version__
 from cavga.config import LossWeights, ModelConfig, TrainConfig, from_dict, to_dict
 from cavga.data import AnomalyDataset, DatasetSplits, Preprocess, Record, load_dataset, load_image
 from cavga.data.types import ANOMALOUS, NORMAL
+from cavga.engine.infer import THRESHOLD, Calibration, calibrate, evaluate_outputs, infer_batch, infer_dataset
+from cavga.engine.train import resolve_device, seed_everything, train
 from cavga.errors import ConfigError, DataError, ModelFileError
-from cavga.infer import THRESHOLD, Calibration, calibrate, evaluate_outputs, infer_batch, infer_dataset
-from cavga.models import build_model
-from cavga.train import resolve_device, seed_everything, train
+from cavga.model.networks import build_model
 
 log = logging.getLogger(__name__)
 

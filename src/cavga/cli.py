@@ -230,8 +230,8 @@ def _write_run_file(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from cavga import distributed
     from cavga.api import Cavga
+    from cavga.engine import distributed
 
     resume = args.resume is not None
     if resume:
@@ -297,9 +297,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from cavga import distributed
     from cavga.api import list_images, load
-    from cavga.outputs import write_predictions
+    from cavga.engine import distributed
+    from cavga.report.outputs import write_predictions
 
     ctx = distributed.setup()
     detector = load(args.model)
@@ -324,7 +324,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from cavga.api import load
-    from cavga.outputs import format_metrics_table
+    from cavga.report.outputs import format_metrics_table
 
     detector = load(args.model)
     result = detector.evaluate(args.data, **_data_kwargs(args))
@@ -333,8 +333,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(format_metrics_table({"model": result}))
     print(f"wrote {args.out / 'metrics.json'}")
     if not args.no_report:
-        from cavga.outputs import write_evaluation
-        from cavga.report import write_report
+        from cavga.report.html import write_report
+        from cavga.report.outputs import write_evaluation
 
         write_evaluation(detector.last_outputs_, detector.calibration_, args.out)
         print(f"wrote overlays and {args.out / 'predictions.jsonl'}; report: {write_report(args.out)}")
@@ -342,7 +342,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from cavga.report import write_report
+    from cavga.report.html import write_report
 
     print(f"wrote {write_report(args.run_dir, args.out, title=args.title, embed=args.embed)}")
     return 0

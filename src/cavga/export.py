@@ -22,7 +22,7 @@ per image and upsampled, with no backward pass in the graph:
 
 This holds for the default Grad-CAM layer (the map feeding the latent heads) only: from ``encoder_mid`` the
 path to mu crosses a LeakyReLU, so the weights depend on the input and no constant form exists; such models
-are refused. ``tests/test_export.py`` checks the closed form against ``cavga.gradcam``'s autograd maps.
+are refused. ``tests/test_export.py`` checks the closed form against ``cavga.model.gradcam``'s autograd maps.
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cavga.engine.infer import THRESHOLD, Calibration, residual_map
 from cavga.errors import ConfigError, ModelFileError
-from cavga.infer import THRESHOLD, Calibration, residual_map
-from cavga.models import CavgaNet
+from cavga.model.networks import CavgaNet
 
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -51,7 +51,7 @@ INPUT_NAME = "image"
 OUTPUT_NAMES = ("score", "anomaly_map", "mask")
 METADATA_KEY = "cavga_config"  # the model's config.json, in the ONNX metadata and TorchScript extra files
 OPSET = 17
-_EPS = 1e-8  # the same epsilon as cavga.gradcam.grad_cam
+_EPS = 1e-8  # the same epsilon as cavga.model.gradcam.grad_cam
 
 
 def gradcam_weights(model: CavgaNet, setting: str) -> torch.Tensor:
@@ -86,7 +86,7 @@ def _spatial_mean(flat: torch.Tensor, model: CavgaNet) -> torch.Tensor:
 class ExportedCavga(nn.Module):
     """Inference of one CAVGA model as a plain forward pass: image batch -> (score, anomaly_map, mask).
 
-    Mirrors ``cavga.infer.infer_batch`` followed by ``Calibration.normalize`` for settings "u" and "w", with
+    Mirrors ``cavga.engine.infer.infer_batch`` followed by ``Calibration.normalize`` for settings "u" and "w", with
     the Grad-CAM weights precomputed (closed form) and the calibration constants stored as buffers.
     """
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cavga.visualize import heatmap_image, mask_image, overlay_image
+from cavga.report.visualize import heatmap_image, mask_image, overlay_image
 
 log = logging.getLogger(__name__)
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -60,7 +60,7 @@ def write_evaluation(outputs, calibration, out: str | Path, threshold: float = 0
     was correct. ``curves.json`` holds the image and pixel ROC curves and the scores, so that ``cavga report``
     needs no model. Images that are not files (array datasets) get their overlay on a grey background.
     """
-    from cavga.report import roc_curve, thin_curve
+    from cavga.report.html import roc_curve, thin_curve
 
     out = Path(out)
     for sub in ("heatmaps", "masks", "overlays"):

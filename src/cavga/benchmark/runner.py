@@ -49,8 +49,8 @@ from cavga.data import (
 )
 from cavga.data.oneclass import detect_oneclass_source, read_cifar10, read_class_folders, read_idx
 from cavga.data.synthetic import write_demo_dataset
+from cavga.engine.train import resolve_device
 from cavga.errors import ConfigError, DataError
-from cavga.train import resolve_device
 
 SUITES = ("mvtec", "pairs", "oneclass", "ablation")
 METRICS = ("iou", "pixel_auroc", "aupro", "balanced_accuracy", "image_auroc")

@@ -17,13 +17,14 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
-from cavga import distributed, losses, runlog
-from cavga.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from cavga.config import TrainConfig, to_dict
 from cavga.data.types import ANOMALOUS, NORMAL, Batch, collate_samples
+from cavga.engine import distributed, runlog
+from cavga.engine.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from cavga.errors import CavgaError, ConfigError
-from cavga.gradcam import class_attention, output_attention
-from cavga.models import CavgaNet
+from cavga.model import losses
+from cavga.model.gradcam import class_attention, output_attention
+from cavga.model.networks import CavgaNet
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +206,7 @@ def train(
     RNG states and position in the data order). ``tensorboard``: also write every loss term per step and per
     epoch, and image grids of a fixed batch each epoch, to ``run_dir/tensorboard`` (needs the tensorboard
     package). Under ``torchrun`` each rank trains on its shard of every global batch of
-    ``batch_size * world_size`` images (see :mod:`cavga.distributed`); rank 0 alone writes the run's files.
+    ``batch_size * world_size`` images (see :mod:`cavga.engine.distributed`); rank 0 alone writes the run's files.
     """
     config.validate()
     if len(dataset) == 0:

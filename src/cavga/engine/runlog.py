@@ -17,12 +17,12 @@ import torch
 from torch.utils.data import Dataset
 
 from cavga import __version__
-from cavga.checkpoint import atomic_write
 from cavga.config import TrainConfig, to_dict
 from cavga.data.types import ANOMALOUS, collate_samples
+from cavga.engine.checkpoint import atomic_write
 from cavga.errors import ConfigError
-from cavga.gradcam import attention_map, class_attention
-from cavga.models import CavgaNet
+from cavga.model.gradcam import attention_map, class_attention
+from cavga.model.networks import CavgaNet
 
 RUN_CONFIG_FILE = "config.json"
 LOG_FILE = "train.log"

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from cavga.errors import DataError
-from cavga.outputs import CURVES_FILE, METRIC_KEYS, PREDICTIONS_FILE
+from cavga.report.outputs import CURVES_FILE, METRIC_KEYS, PREDICTIONS_FILE
 
 REPORT_FILE = "report.html"
 EMBED_LIMIT_BYTES = 20_000_000  # above this many bytes of overlays, link the files instead of embedding them

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from cavga.errors import ConfigError
-from cavga.models import CavgaNet, CavgaOutput
+from cavga.model.networks import CavgaNet, CavgaOutput
 
 NORMALIZATIONS = ("max", "minmax")
 

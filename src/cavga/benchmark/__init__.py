@@ -1,0 +1,3 @@
+"""The paper's experiments as benchmark suites (``cavga benchmark SUITE``)."""
+
+from cavga.benchmark.runner import *  # noqa: F403
