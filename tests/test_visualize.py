@@ -101,7 +101,7 @@ def test_write_predictions_writes_overlays_at_image_size(tiny_model, tmp_path):
 
 def test_write_evaluation_files_and_curves(tiny_model, tmp_path):
     from cavga import metrics
-    from cavga.report.html import curve_area
+    from cavga.metrics import curve_area
     from cavga.report.outputs import write_evaluation
 
     detector, root = tiny_model

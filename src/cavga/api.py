@@ -7,8 +7,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,10 +19,11 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch.utils.data import ConcatDataset
 
-from cavga import __version__
+from cavga._version import __version__
 from cavga.config import LossWeights, ModelConfig, TrainConfig, from_dict, to_dict
 from cavga.data import AnomalyDataset, DatasetSplits, Preprocess, Record, load_dataset, load_image
 from cavga.data.types import ANOMALOUS, NORMAL
+from cavga.engine.checkpoint import atomic_write
 from cavga.engine.infer import THRESHOLD, Calibration, calibrate, evaluate_outputs, infer_batch, infer_dataset
 from cavga.engine.train import resolve_device, seed_everything, train
 from cavga.errors import ConfigError, DataError, ModelFileError
@@ -301,18 +300,13 @@ class Cavga:
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``path/model.safetensors`` and ``path/config.json`` atomically (a crash leaves the old model)."""
         self._check_fitted()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+
+        def write(tmp: str) -> None:
             state = {k: v.detach().cpu().contiguous() for k, v in self.model_.state_dict().items()}
-            save_file(state, str(tmp / WEIGHTS_FILE))
-            (tmp / CONFIG_FILE).write_text(json.dumps(self.config_dict(), indent=2) + "\n")
-            _replace_dir(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
+            save_file(state, str(Path(tmp) / WEIGHTS_FILE))
+            (Path(tmp) / CONFIG_FILE).write_text(json.dumps(self.config_dict(), indent=2) + "\n")
+
+        return atomic_write(path, write, directory=True)
 
 
 def load(path: str | os.PathLike, device: str = "auto") -> Cavga:
@@ -477,17 +471,6 @@ def _to_pil(image: ImageInput) -> Image.Image:
             raise DataError(f"an image array must be HxW, HxWx1, HxWx3 or HxWx4, got shape {array.shape}")
         return Image.fromarray(array).convert("RGB") if array.ndim == 3 else Image.fromarray(array)
     return load_image(image)
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Swap ``new`` into place of ``target`` so that a reader never sees a half-written model."""
-    if target.exists():
-        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, backup)
-        os.replace(new, target)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.replace(new, target)
 
 
 def _jsonable(value: Any) -> Any:

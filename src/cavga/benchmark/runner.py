@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cavga import __version__
+from cavga._version import __version__
 from cavga.api import Cavga, exclude_paths, sample_weak_labels
 from cavga.baselines import AutoencoderBaseline
 from cavga.data import (
@@ -49,6 +49,7 @@ from cavga.data import (
 )
 from cavga.data.oneclass import detect_oneclass_source, read_cifar10, read_class_folders, read_idx
 from cavga.data.synthetic import write_demo_dataset
+from cavga.engine.checkpoint import atomic_write
 from cavga.engine.train import resolve_device
 from cavga.errors import ConfigError, DataError
 
@@ -414,10 +415,9 @@ def device_name(device: str) -> str:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)  # a crash leaves no half-written cache file that a restart would trust
+    # Atomic: a crash leaves no half-written cache file that a restart would trust.
+    text = json.dumps(data, indent=2) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 # ---------------------------------------------------------------------------------------------- the suite

@@ -15,10 +15,9 @@ from torch.utils.data import DataLoader, Dataset
 from cavga import metrics
 from cavga.data.types import ANOMALOUS, NORMAL, collate_samples
 from cavga.errors import ConfigError
+from cavga.metrics import THRESHOLD
 from cavga.model.gradcam import attention_map, class_attention, has_closed_form
 from cavga.model.networks import CavgaNet
-
-THRESHOLD = 0.5  # the paper's decision threshold on normalized scores and on anomaly maps
 
 
 @dataclass

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cavga import __version__
+from cavga._version import __version__
 from cavga.config import TrainConfig, to_dict
 from cavga.data.types import ANOMALOUS, collate_samples
 from cavga.engine.checkpoint import atomic_write
