@@ -122,7 +122,8 @@ def test_cavga_train_and_predict_under_torchrun(tmp_path):
     assert len({line["heatmap"] for line in lines}) == len(lines)
     assert not list(out.glob(".rank*"))
     # The merged scores equal a single-process prediction of the same files.
-    from cavga.api import list_images, load
+    from cavga.api import load
+    from cavga.data.io import list_images
 
     detector = load(model, device="cpu")
     scores = [p.score for p in detector.predict(list_images([inputs]))]

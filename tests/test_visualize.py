@@ -83,7 +83,7 @@ def tiny_model(tmp_path_factory):
 
 
 def test_write_predictions_writes_overlays_at_image_size(tiny_model, tmp_path):
-    from cavga.api import list_images
+    from cavga.data.io import list_images
     from cavga.report.outputs import write_predictions
 
     detector, root = tiny_model

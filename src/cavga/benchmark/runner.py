@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 
 from cavga._version import __version__
-from cavga.api import Cavga, exclude_paths, sample_weak_labels
+from cavga.api import Cavga
 from cavga.baselines import AutoencoderBaseline
 from cavga.data import (
     ANOMALOUS,
@@ -48,6 +48,7 @@ from cavga.data import (
     load_dataset,
 )
 from cavga.data.oneclass import detect_oneclass_source, read_cifar10, read_class_folders, read_idx
+from cavga.data.splits import exclude_paths, sample_weak_labels
 from cavga.data.synthetic import write_demo_dataset
 from cavga.engine.checkpoint import atomic_write
 from cavga.engine.train import resolve_device

@@ -1,11 +1,18 @@
-"""Inference: anomaly scores, anomaly maps, and their calibration on normal images only (SPEC 1.1)."""
+"""Inference: one tensor-level core that turns a model and a preprocessed batch into scores, anomaly maps and
+masks (SPEC 1.1), and the numpy edges around it (a batch, a dataset, the calibration fit, the metrics).
+
+:func:`infer_tensors` reads the setting and the map choice from ``model.config``. It is a plain tensor computation
+(with closed-form Grad-CAM weights it has no backward pass), so the exported graphs trace it as it is; the
+TensorBoard images and ``Cavga.predict`` / ``evaluate`` call it too. An anomaly map is one entry of
+:data:`ANOMALY_MAPS`.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -14,47 +21,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from cavga import metrics
 from cavga.data.types import ANOMALOUS, NORMAL, collate_samples
+from cavga.engine.calibration import MAP_QUANTILE, Calibration, CalibrationConstants, fit_calibration
 from cavga.errors import ConfigError
 from cavga.metrics import THRESHOLD
-from cavga.model.gradcam import attention_map, class_attention, has_closed_form
-from cavga.model.networks import CavgaNet
-
-
-@dataclass
-class Calibration:
-    """Maps raw anomaly scores to [0, 1] so that THRESHOLD separates normal from anomalous.
-
-    Fitted on normal images only: ``score_min`` (-> 0) is their smallest raw score, ``score_threshold`` (-> 0.5)
-    their ``quantile``-quantile; the map is linear in between and continues with the same slope above, clipped to
-    [0, 1]. The paper says only that s_a is "normalized between [0, 1]"; this is our resolution, with no test data.
-    """
-
-    score_min: float
-    score_threshold: float
-    quantile: float
-    n_images: int
-    paths: list[str] = field(default_factory=list)
-    # For the "residual" anomaly map: this quantile of the normal images' residual pixels maps to 0.5.
-    map_threshold: float | None = None
-
-    def normalize(self, raw: np.ndarray) -> np.ndarray:
-        spread = max(self.score_threshold - self.score_min, 1e-12)
-        return np.clip(0.5 * (np.asarray(raw, dtype=np.float64) - self.score_min) / spread, 0.0, 1.0)
-
-    def normalize_map(self, residual: torch.Tensor) -> torch.Tensor:
-        if self.map_threshold is None:
-            raise ConfigError("this calibration has no map threshold (it was fitted for the attention map)")
-        return (0.5 * residual / max(self.map_threshold, 1e-12)).clamp(0.0, 1.0)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Calibration:
-        return cls(**data)
-
-
-MAP_QUANTILE = 0.995
+from cavga.model.gradcam import class_attention, has_closed_form, output_attention
+from cavga.model.networks import CavgaNet, CavgaOutput
 
 
 def residual_map(images: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
@@ -66,28 +37,113 @@ def residual_map(images: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return F.avg_pool2d(residual, k, stride=1, padding=k // 2, count_include_pad=False)
 
 
+def top_mean(maps: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Per image, the mean of the largest ``fraction`` of the map's pixels (at least one)."""
+    flat = maps.flatten(1)
+    k = max(1, math.ceil(fraction * flat.shape[1]))
+    return flat.topk(k, dim=1).values.mean(1)
+
+
 def aggregate_score(images: torch.Tensor, x_hat: torch.Tensor, residual: torch.Tensor, config) -> torch.Tensor:
     """s_a of paper 3.1 per image, aggregated as ``config.score`` says."""
     if config.score == "mean":
         return (images - x_hat).abs().flatten(1).mean(1)
-    flat = residual.flatten(1)
-    k = max(1, math.ceil(config.score_top_fraction * flat.shape[1]))
-    return flat.topk(k, dim=1).values.mean(1)
+    return top_mean(residual, config.score_top_fraction)
 
 
-def fit_calibration(raw_scores: np.ndarray, quantile: float = 0.95, paths: Iterable[str] = ()) -> Calibration:
-    raw_scores = np.asarray(raw_scores, dtype=np.float64)
-    if raw_scores.size == 0:
-        raise ConfigError("calibration needs at least one normal image, got none")
-    if not 0.0 < quantile <= 1.0:
-        raise ConfigError(f"calibration quantile must lie in (0, 1], got {quantile}")
-    return Calibration(
-        score_min=float(raw_scores.min()),
-        score_threshold=float(np.quantile(raw_scores, quantile)),
-        quantile=quantile,
-        n_images=int(raw_scores.size),
-        paths=list(paths),
+def anomalous_probability(model: CavgaNet, out: CavgaOutput) -> torch.Tensor:
+    """CAVGA_w: C's probability (B,) that each image is anomalous (its decision boundary is THRESHOLD)."""
+    return torch.softmax(model.classify(out.z).detach(), dim=1)[:, ANOMALOUS]
+
+
+# ---------------------------------------------------------------------------------------------- anomaly maps
+# Each map is a function of (model, forward output, images, x_hat, calibration constants) -> (B, 1, H, W) in [0, 1].
+
+
+def attention_anomaly_map(
+    model: CavgaNet, out: CavgaOutput, images: torch.Tensor, x_hat: torch.Tensor, calibration: CalibrationConstants
+) -> torch.Tensor:
+    """The paper's map. CAVGA_u: 1 - A (SPEC 1.1: the anomaly is where the attention is not). CAVGA_w: the
+    Grad-CAM of the anomalous class on z (paper 3.2), gated by C's decision."""
+    if model.config.setting == "u":
+        return 1.0 - output_attention(model, out, tuple(images.shape[-2:]), create_graph=False)
+    attention = class_attention(model, out, ANOMALOUS, create_graph=False)
+    # Paper 3.2: C decides first, and the anomalous map "is computed when y = c_a". Where C says normal
+    # (P(anomalous) <= 0.5) the map is scaled by that probability: below the 0.5 threshold everywhere, so
+    # the mask is empty as the paper's decision implies, while the heat map keeps its pixel ranking.
+    p = anomalous_probability(model, out).view(-1, 1, 1, 1)
+    return torch.where(p > THRESHOLD, attention, attention * p)
+
+
+def residual_anomaly_map(
+    model: CavgaNet, out: CavgaOutput, images: torch.Tensor, x_hat: torch.Tensor, calibration: CalibrationConstants
+) -> torch.Tensor:
+    """The blurred residual |x - x_hat|, its MAP_QUANTILE on normal images mapped to THRESHOLD."""
+    return calibration.normalize_map(residual_map(images, x_hat))
+
+
+AnomalyMap = Callable[[CavgaNet, CavgaOutput, torch.Tensor, torch.Tensor, CalibrationConstants], torch.Tensor]
+ANOMALY_MAPS: dict[str, AnomalyMap] = {"attention": attention_anomaly_map, "residual": residual_anomaly_map}
+
+
+def check_anomaly_map(name: str) -> None:
+    if name not in ANOMALY_MAPS:
+        raise ConfigError(f"anomaly_map must be one of {', '.join(map(repr, ANOMALY_MAPS))}, got {name!r}")
+
+
+def _map_name(config) -> str:
+    # ``anomaly_map`` chooses among CAVGA_u's maps; CAVGA_w's map is always C's class attention (paper 3.2).
+    return config.anomaly_map if config.setting == "u" else "attention"
+
+
+# ---------------------------------------------------------------------------------------------- the core
+
+
+@dataclass
+class Inference:
+    """What :func:`infer_tensors` computes for a batch (tensors on the model's device, detached)."""
+
+    raw_score: torch.Tensor  # (B,) aggregated |x - x_hat| (u) or P(anomalous) from C (w)
+    score: torch.Tensor  # (B,) float64, normalized with the calibration; > THRESHOLD is anomalous
+    anomaly_map: torch.Tensor  # (B, H, W) in [0, 1]
+    mask: torch.Tensor  # (B, H, W) bool, anomaly_map > THRESHOLD
+    x_hat: torch.Tensor  # (B, C, H, W) reconstruction in [0, 1]
+    residual: torch.Tensor  # (B, H, W) blurred |x - x_hat|, not normalized
+
+
+def infer_tensors(model: CavgaNet, images: torch.Tensor, calibration: CalibrationConstants) -> Inference:
+    """Score and localize a preprocessed batch (B, C, H, W) in [0, 1] with ``model`` (in eval mode).
+
+    Uses ``mu`` (no sampling). Where the Grad-CAM weights have no closed form (``gradcam_layer="encoder_mid"``)
+    gradients are enabled locally (SPEC 1.4: Grad-CAM needs them at inference too), so this also works inside
+    ``torch.no_grad()``; otherwise no backward pass is taken and the computation traces as a plain graph.
+    """
+    cfg = model.config
+    autograd = not has_closed_form(model)
+    with torch.enable_grad() if autograd else nullcontext():
+        out = model(images, sample=False)
+        if autograd and cfg.setting == "u" and not out.features.requires_grad:
+            # Frozen parameters: make the input a leaf so the features are part of a graph again.
+            out = model(images.detach().requires_grad_(True), sample=False)
+        x_hat = torch.sigmoid(out.x_hat_logits.detach())
+        residual = residual_map(images, x_hat)
+        if cfg.setting == "u":
+            raw = aggregate_score(images, x_hat, residual, cfg)
+        else:
+            raw = anomalous_probability(model, out)
+        anomaly = ANOMALY_MAPS[_map_name(cfg)](model, out, images, x_hat, calibration).detach()[:, 0]
+    raw = raw.detach()
+    return Inference(
+        raw_score=raw,
+        score=calibration.normalize(raw),
+        anomaly_map=anomaly,
+        mask=anomaly > THRESHOLD,
+        x_hat=x_hat,
+        residual=residual.detach()[:, 0],
     )
+
+
+# ---------------------------------------------------------------------------------------------- numpy edges
 
 
 @dataclass
@@ -98,56 +154,27 @@ class BatchOutputs:
     anomaly_maps: np.ndarray  # (B, H, W) in [0, 1]
     reconstructions: np.ndarray  # (B, C, H, W) in [0, 1]
     residual_maps: np.ndarray  # (B, H, W) blurred |x - x_hat|, not normalized
+    scores: np.ndarray | None = None  # (B,) normalized with the calibration given to infer_batch
+    masks: np.ndarray | None = None  # (B, H, W) bool, anomaly_maps > THRESHOLD
 
 
-def infer_batch(
-    model: CavgaNet, images: torch.Tensor, setting: str, calibration: Calibration | None = None
-) -> BatchOutputs:
-    """Scores and anomaly maps for a preprocessed batch. Gradients are enabled only for an autograd Grad-CAM
-    pass; with closed-form Grad-CAM weights (the default layer) the whole batch runs in inference mode.
+def infer_batch(model: CavgaNet, images: torch.Tensor, calibration: Calibration | None = None) -> BatchOutputs:
+    """:func:`infer_tensors` on a preprocessed batch, as numpy. With closed-form Grad-CAM weights (the default
+    layer) the whole batch runs in inference mode.
 
-    ``calibration`` is needed only for ``anomaly_map="residual"`` models (to put the map on the 0.5 scale)."""
+    Without ``calibration`` the scores are the raw ones and a ``anomaly_map="residual"`` map is only clipped."""
     model.eval()
-    if has_closed_form(model, setting):
-        with torch.inference_mode():
-            return _infer_batch(model, images, setting, calibration)
-    return _infer_batch(model, images, setting, calibration)
-
-
-def _infer_batch(model: CavgaNet, images: torch.Tensor, setting: str, calibration: Calibration | None) -> BatchOutputs:
-    if setting == "u":
-        attention, out = attention_map(model, images, create_graph=False)
-        x_hat = torch.sigmoid(out.x_hat_logits.detach())
-        residual = residual_map(images, x_hat)
-        raw = aggregate_score(images, x_hat, residual, model.config)
-        if model.config.anomaly_map == "residual" and calibration is not None:
-            anomaly = calibration.normalize_map(residual)
-        elif model.config.anomaly_map == "residual":
-            anomaly = residual.clamp(0.0, 1.0)
-        else:
-            anomaly = 1.0 - attention  # SPEC 1.1: the anomaly is where the attention is not
-    elif setting == "w":
-        # Inference mode means closed-form weights (see infer_batch); autograd Grad-CAM needs gradients.
-        with nullcontext() if torch.is_inference_mode_enabled() else torch.enable_grad():
-            out = model(images, sample=False)
-            logits = model.classify(out.z)
-            # Paper 3.2: the anomalous map is the Grad-CAM of the anomalous class on z.
-            attention = class_attention(model, out, ANOMALOUS, create_graph=False)
-        x_hat = torch.sigmoid(out.x_hat_logits.detach())
-        residual = residual_map(images, x_hat)
-        raw = torch.softmax(logits.detach(), dim=1)[:, ANOMALOUS]
-        # Paper 3.2: C decides first, and the anomalous map "is computed when y = c_a". Where C says normal
-        # (P(anomalous) <= 0.5) the map is scaled by that probability: below the 0.5 threshold everywhere, so
-        # the mask is empty as the paper's decision implies, while the heat map keeps its pixel ranking.
-        says_anomalous = (raw > THRESHOLD).view(-1, 1, 1, 1)
-        anomaly = torch.where(says_anomalous, attention, attention * raw.view(-1, 1, 1, 1))
-    else:
-        raise ConfigError(f"setting must be 'u' or 'w', got {setting!r}")
+    device = next(model.parameters()).device
+    constants = CalibrationConstants(calibration).to(device)
+    with torch.inference_mode() if has_closed_form(model) else nullcontext():
+        result = infer_tensors(model, images, constants)
     return BatchOutputs(
-        raw_scores=raw.detach().cpu().double().numpy(),
-        anomaly_maps=anomaly.detach()[:, 0].cpu().float().numpy(),
-        reconstructions=x_hat.cpu().float().numpy(),
-        residual_maps=residual.detach()[:, 0].cpu().float().numpy(),
+        raw_scores=result.raw_score.cpu().double().numpy(),
+        anomaly_maps=result.anomaly_map.cpu().float().numpy(),
+        reconstructions=result.x_hat.cpu().float().numpy(),
+        residual_maps=result.residual.cpu().float().numpy(),
+        scores=result.score.cpu().numpy(),
+        masks=result.mask.cpu().numpy(),
     )
 
 
@@ -196,26 +223,23 @@ def collect_outputs(
 def infer_dataset(
     model: CavgaNet,
     dataset: Dataset,
-    setting: str,
     batch_size: int = 32,
     device: torch.device | None = None,
     calibration: Calibration | None = None,
 ) -> DatasetOutputs:
     device = device or next(model.parameters()).device
-    return collect_outputs(dataset, lambda images: infer_batch(model, images, setting, calibration), batch_size, device)
+    return collect_outputs(dataset, lambda images: infer_batch(model, images, calibration), batch_size, device)
 
 
-def calibrate(
-    model: CavgaNet, normal_dataset: Dataset, setting: str, quantile: float = 0.95, batch_size: int = 32
-) -> Calibration:
+def calibrate(model: CavgaNet, normal_dataset: Dataset, quantile: float = 0.95, batch_size: int = 32) -> Calibration:
     """Fit the score calibration on a dataset of NORMAL images only (a held-out slice of the training folder)."""
-    outputs = infer_dataset(model, normal_dataset, setting, batch_size)
+    outputs = infer_dataset(model, normal_dataset, batch_size)
     if (outputs.labels != NORMAL).any():
         bad = [p for p, label in zip(outputs.paths, outputs.labels, strict=True) if label != NORMAL]
         raise ConfigError(f"calibration must use normal images only; got anomalous ones such as {bad[0]}")
-    if setting == "w":
-        # C's probability is already in [0, 1] with 0.5 its decision boundary: keep it as it is.
-        return Calibration(0.0, 0.5, quantile, len(outputs.paths), outputs.paths)
+    if model.config.setting == "w":
+        # C's probability is already in [0, 1] with THRESHOLD its decision boundary: keep it as it is.
+        return Calibration(0.0, THRESHOLD, quantile, len(outputs.paths), outputs.paths)
     calibration = fit_calibration(outputs.raw_scores, quantile, outputs.paths)
     calibration.map_threshold = float(np.quantile(outputs.residual_maps, MAP_QUANTILE))
     return calibration
