@@ -25,7 +25,7 @@ import numpy as np
 from cavga.api import Cavga
 from cavga.data.synthetic import DEMO_CATEGORIES, write_demo_dataset
 from cavga.demo import DEMO_EPOCHS, DEMO_OPTIONS
-from cavga.infer import evaluate_outputs
+from cavga.engine.infer import evaluate_outputs
 
 # Each setting: options changed from the demo's defaults (cavga.demo.DEMO_OPTIONS, DEMO_EPOCHS epochs).
 SETTINGS: dict[str, dict] = {

@@ -24,9 +24,9 @@ import torch
 import cavga
 from cavga.config import LossWeights, ModelConfig, TrainConfig
 from cavga.data import Preprocess
+from cavga.engine.infer import Calibration, infer_batch
 from cavga.export import OnnxInferencer, export
-from cavga.infer import Calibration, infer_batch
-from cavga.models import build_model
+from cavga.model.networks import build_model
 
 MODELS = {"CAVGA-D 64 px": {"variant": "D", "image_size": 64}, "CAVGA-R 128 px": {"variant": "R", "image_size": 128}}
 
@@ -35,7 +35,7 @@ def _detector(options: dict) -> cavga.Cavga:
     config = ModelConfig(**options, channels=3)
     detector = cavga.Cavga.__new__(cavga.Cavga)
     detector.model_config = config
-    detector.train_config = TrainConfig(setting="u", weights=LossWeights())
+    detector.train_config = TrainConfig(weights=LossWeights())
     detector.model_ = build_model(config).eval()
     detector.calibration_ = Calibration(0.0, 0.1, 0.95, 1, map_threshold=0.1)
     detector.preprocess_ = Preprocess(config.image_size, 3)
@@ -85,7 +85,7 @@ def main() -> None:
             so.inter_op_num_threads = 1
             inferencer.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
             batch = x.numpy()
-            eager = _time(lambda d=detector, x=x: infer_batch(d.model_, x, "u", d.calibration_), args.repeats)
+            eager = _time(lambda d=detector, x=x: infer_batch(d.model_, x, d.calibration_), args.repeats)
             onnx = _time(lambda i=inferencer, b=batch: i.run(b), args.repeats)
         results[name] = {"eager": _summary(eager), "onnx": _summary(onnx)}
         results[name]["speedup"] = results[name]["eager"]["median_ms"] / results[name]["onnx"]["median_ms"]

@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 import cavga
-from cavga.api import DEFAULT_ANOMALOUS_FRACTION, DEFAULT_IMAGE_SIZE, exclude_paths, sample_weak_labels
+from cavga.api import DEFAULT_IMAGE_SIZE
 from cavga.data import DatasetSplits, Preprocess, read_magnetic_tile
+from cavga.data.splits import DEFAULT_ANOMALOUS_FRACTION, exclude_paths, sample_weak_labels
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "magnetic-tile"

@@ -40,11 +40,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cavga import gradcam, infer, train
 from cavga.config import ModelConfig, TrainConfig
 from cavga.data.types import Batch
-from cavga.infer import aggregate_score, infer_batch, residual_map
-from cavga.models import build_model
+from cavga.engine import infer, train
+from cavga.engine.infer import aggregate_score, infer_batch, residual_map
+from cavga.model import gradcam
+from cavga.model.networks import build_model
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "speed.json"
@@ -192,7 +193,7 @@ def _batch(images: torch.Tensor, setting: str) -> Batch:
 
 
 def _model_config(variant: str, size: int, width: int, setting: str) -> ModelConfig:
-    return ModelConfig(variant=variant, image_size=size, width=width, weakly_supervised=setting == "w")
+    return ModelConfig(variant=variant, image_size=size, width=width, setting=setting)
 
 
 def _trainer(model, setting: str, batch: Batch, mode: str):
@@ -200,7 +201,7 @@ def _trainer(model, setting: str, batch: Batch, mode: str):
     model = copy.deepcopy(model).train()
     if mode == "compiled":
         model.compile()  # after the copy: a deep copy of a compiled module runs eager
-    config = TrainConfig(setting=setting)
+    config = TrainConfig()
     if mode == "no_cam":
         config.weights.w_ae = config.weights.w_cga = 0.0
     weights = torch.tensor([0.6, 2.0]) if setting == "w" else None
@@ -237,7 +238,7 @@ def _inferrer(model, setting: str, images: torch.Tensor, mode: str):
 
     def run() -> None:
         with context():
-            infer_batch(model, images, setting)
+            infer_batch(model, images)
 
     return run
 
@@ -254,7 +255,7 @@ def _onnx_runner(model, setting: str, images: torch.Tensor, threads: int, tmp: P
     detector = _detector({"variant": cfg.variant, "image_size": cfg.image_size, "width": cfg.width})
     detector.model_config = cfg
     detector.model_ = copy.deepcopy(model).eval()
-    detector.train_config = TrainConfig(setting=setting)
+    detector.train_config = TrainConfig()
     path = export(detector, tmp / "model.onnx", "onnx")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import cavga
-from cavga.api import split_calibration
+from cavga.data.splits import split_calibration
 from cavga.errors import ConfigError, ModelFileError
 from tiny_data import write_tiny_mvtec
 

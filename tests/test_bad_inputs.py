@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cavga.api import list_images
 from cavga.data import Preprocess, load_dataset, load_image, load_mask, read_mvtec
-from cavga.data.io import image_header_channels
+from cavga.data.io import image_header_channels, list_images
 from cavga.data.oneclass import _cifar_binary, read_cifar10, read_idx_file
 from cavga.errors import DataError
 

@@ -9,8 +9,8 @@ from PIL import Image
 
 from cavga.baselines import AutoencoderBaseline, ConvAutoencoder, gaussian_window, residual, ssim_map, top_mean
 from cavga.data import AnomalyDataset, DatasetSplits, Preprocess, Record
+from cavga.engine.infer import MAP_QUANTILE
 from cavga.errors import ConfigError
-from cavga.infer import MAP_QUANTILE
 
 
 def test_gaussian_window_sums_to_one_and_is_symmetric():

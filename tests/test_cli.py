@@ -53,7 +53,7 @@ def test_train_predict_evaluate(tmp_path):
         "--no-progress",
     )
     config = json.loads((model / "config.json").read_text())
-    assert config["model"]["variant"] == "D" and config["train"]["setting"] == "u"
+    assert config["model"]["variant"] == "D" and config["model"]["setting"] == "u"
 
     preds = tmp_path / "preds"
     run("predict", str(model), str(root / "bottle" / "test"), "--out", str(preds))

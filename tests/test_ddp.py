@@ -31,11 +31,11 @@ import sys
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-import cavga.train as train_module
-from cavga import distributed
+import cavga.engine.train as train_module
+from cavga.engine import distributed
 from cavga.config import ModelConfig, TrainConfig
 from cavga.data.types import Sample
-from cavga.models import build_model
+from cavga.model.networks import build_model
 
 class FrozenBatchNorm(torch.nn.BatchNorm2d):
     def forward(self, x):
@@ -122,7 +122,8 @@ def test_cavga_train_and_predict_under_torchrun(tmp_path):
     assert len({line["heatmap"] for line in lines}) == len(lines)
     assert not list(out.glob(".rank*"))
     # The merged scores equal a single-process prediction of the same files.
-    from cavga.api import list_images, load
+    from cavga.api import load
+    from cavga.data.io import list_images
 
     detector = load(model, device="cpu")
     scores = [p.score for p in detector.predict(list_images([inputs]))]
@@ -130,7 +131,7 @@ def test_cavga_train_and_predict_under_torchrun(tmp_path):
 
 
 def test_gradient_averaging_is_a_no_op_without_torchrun():
-    from cavga import distributed
+    from cavga.engine import distributed
 
     p = torch.nn.Parameter(torch.ones(3))
     p.grad = torch.tensor([1.0, 2.0, 3.0])

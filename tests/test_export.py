@@ -1,5 +1,6 @@
-"""Export: the closed-form Grad-CAM equals autograd's, and ONNX / TorchScript outputs equal eager inference
-(``infer_batch`` + calibration) within 1e-4 for every variant and both settings, on tiny untrained models."""
+"""Export: the closed-form Grad-CAM (what the graph computes) equals autograd's, and ONNX / TorchScript outputs
+equal eager inference (``infer_batch`` + calibration) within 1e-4 for every variant and both settings, on tiny
+untrained models."""
 
 from __future__ import annotations
 
@@ -11,15 +12,15 @@ import torch
 
 from cavga.config import LossWeights, ModelConfig, TrainConfig
 from cavga.data import Preprocess
+from cavga.engine.infer import Calibration, infer_batch
 from cavga.errors import ConfigError
-from cavga.gradcam import attention_map, class_attention
-from cavga.infer import Calibration, infer_batch
-from cavga.models import build_model
+from cavga.model.gradcam import cam_from_weights, class_attention, closed_form_weights, grad_cam, target_score
+from cavga.model.networks import build_model
 
 onnxruntime = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install '.[export]')")
 pytest.importorskip("onnx", reason="onnx is not installed (pip install '.[export]')")
 
-from cavga.export import ExportedCavga, OnnxInferencer, export, gradcam_weights  # noqa: E402
+from cavga.export import ExportedCavga, OnnxInferencer, export  # noqa: E402
 
 VARIANTS = {
     "D": {"variant": "D", "image_size": 32},
@@ -45,7 +46,7 @@ def _detector(name: str, setting: str, seed: int = 0, **extra):
     import cavga
 
     torch.manual_seed(seed)
-    config = ModelConfig(**VARIANTS[name], channels=3, width=8, latent_channels=4, weakly_supervised=setting == "w")
+    config = ModelConfig(**VARIANTS[name], channels=3, width=8, latent_channels=4, setting=setting)
     config = dataclasses.replace(config, **extra)
     model = build_model(config).eval()
     _perturb_batchnorm(model, seed)
@@ -63,11 +64,11 @@ def _detector(name: str, setting: str, seed: int = 0, **extra):
             model.classifier.bias[1] -= (diff[k - 1] + diff[k]) / 2
         calibration = Calibration(0.0, 0.5, 0.95, 1)
     else:
-        raw = infer_batch(model, x, "u").raw_scores
+        raw = infer_batch(model, x).raw_scores
         calibration = Calibration(float(raw.min()) - 1e-3, float(np.median(raw)), 0.95, 1, map_threshold=0.05)
     detector = cavga.Cavga.__new__(cavga.Cavga)
     detector.model_config = config
-    detector.train_config = TrainConfig(setting=setting, weights=LossWeights())
+    detector.train_config = TrainConfig(weights=LossWeights())
     detector.model_ = model
     detector.calibration_ = calibration
     detector.preprocess_ = Preprocess(config.image_size, 3)
@@ -84,26 +85,33 @@ def _images(seed: int, n: int = 5, size: int | None = None) -> torch.Tensor:
 
 
 def _eager(detector, x):
-    out = infer_batch(detector.model_, x, detector.train_config.setting, detector.calibration_)
+    out = infer_batch(detector.model_, x, detector.calibration_)
     score = detector.calibration_.normalize(out.raw_scores)
     return score, out.anomaly_maps, out.anomaly_maps > 0.5
 
 
+def _graph_weights(model, x):
+    """The constant Grad-CAM channel weights the exported graph uses: u's target, or w's anomalous class."""
+    target = model.config.gradcam_target if model.config.setting == "u" else 1
+    with torch.no_grad():
+        return closed_form_weights(model, target, model(x, sample=False))
+
+
 def test_closed_form_weights_by_hand():
     # Conv latent, setting u: alpha_k = sum over output channels of the 1x1 head's weights.
-    detector, _ = _detector("D", "u")
+    detector, x = _detector("D", "u")
     w = detector.model_.mu_head.weight.detach()[:, :, 0, 0].numpy()
-    np.testing.assert_allclose(gradcam_weights(detector.model_, "u").numpy(), w.sum(0), rtol=1e-6)
+    np.testing.assert_allclose(_graph_weights(detector.model_, x).numpy(), w.sum(0), rtol=1e-6)
     # Conv latent, setting w: the anomalous row of C reshaped to (C_z, h*w), averaged over positions.
-    detector, _ = _detector("D", "w")
+    detector, x = _detector("D", "w")
     row = detector.model_.classifier.weight.detach()[1].numpy()
-    np.testing.assert_allclose(gradcam_weights(detector.model_, "w").numpy(), row.reshape(4, -1).mean(1), rtol=1e-5)
+    np.testing.assert_allclose(_graph_weights(detector.model_, x).numpy(), row.reshape(4, -1).mean(1), rtol=1e-5)
 
 
 def test_encoder_mid_layer_is_refused():
     detector, _ = _detector("D", "u", gradcam_layer="encoder_mid")
     with pytest.raises(ConfigError, match="closed form"):
-        ExportedCavga(detector.model_, "u", detector.calibration_)
+        ExportedCavga(detector.model_, detector.calibration_)
 
 
 def _check_outputs(got, expected, setting):
@@ -117,20 +125,27 @@ def _check_outputs(got, expected, setting):
 
 
 def _check_closed_form_gradcam(detector, x):
-    """ExportedCavga's constant-weight Grad-CAM equals cavga.gradcam's autograd map."""
-    model, setting = detector.model_, detector.train_config.setting
-    module = ExportedCavga(model, setting, detector.calibration_)
-    with torch.no_grad():
-        encoded, _ = module.encoder(x)
-        mu = module.mu_head(encoded)
+    """The exported graph's constant-weight Grad-CAM equals the autograd map (Grad-CAM by double backward)."""
+    model, setting = detector.model_, detector.model_config.setting
+    cfg = model.config
     size = tuple(x.shape[-2:])
-    if setting == "u":
-        expected, _ = attention_map(model, x)
-        got = module.attention(encoded, size)
-    else:
+    alpha = _graph_weights(model, x)
+    with torch.no_grad():
         out = model(x, sample=False)
-        expected = class_attention(model, out, 1, create_graph=False)
-        got = module.attention(encoded if model.config.flatten_latent else mu, size)
+    ref = model(x, sample=False)  # a forward with gradients, for autograd
+    if setting == "u":
+        got = cam_from_weights(alpha, out.features, size, cfg.gradcam_normalization)
+        expected = grad_cam(target_score(ref, cfg.gradcam_target), ref.features, size, cfg.gradcam_normalization)
+    else:
+        features = out.features if cfg.flatten_latent else out.z
+        got = cam_from_weights(alpha, features, size, cfg.gradcam_normalization)
+        if cfg.flatten_latent:
+            expected = grad_cam(model.classify(ref.z)[:, 1], ref.features, size, cfg.gradcam_normalization)
+        else:
+            z = ref.z.detach().requires_grad_(True)
+            expected = grad_cam(model.classify(z)[:, 1], z, size, cfg.gradcam_normalization)
+        torch.testing.assert_close(class_attention(model, out, 1, create_graph=False), got)
+    expected = expected.detach()
     assert float(expected.amax()) > 0.5  # a real map, not all zeros
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
@@ -146,7 +161,7 @@ def test_onnx_and_torchscript_equal_eager(name, setting, tmp_path):
     else:
         assert 0 < expected[0].min() < 1 or 0 < expected[0].max() < 1  # not everything clipped
     with torch.no_grad():
-        eager_module = ExportedCavga(detector.model_, setting, detector.calibration_)(x)
+        eager_module = ExportedCavga(detector.model_, detector.calibration_)(x)
     _check_outputs([t.numpy() for t in eager_module], expected, setting)
 
     onnx_path = export(detector, tmp_path / "m.onnx", "onnx")

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from cavga.config import ModelConfig
 from cavga.errors import ConfigError
-from cavga.gradcam import attention_map, class_attention, grad_cam, target_score
-from cavga.losses import attention_expansion_loss, complementary_guided_attention_loss
-from cavga.models import build_model
+from cavga.model.gradcam import attention_map, class_attention, grad_cam, target_score
+from cavga.model.losses import attention_expansion_loss, complementary_guided_attention_loss
+from cavga.model.networks import build_model
 
 EPS = 1e-8
 
@@ -199,7 +199,7 @@ def test_attention_map_create_graph_is_differentiable() -> None:
 
 def test_class_attention_hand_computed() -> None:
     torch.manual_seed(0)
-    model = build_model(_tiny(weakly_supervised=True)).eval()
+    model = build_model(_tiny(setting="w")).eval()
     with torch.no_grad():  # inference: z from a graph-free pass still works
         out = model(torch.rand(2, 3, 32, 32))
         maps = [class_attention(model, out, cls, create_graph=False) for cls in (0, 1)]
@@ -216,7 +216,7 @@ def test_class_attention_hand_computed() -> None:
 
 def test_class_attention_flattened_latent_uses_encoder_features() -> None:
     torch.manual_seed(0)
-    model = build_model(_tiny(weakly_supervised=True, flatten_latent=True)).eval()
+    model = build_model(_tiny(setting="w", flatten_latent=True)).eval()
     out = model(torch.rand(2, 3, 32, 32))
     attention = class_attention(model, out, 1, create_graph=False)
     assert attention.shape == (2, 1, 32, 32)
@@ -226,7 +226,7 @@ def test_class_attention_flattened_latent_uses_encoder_features() -> None:
 def test_cga_gradient_flows_into_encoder_through_both_maps() -> None:
     def grads(which: str) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)
-        model = build_model(_tiny(weakly_supervised=True)).train()
+        model = build_model(_tiny(setting="w")).train()
         out = model(torch.rand(4, 3, 32, 32))
         a_n = class_attention(model, out, 0, create_graph=True)
         a_a = class_attention(model, out, 1, create_graph=True)

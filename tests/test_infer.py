@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from cavga.config import ModelConfig
+from cavga.engine.infer import Calibration, aggregate_score, fit_calibration, residual_map
 from cavga.errors import ConfigError
-from cavga.infer import Calibration, aggregate_score, fit_calibration, residual_map
 
 
 def test_residual_map_is_the_channel_mean_box_blurred():

@@ -11,15 +11,15 @@ import sys
 import pytest
 import torch
 
-from cavga import runlog
 from cavga.config import ModelConfig, TrainConfig
 from cavga.data.types import ANOMALOUS, NORMAL, Sample
+from cavga.engine import runlog
+from cavga.engine.train import TrainingError, train
 from cavga.errors import ConfigError
-from cavga.models import build_model
-from cavga.train import TrainingError, train
+from cavga.model.networks import build_model
 from tiny_data import ListDataset, write_tiny_mvtec
 
-EPOCH_LINE = re.compile(r"INFO cavga\.train: epoch (\d+)/(\d+) (.*)$")
+EPOCH_LINE = re.compile(r"INFO cavga\.engine\.train: epoch (\d+)/(\d+) (.*)$")
 
 
 def tiny_data(n: int = 8, labels: list[int] | None = None) -> ListDataset:
@@ -32,7 +32,9 @@ def tiny_data(n: int = 8, labels: list[int] | None = None) -> ListDataset:
 
 def tiny_model(weak: bool = False):
     torch.manual_seed(0)
-    config = ModelConfig(variant="D", image_size=32, channels=3, width=8, latent_channels=8, weakly_supervised=weak)
+    config = ModelConfig(
+        variant="D", image_size=32, channels=3, width=8, latent_channels=8, setting="w" if weak else "u"
+    )
     return build_model(config)
 
 
@@ -65,7 +67,7 @@ def test_train_log_has_one_line_per_epoch_with_the_loss_means_and_the_checkpoint
     assert "epochs of 2 steps" in text  # 8 images, batch 4
     assert re.search(r"checkpoint \(end\): epoch 2, batch 0, step 4 -> .*checkpoint\.safetensors", text)
     # The run's settings with every default filled in.
-    saved = json.loads((run / runlog.RUN_CONFIG_FILE).read_text())
+    saved = json.loads((run / runlog.RUN_FILE).read_text())
     assert saved["train"]["epochs"] == 2 and saved["train"]["weights"]["w_ae"] == TrainConfig().weights.w_ae
     assert saved["model"]["width"] == 8 and saved["n_samples"] == 8 and saved["world_size"] == 1
 
@@ -79,15 +81,15 @@ def test_the_file_handler_is_removed_and_the_console_keeps_its_level(tmp_path, c
     assert "epoch 1/1" not in caplog.text
     # Logging after the run does not reach the file any more.
     size = (tmp_path / "run" / runlog.LOG_FILE).stat().st_size
-    logging.getLogger("cavga.train").warning("after the run")
+    logging.getLogger("cavga.engine.train").warning("after the run")
     assert (tmp_path / "run" / runlog.LOG_FILE).stat().st_size == size
 
 
 def test_warnings_still_reach_the_console_while_the_file_is_attached(tmp_path, caplog):
     with runlog.log_to_file(tmp_path / "x.log"):
-        logging.getLogger("cavga.train").info("only in the file")
-        logging.getLogger("cavga.train").warning("in both")
-        logging.getLogger("cavga.train").error("file only", extra={runlog.FILE_ONLY: True})
+        logging.getLogger("cavga.engine.train").info("only in the file")
+        logging.getLogger("cavga.engine.train").warning("in both")
+        logging.getLogger("cavga.engine.train").error("file only", extra={runlog.FILE_ONLY: True})
     # caplog's handler sits on the root logger, where the console handlers are.
     assert "in both" in caplog.text and "only in the file" not in caplog.text and "file only" not in caplog.text
     text = (tmp_path / "x.log").read_text()
@@ -100,7 +102,7 @@ def test_a_failed_run_says_why_in_its_log_and_removes_the_handler(tmp_path):
     with pytest.raises(TrainingError):
         train(tiny_model(), data, config(), progress=False, run_dir=tmp_path / "run")
     text = (tmp_path / "run" / runlog.LOG_FILE).read_text()
-    assert re.search(r"ERROR cavga\.train: training stopped: loss term .* became nan", text)
+    assert re.search(r"ERROR cavga\.engine\.train: training stopped: loss term .* became nan", text)
     assert not any(isinstance(h, logging.FileHandler) for h in logging.getLogger("cavga").handlers)
 
 
@@ -147,7 +149,7 @@ def test_weakly_supervised_grids_show_anomalous_images_too(tmp_path):
     labels = [NORMAL] * 10 + [ANOMALOUS] * 2
     run = tmp_path / "run"
     data = tiny_data(labels=labels)
-    train(tiny_model(weak=True), data, config(setting="w", epochs=1), progress=False, run_dir=run, tensorboard=True)
+    train(tiny_model(weak=True), data, config(epochs=1), progress=False, run_dir=run, tensorboard=True)
     events = read_events(run / runlog.TENSORBOARD_DIR)
     assert {"step/L_bce", "step/L_cga", "epoch/L_cga"} <= set(events.Tags()["scalars"])
     assert len(events.Images("images/input")) == 1
@@ -185,8 +187,8 @@ def test_cavga_train_writes_its_run_dir_beside_the_model_by_default(tmp_path):
     assert str(run) in done.stdout
     assert "epoch 1/2" not in done.stderr  # INFO goes to the log file, not the console (no -v)
     assert sorted(parse_epoch_lines((run / runlog.LOG_FILE).read_text())) == [1, 2]
-    assert json.loads((run / "run.json").read_text())["tensorboard"] is True
-    assert json.loads((run / runlog.RUN_CONFIG_FILE).read_text())["train"]["epochs"] == 2
+    assert json.loads((run / "run.json").read_text())["fit"]["tensorboard"] is True
+    assert json.loads((run / runlog.RUN_FILE).read_text())["train"]["epochs"] == 2
     events = read_events(run / runlog.TENSORBOARD_DIR)
     assert "epoch/L_ae" in events.Tags()["scalars"] and "images/reconstruction" in events.Tags()["images"]
     assert sorted(p.name for p in model.iterdir()) == ["config.json", "model.safetensors"]  # the model dir alone

@@ -1,4 +1,4 @@
-"""Each loss of cavga.losses against a value worked out by hand (math / numpy), paper eq. 1-6."""
+"""Each loss of cavga.model.losses against a value worked out by hand (math / numpy), paper eq. 1-6."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cavga.losses import (
+from cavga.model.losses import (
     attention_expansion_loss,
     classifier_loss,
     complementary_guided_attention_loss,

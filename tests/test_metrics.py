@@ -426,3 +426,34 @@ def test_integer_and_float32_maps_are_accepted():
     maps = HAND_MAPS.astype(np.float32)
     assert metrics.iou(maps, HAND_MASKS.astype(bool)) == pytest.approx(5 / 12)
     assert metrics.iou(HAND_MASKS, HAND_MASKS) == 1.0  # integer 0/1 maps
+
+
+# ---------------------------------------------------------------- ROC curves for plots
+
+
+def test_roc_curve_hand_worked_with_a_tie():
+    # Sorted: 0.9 P | 0.8 P, 0.8 N (one tie group) | 0.3 N
+    fpr, tpr = metrics.roc_curve(np.array([0.8, 0.3, 0.9, 0.8]), np.array([1, 0, 1, 0], bool))
+    np.testing.assert_allclose(fpr, [0, 0, 0.5, 1])
+    np.testing.assert_allclose(tpr, [0, 0.5, 1, 1])
+    # Mann-Whitney by hand: (1 + 1 + 0.5 + 1) / 4 pairs.
+    assert metrics.curve_area(fpr, tpr) == pytest.approx(0.875)
+
+
+def test_roc_area_equals_metrics_auroc_on_random_data():
+    rng = np.random.default_rng(0)
+    scores = np.round(rng.random(300), 2)  # many ties
+    labels = rng.random(300) < 0.3
+    fpr, tpr = metrics.roc_curve(scores, labels)
+    assert metrics.curve_area(fpr, tpr) == pytest.approx(metrics.image_auroc(scores, labels.astype(int)))
+    with pytest.raises(ValueError, match="both"):
+        metrics.roc_curve(scores, np.zeros(300, bool))
+
+
+def test_thin_curve_keeps_ends_and_shape():
+    rng = np.random.default_rng(1)
+    fpr, tpr = metrics.roc_curve(rng.random(20000), rng.random(20000) < 0.5)
+    small_f, small_t = metrics.thin_curve(fpr, tpr, 200)
+    assert len(small_f) <= 200 and (small_f[0], small_t[0]) == (0, 0) and (small_f[-1], small_t[-1]) == (1, 1)
+    assert np.all(np.diff(small_f) >= 0)
+    assert metrics.curve_area(small_f, small_t) == pytest.approx(metrics.curve_area(fpr, tpr), abs=0.01)

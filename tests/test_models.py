@@ -12,7 +12,7 @@ from torchvision.models import resnet18
 
 from cavga.config import ModelConfig
 from cavga.errors import ConfigError, ModelFileError
-from cavga.models import CavgaNet, build_model, load_encoder_weights
+from cavga.model.networks import CavgaNet, build_model, load_encoder_weights
 
 WIDTH = 8
 C_Z = 4
@@ -32,7 +32,7 @@ def _check_shapes(model: CavgaNet, cfg: ModelConfig, feature_shape: tuple[int, i
     assert out.mu.shape == out.logvar.shape == out.z.shape == latent
     assert out.x_hat_logits.shape == x.shape
     assert model.discriminator(x).shape == (BATCH,)
-    if cfg.weakly_supervised:
+    if cfg.setting == "w":
         assert model.classifier is not None
         z_numel = cfg.flat_latent_dim if cfg.flatten_latent else C_Z * h * w
         assert model.classifier.in_features == z_numel
@@ -46,7 +46,7 @@ D_CASES = list(itertools.product((32, 64), (1, 3), (False, True), (False, True))
 
 @pytest.mark.parametrize(("size", "channels", "flat", "weak"), D_CASES)
 def test_cavga_d_shapes(size: int, channels: int, flat: bool, weak: bool) -> None:
-    cfg = _config(variant="D", image_size=size, channels=channels, flatten_latent=flat, weakly_supervised=weak)
+    cfg = _config(variant="D", image_size=size, channels=channels, flatten_latent=flat, setting="w" if weak else "u")
     # Encoder channels w, 2w, 4w down to size / 8.
     _check_shapes(build_model(cfg), cfg, (4 * WIDTH, size // 8, size // 8))
 
@@ -61,13 +61,13 @@ R_CASES = list(itertools.product((1, 3), (False, True), (False, True)))
 
 @pytest.mark.parametrize(("channels", "flat", "weak"), R_CASES)
 def test_cavga_r_shapes_128(channels: int, flat: bool, weak: bool) -> None:
-    cfg = _config(variant="R", image_size=128, channels=channels, flatten_latent=flat, weakly_supervised=weak)
+    cfg = _config(variant="R", image_size=128, channels=channels, flatten_latent=flat, setting="w" if weak else "u")
     _check_shapes(build_model(cfg), cfg, (512, 4, 4))
 
 
 @pytest.mark.parametrize("size", [96, 256])
 def test_cavga_r_other_sizes(size: int) -> None:
-    cfg = _config(variant="R", image_size=size, weakly_supervised=True)
+    cfg = _config(variant="R", image_size=size, setting="w")
     _check_shapes(build_model(cfg), cfg, (512, size // 32, size // 32))
 
 
@@ -113,7 +113,7 @@ def test_reparameterization_uses_logvar() -> None:
 @pytest.mark.parametrize("variant", ["D", "R"])
 def test_parameter_groups_split_generator_and_discriminator(variant: str) -> None:
     size = 32 if variant == "D" else 64
-    model = build_model(_config(variant=variant, image_size=size, weakly_supervised=True))
+    model = build_model(_config(variant=variant, image_size=size, setting="w"))
     gen = {id(p) for p in model.generator_parameters()}
     disc = {id(p) for p in model.discriminator_parameters()}
     assert gen.isdisjoint(disc)
@@ -142,7 +142,7 @@ def test_r_trunk_keeps_torchvision_init() -> None:
 
 def test_classify_without_classifier_is_a_config_error() -> None:
     model = build_model(_config(variant="D", image_size=32))
-    with pytest.raises(ConfigError, match="weakly_supervised"):
+    with pytest.raises(ConfigError, match="setting=.w."):
         model.classify(torch.zeros(1, C_Z, 4, 4))
 
 

@@ -1,4 +1,4 @@
-"""HTML report: curve maths by hand, the page's content, the CLI, and the page in a real headless Chromium."""
+"""HTML report: the page's content, the CLI, and the page in a real headless Chromium."""
 
 from __future__ import annotations
 
@@ -11,39 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cavga.report import build_report, curve_area, find_runs, histogram, roc_curve, thin_curve, write_report
+from cavga.report.html import build_report, find_runs, histogram, write_report
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-
-
-def test_roc_curve_hand_worked_with_a_tie():
-    # Sorted: 0.9 P | 0.8 P, 0.8 N (one tie group) | 0.3 N
-    fpr, tpr = roc_curve(np.array([0.8, 0.3, 0.9, 0.8]), np.array([1, 0, 1, 0], bool))
-    np.testing.assert_allclose(fpr, [0, 0, 0.5, 1])
-    np.testing.assert_allclose(tpr, [0, 0.5, 1, 1])
-    # Mann-Whitney by hand: (1 + 1 + 0.5 + 1) / 4 pairs.
-    assert curve_area(fpr, tpr) == pytest.approx(0.875)
-
-
-def test_roc_area_equals_metrics_auroc_on_random_data():
-    from cavga import metrics
-
-    rng = np.random.default_rng(0)
-    scores = np.round(rng.random(300), 2)  # many ties
-    labels = rng.random(300) < 0.3
-    fpr, tpr = roc_curve(scores, labels)
-    assert curve_area(fpr, tpr) == pytest.approx(metrics.image_auroc(scores, labels.astype(int)))
-    with pytest.raises(ValueError, match="both"):
-        roc_curve(scores, np.zeros(300, bool))
-
-
-def test_thin_curve_keeps_ends_and_shape():
-    rng = np.random.default_rng(1)
-    fpr, tpr = roc_curve(rng.random(20000), rng.random(20000) < 0.5)
-    small_f, small_t = thin_curve(fpr, tpr, 200)
-    assert len(small_f) <= 200 and (small_f[0], small_t[0]) == (0, 0) and (small_f[-1], small_t[-1]) == (1, 1)
-    assert np.all(np.diff(small_f) >= 0)
-    assert curve_area(small_f, small_t) == pytest.approx(curve_area(fpr, tpr), abs=0.01)
 
 
 def test_histogram_bins_include_one():

@@ -17,12 +17,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import cavga.train as train_module
-from cavga.checkpoint import CHECKPOINT_FILE, load_checkpoint, read_checkpoint, save_checkpoint
+import cavga.engine.train as train_module
 from cavga.config import ModelConfig, TrainConfig
 from cavga.data.types import Sample, collate_samples
-from cavga.models import build_model
-from cavga.train import TrainingError, make_optimizers, train, training_step
+from cavga.engine.checkpoint import CHECKPOINT_FILE, load_checkpoint, read_checkpoint, save_checkpoint
+from cavga.engine.train import TrainingError, make_optimizers, train, training_step
+from cavga.model.networks import build_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_data import write_tiny_mvtec  # noqa: E402
@@ -160,7 +160,7 @@ def test_discriminator_collapse_is_logged(monkeypatch, caplog):
         return {"L_D": next(values), "total": 1.0}
 
     monkeypatch.setattr(train_module, "training_step", fake_step)
-    with caplog.at_level(logging.WARNING, logger="cavga.train"):
+    with caplog.at_level(logging.WARNING, logger="cavga.engine.train"):
         train(tiny_model(), ListDataset(), config(epochs=5), progress=False)
     warnings = [r.getMessage() for r in caplog.records if "discriminator collapse" in r.getMessage()]
     # The streak 1e-4, 1e-4 is broken by 0.2; the next one reaches 3 at step 7 and is reported once.
@@ -171,7 +171,7 @@ def test_discriminator_collapse_is_logged(monkeypatch, caplog):
 
 SLOW_TRAIN = """
 import sys, time
-import cavga.train as t
+import cavga.engine.train as t
 real = t.training_step
 def slow(*args, **kwargs):
     time.sleep(0.25)  # gives the test time to kill mid-run; no effect on the numbers

@@ -13,12 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 import cavga.api as api
-import cavga.checkpoint as checkpoint_module
-from cavga.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+import cavga.engine.checkpoint as checkpoint_module
 from cavga.config import ModelConfig
 from cavga.data.oneclass import read_cifar10
+from cavga.engine.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from cavga.errors import CavgaError, DataError, ModelFileError
-from cavga.models import build_model, load_encoder_weights
+from cavga.model.networks import build_model, load_encoder_weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_data import write_tiny_mvtec  # noqa: E402

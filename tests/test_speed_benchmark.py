@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from cavga import train
 from cavga.config import ModelConfig, TrainConfig
 from cavga.data.types import Batch
-from cavga.gradcam import attention_map, class_attention, grad_cam, target_score
-from cavga.infer import infer_batch
-from cavga.models import build_model
+from cavga.engine import train
+from cavga.engine.infer import infer_batch
+from cavga.model.gradcam import attention_map, class_attention, grad_cam, target_score
+from cavga.model.networks import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +70,7 @@ def test_closed_form_attention_equals_autograd_gradcam(flat: bool, target: str, 
 @pytest.mark.parametrize("flat", [False, True])
 def test_closed_form_class_attention_equals_autograd(flat: bool) -> None:
     torch.manual_seed(0)
-    model = build_model(_config(flatten_latent=flat, weakly_supervised=True)).eval()
+    model = build_model(_config(flatten_latent=flat, setting="w")).eval()
     x = torch.rand(3, 3, 32, 32)
     for cls in (0, 1):
         got = class_attention(model, model(x, sample=False), cls, create_graph=False)
@@ -82,11 +82,11 @@ def test_closed_form_class_attention_equals_autograd(flat: bool) -> None:
 @pytest.mark.parametrize("setting", ["u", "w"])
 def test_infer_batch_equals_autograd_path(setting: str) -> None:
     torch.manual_seed(0)
-    model = build_model(_config(weakly_supervised=setting == "w"))
+    model = build_model(_config(setting=setting))
     x = torch.rand(4, 3, 32, 32)
-    fast = infer_batch(model, x, setting)
+    fast = infer_batch(model, x)
     with _autograd_gradcam():
-        slow = infer_batch(model, x, setting)
+        slow = infer_batch(model, x)
     for name in ("raw_scores", "anomaly_maps", "reconstructions", "residual_maps"):
         assert abs(getattr(fast, name) - getattr(slow, name)).max() <= 1e-5, name
 
@@ -95,8 +95,8 @@ def test_infer_batch_equals_autograd_path(setting: str) -> None:
 @pytest.mark.parametrize("flat", [False, True])
 def test_training_step_equals_double_backward_step(setting: str, flat: bool) -> None:
     torch.manual_seed(0)
-    model = build_model(_config(flatten_latent=flat, weakly_supervised=setting == "w")).train()
-    config = TrainConfig(setting=setting)
+    model = build_model(_config(flatten_latent=flat, setting=setting)).train()
+    config = TrainConfig()
     config.weights.w_ae = config.weights.w_cga = 1.0  # make the attention terms weigh in the update
     labels = torch.tensor([0, 0, 0, 1] if setting == "w" else [0, 0, 0, 0])
     images, masks, has_mask = torch.rand(4, 3, 32, 32), torch.zeros(4, 1, 32, 32), torch.zeros(4, dtype=torch.bool)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cavga import losses
 from cavga.config import ModelConfig, TrainConfig
 from cavga.data.types import Sample, collate_samples
-from cavga.models import build_model
-from cavga.train import TrainingError, class_weights_for, make_optimizers, train, training_step
+from cavga.engine.train import TrainingError, class_weights_for, make_optimizers, train, training_step
+from cavga.model import losses
+from cavga.model.networks import build_model
 from tiny_data import ListDataset
 
 
@@ -27,7 +27,7 @@ def tiny_model(**kw):
 def generator_objective(model, batch, config):
     """L_final of eq. 4 without L_adv (its D moves too) and without sampling noise (mu), in train mode (batch
     statistics, as the step sees them), for comparing before/after a step."""
-    from cavga.gradcam import grad_cam, target_score
+    from cavga.model.gradcam import grad_cam, target_score
 
     out = model(batch.images, sample=False)
     attention = grad_cam(target_score(out), out.features, output_size=(32, 32), create_graph=False)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cavga.visualize import PRED_CONTOUR, TRUE_CONTOUR, colorize, contour, overlay_image
+from cavga.report.visualize import PRED_CONTOUR, TRUE_CONTOUR, colorize, contour, overlay_image
 
 
 def test_contour_of_a_square_is_its_one_pixel_ring():
@@ -83,8 +83,8 @@ def tiny_model(tmp_path_factory):
 
 
 def test_write_predictions_writes_overlays_at_image_size(tiny_model, tmp_path):
-    from cavga.api import list_images
-    from cavga.outputs import write_predictions
+    from cavga.data.io import list_images
+    from cavga.report.outputs import write_predictions
 
     detector, root = tiny_model
     files = list_images([root / "bottle" / "test" / "spot"])
@@ -101,8 +101,8 @@ def test_write_predictions_writes_overlays_at_image_size(tiny_model, tmp_path):
 
 def test_write_evaluation_files_and_curves(tiny_model, tmp_path):
     from cavga import metrics
-    from cavga.outputs import write_evaluation
-    from cavga.report import curve_area
+    from cavga.metrics import curve_area
+    from cavga.report.outputs import write_evaluation
 
     detector, root = tiny_model
     result = detector.evaluate(root, category="bottle")

@@ -14,17 +14,17 @@ import pytest
 import torch
 
 import cavga
-from cavga import losses
-from cavga.api import sample_weak_labels, weak_training_set
 from cavga.cli import main
 from cavga.config import LossWeights, ModelConfig, TrainConfig
 from cavga.data import AnomalyDataset, Record, load_dataset
+from cavga.data.splits import sample_weak_labels, weak_training_set
 from cavga.data.types import ANOMALOUS, NORMAL, Sample, collate_samples
+from cavga.engine.infer import infer_batch
+from cavga.engine.train import class_weights_for, make_optimizers, training_step
 from cavga.errors import ConfigError, DataError
-from cavga.gradcam import class_attention
-from cavga.infer import infer_batch
-from cavga.models import CavgaOutput, build_model
-from cavga.train import class_weights_for, make_optimizers, training_step
+from cavga.model import losses
+from cavga.model.gradcam import class_attention
+from cavga.model.networks import CavgaOutput, build_model
 from tiny_data import write_tiny_mvtec
 
 TINY = {"image_size": 32, "width": 8, "latent_channels": 8, "epochs": 1, "batch_size": 4, "device": "cpu"}
@@ -32,9 +32,7 @@ TINY = {"image_size": 32, "width": 8, "latent_channels": 8, "epochs": 1, "batch_
 
 def tiny_w_model(seed: int = 0):
     torch.manual_seed(seed)
-    return build_model(
-        ModelConfig(variant="D", image_size=32, channels=3, width=8, latent_channels=8, weakly_supervised=True)
-    )
+    return build_model(ModelConfig(variant="D", image_size=32, channels=3, width=8, latent_channels=8, setting="w"))
 
 
 def batch_of(labels: list[int], seed: int = 0):
@@ -113,7 +111,7 @@ def test_training_step_counts_only_correctly_classified_normal_images_in_cga(pre
     model = tiny_w_model().train()
     force_prediction(model, predicted)
     batch = batch_of([NORMAL, NORMAL, ANOMALOUS, ANOMALOUS])
-    config = TrainConfig(setting="w", batch_size=4)
+    config = TrainConfig(batch_size=4)
     opt_g, opt_d = make_optimizers(model, config)
     expected = expected_cga(model, batch, seed=123)
     torch.manual_seed(123)
@@ -131,7 +129,7 @@ def test_l_bce_is_the_class_balanced_mean_of_the_epoch():
     model = tiny_w_model().train()
     batch = batch_of([NORMAL, NORMAL, NORMAL, ANOMALOUS])
     weights = class_weights_for([NORMAL] * 9 + [ANOMALOUS])  # 10 / 18 and 10 / 2
-    config = TrainConfig(setting="w", batch_size=4, weights=LossWeights(w_r=0, w_adv=0, w_c=1, w_cga=0))
+    config = TrainConfig(batch_size=4, weights=LossWeights(w_r=0, w_adv=0, w_c=1, w_cga=0))
     twin = copy.deepcopy(model).train()
     torch.manual_seed(5)
     ce = torch.nn.functional.cross_entropy(
@@ -166,7 +164,7 @@ def test_only_cga_moves_the_encoder_when_the_other_weights_are_zero(w_cga):
     model = tiny_w_model().train()
     force_prediction(model, NORMAL)
     batch = batch_of([NORMAL, NORMAL, NORMAL, ANOMALOUS])
-    config = TrainConfig(setting="w", batch_size=4, weights=LossWeights(w_r=0, w_adv=0, w_c=0, w_cga=w_cga))
+    config = TrainConfig(batch_size=4, weights=LossWeights(w_r=0, w_adv=0, w_c=0, w_cga=w_cga))
     before = [p.detach().clone() for p in model.encoder.parameters()]
     training_step(model, batch, *make_optimizers(model, config), config, class_weights_for(batch.labels.tolist()))
     moved = any(not torch.equal(b, p) for b, p in zip(before, model.encoder.parameters(), strict=True))
@@ -181,12 +179,12 @@ def test_inference_map_is_the_anomalous_grad_cam_only_where_c_says_anomalous():
     images = batch_of([NORMAL, NORMAL]).images
     attention = class_attention(model, model(images, sample=False), ANOMALOUS, create_graph=False)[:, 0]
     force_prediction(model, ANOMALOUS)
-    says_anomalous = infer_batch(model, images, "w")
+    says_anomalous = infer_batch(model, images)
     assert (says_anomalous.raw_scores > 0.99).all()
     np.testing.assert_allclose(says_anomalous.anomaly_maps, attention.numpy(), atol=1e-6)
     assert (says_anomalous.anomaly_maps > 0.5).any()
     force_prediction(model, NORMAL)
-    says_normal = infer_batch(model, images, "w")
+    says_normal = infer_batch(model, images)
     p = says_normal.raw_scores[:, None, None]
     np.testing.assert_allclose(says_normal.anomaly_maps, attention.numpy() * p, atol=1e-6)
     assert not (says_normal.anomaly_maps > 0.5).any()  # no mask where C says normal
@@ -310,7 +308,7 @@ def test_cli_trains_evaluates_and_predicts_with_weak_labels(tmp_path, capsys):
     assert main([*args, "--anomalous-count", "2", *tiny, "--device", "cpu", "--no-progress"]) == 0
     assert "2 anomalous image(s)" in capsys.readouterr().out
     config = json.loads((model_dir / "config.json").read_text())
-    assert config["train"]["setting"] == "w" and len(config["excluded_paths"]) == 2
+    assert config["model"]["setting"] == "w" and len(config["excluded_paths"]) == 2
     assert main(["evaluate", str(model_dir), str(root), "--category", "bottle", "--out", str(eval_dir)]) == 0
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     assert metrics["n_images"] == 4

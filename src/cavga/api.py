@@ -7,8 +7,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,16 +17,30 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from torch.utils.data import ConcatDataset
 
-from cavga import __version__
-from cavga.config import LossWeights, ModelConfig, TrainConfig, from_dict, to_dict
-from cavga.data import AnomalyDataset, DatasetSplits, Preprocess, Record, load_dataset, load_image
-from cavga.data.types import ANOMALOUS, NORMAL
+from cavga._version import __version__
+from cavga.config import LossWeights, ModelConfig, TrainConfig, from_dict, to_dict, upgrade_sections
+from cavga.data import AnomalyDataset, DatasetSplits, Preprocess, Record, load_dataset
+from cavga.data.io import ImageInput, list_images, to_pil
+from cavga.data.splits import (
+    DEFAULT_ANOMALOUS_FRACTION,
+    exclude_paths,
+    path_key,
+    sample_weak_labels,
+    split_calibration,
+    weak_training_set,
+)
+from cavga.data.types import ANOMALOUS
+from cavga.engine import distributed
+from cavga.engine.calibration import Calibration
+from cavga.engine.checkpoint import atomic_write
+from cavga.engine.infer import calibrate, check_anomaly_map, evaluate_outputs, infer_batch, infer_dataset
+from cavga.engine.runlog import RUN_FILE, read_run_file
+from cavga.engine.train import resolve_device, seed_everything, train
 from cavga.errors import ConfigError, DataError, ModelFileError
-from cavga.infer import THRESHOLD, Calibration, calibrate, evaluate_outputs, infer_batch, infer_dataset
-from cavga.models import build_model
-from cavga.train import resolve_device, seed_everything, train
+from cavga.metrics import THRESHOLD
+from cavga.model.networks import build_model
+from cavga.report.outputs import write_predictions
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +48,6 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 DEFAULT_IMAGE_SIZE = {"D": 64, "R": 128}
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
-DEFAULT_ANOMALOUS_FRACTION = 0.02  # the paper's CAVGA_w protocol: 2 % of the anomalous test images
-
-ImageInput = str | os.PathLike | np.ndarray | Image.Image
 
 
 @dataclass
@@ -96,21 +104,26 @@ class Cavga:
         anomalous_dir: str | os.PathLike | None = None,
         **options: Any,
     ) -> None:
+        # The arguments as given: what a run directory records, so that a resumed run rebuilds this estimator.
+        self.params = {"variant": variant, "setting": setting, "image_size": image_size, "channels": channels}
+        self.params |= {"calibration_quantile": calibration_quantile, "anomalous_fraction": anomalous_fraction}
+        self.params |= {"anomalous_count": anomalous_count, "anomalous_dir": anomalous_dir, **options}
         model_kw, train_kw, weight_kw = _split_options(options)
         self.model_config = ModelConfig(
             variant=variant,
+            setting=setting,
             image_size=image_size or DEFAULT_IMAGE_SIZE.get(variant, 64),
             channels=channels or 3,
-            weakly_supervised=setting == "w",
             **model_kw,
         )
         self.channels_given = channels is not None
-        self.train_config = TrainConfig(setting=setting, weights=LossWeights(**weight_kw), **train_kw)
+        self.train_config = TrainConfig(weights=LossWeights(**weight_kw), **train_kw)
         self.calibration_quantile = calibration_quantile
         self.anomalous_fraction = anomalous_fraction
         self.anomalous_count = anomalous_count
         self.anomalous_dir = str(anomalous_dir) if anomalous_dir is not None else None
         self.model_config.validate()
+        check_anomaly_map(self.model_config.anomaly_map)
         self.train_config.validate()
         _validate_weak_options(setting, anomalous_fraction, anomalous_count, self.anomalous_dir)
 
@@ -139,16 +152,19 @@ class Cavga:
         resume: bool = False,
         checkpoint_steps: int = 0,
         tensorboard: bool = False,
+        command: dict[str, Any] | None = None,
         **data_kwargs: Any,
     ) -> Cavga:
         """Train on the normal training images of ``data`` (a DatasetSplits or a dataset folder); setting "w"
         adds the labelled anomalous images described in the class docstring.
 
         ``run_dir`` keeps a training checkpoint (every ``checkpoint_steps`` steps, every ``checkpoint_every``
-        epochs, at the end), ``config.json`` and the log ``train.log``; ``resume=True`` continues exactly from
-        the checkpoint (same parameters and data). ``tensorboard=True`` also writes loss scalars and image grids
-        of inputs, reconstructions and anomaly maps to ``run_dir/tensorboard`` (``pip install
-        'cavga[tensorboard]'``)."""
+        epochs, at the end), ``run.json`` (this estimator's arguments, the data, the resolved configuration and
+        ``command``, e.g. the command line's own arguments) and the log ``train.log``; ``resume=True`` continues
+        exactly from the checkpoint (same parameters and data; :meth:`resume` rebuilds them from ``run.json``).
+        ``tensorboard=True`` also writes loss scalars and image grids of inputs, reconstructions and anomaly maps
+        to ``run_dir/tensorboard`` (``pip install 'cavga[tensorboard]'``). Under ``torchrun`` every process trains
+        its shard; ``is_main_process_`` says whether this one should write the results."""
         if tensorboard and run_dir is None:
             raise ConfigError("tensorboard=True needs a run_dir to write to")
         splits = self._load(data, **data_kwargs)
@@ -157,37 +173,78 @@ class Cavga:
         )
         self.excluded_paths_: list[str] = []
         weak_info: dict[str, Any] = {}
-        if self.train_config.setting == "w":
+        if self.model_config.setting == "w":
             anomalous, weak_info = self._weak_labels(splits)
             # Paper protocol: weak labels never count in an evaluation. Kept by resolved path, so that another
             # spelling of the folder still matches; anomalous_dir images are listed too, in case the folder
             # given is part of a test split.
-            self.excluded_paths_ = [_path_key(p) for p in anomalous.paths]
+            self.excluded_paths_ = [path_key(p) for p in anomalous.paths]
             train_set = weak_training_set(train_set, anomalous)
-        # Seeded here, not only in train(): the initial weights must follow the seed too (a fresh process's
-        # default torch seed is random), or two runs with one seed differ and a resumed run has no twin.
-        seed_everything(self.train_config.seed)
-        self.model_ = build_model(self.model_config)
-        start = time.perf_counter()
-        self.history_ = train(
-            self.model_,
-            train_set,
-            self.train_config,
-            progress=progress,
-            run_dir=run_dir,
-            resume=resume,
-            checkpoint_steps=checkpoint_steps,
-            tensorboard=tensorboard,
-        )
-        self.train_seconds_ = time.perf_counter() - start
-        self.calibration_ = calibrate(
-            self.model_, calibration_set, self.train_config.setting, self.calibration_quantile
-        )
+        run_info = None
+        if run_dir is not None:
+            # In-memory splits cannot be recorded: such a run resumes through fit(..., resume=True) only.
+            fit_args = {
+                "data": None if isinstance(data, DatasetSplits) else _resolved(data),
+                "data_kwargs": data_kwargs,
+            }
+            fit_args |= {"checkpoint_steps": checkpoint_steps, "tensorboard": tensorboard}
+            run_info = {"estimator": self.params, "fit": fit_args, "command": command}
+        # Under torchrun every rank runs this; the process group is joined once here and left after calibration.
+        ctx = distributed.setup(self.train_config.device)
+        try:
+            # Seeded here, not only in train(): the initial weights must follow the seed too (a fresh process's
+            # default torch seed is random), or two runs with one seed differ and a resumed run has no twin.
+            seed_everything(self.train_config.seed)
+            self.model_ = build_model(self.model_config)
+            start = time.perf_counter()
+            self.history_ = train(
+                self.model_,
+                train_set,
+                self.train_config,
+                progress=progress,
+                run_dir=run_dir,
+                resume=resume,
+                checkpoint_steps=checkpoint_steps,
+                tensorboard=tensorboard,
+                run_info=_jsonable(run_info) if run_info is not None else None,
+                ctx=ctx,
+            )
+            self.train_seconds_ = time.perf_counter() - start
+            self.calibration_ = calibrate(self.model_, calibration_set, self.calibration_quantile)
+        finally:
+            distributed.cleanup()
+        self.is_main_process_ = ctx.is_main
         self.preprocess_ = splits.train.preprocess
         self.data_info_ = {**splits.info, "n_train": len(train_set), "n_calibration": len(calibration_set)}
         if weak_info:
             self.data_info_["weak_labels"] = weak_info
         return self
+
+    @classmethod
+    def resume(
+        cls, run_dir: str | os.PathLike, epochs: int | None = None, device: str | None = None, progress: bool = True
+    ) -> Cavga:
+        """Continue the interrupted (or finished) run in ``run_dir`` exactly from its checkpoint, with the
+        estimator, data and options its ``run.json`` records; ``epochs`` may extend it, ``device`` move it."""
+        info = read_run_file(run_dir)
+        if "estimator" not in info or "fit" not in info:
+            raise ConfigError(f"{run_dir}: its {RUN_FILE} was written by an older cavga and cannot be resumed")
+        if info["fit"]["data"] is None:
+            raise ConfigError(f"{run_dir}: this run trained on in-memory data; resume it with fit(data, resume=True)")
+        params = dict(info["estimator"])
+        params |= {k: v for k, v in (("epochs", epochs), ("device", device)) if v is not None}
+        fit_args = info["fit"]
+        detector = cls(**params)
+        return detector.fit(
+            fit_args["data"],
+            progress=progress,
+            run_dir=run_dir,
+            resume=True,
+            checkpoint_steps=fit_args["checkpoint_steps"],
+            tensorboard=fit_args["tensorboard"],
+            command=info.get("command"),
+            **fit_args["data_kwargs"],
+        )
 
     def _weak_labels(self, splits: DatasetSplits) -> tuple[AnomalyDataset, dict[str, Any]]:
         """The labelled anomalous training images of setting "w" and a record of where they came from."""
@@ -224,7 +281,7 @@ class Cavga:
     def preprocess(self, image: ImageInput) -> np.ndarray:
         """The exact (C, H, W) float32 array the network takes for ``image`` (path, array or PIL image)."""
         self._check_fitted()
-        return self.preprocess_(_to_pil(image)).numpy()
+        return self.preprocess_(to_pil(image)).numpy()
 
     def predict(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 32) -> list[Prediction]:
         """Score and localize one image or a list of them (paths, numpy arrays HxW / HxWxC, PIL images)."""
@@ -233,18 +290,16 @@ class Cavga:
         results: list[Prediction] = []
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
-            pils = [_to_pil(item) for item in chunk]
+            pils = [to_pil(item) for item in chunk]
             batch = torch.stack([self.preprocess_(p) for p in pils]).to(self.device)
-            outputs = infer_batch(self.model_, batch, self.train_config.setting, self.calibration_)
-            scores = self.calibration_.normalize(outputs.raw_scores)
+            outputs = infer_batch(self.model_, batch, self.calibration_)
             for i, item in enumerate(chunk):
-                amap = outputs.anomaly_maps[i].astype(np.float32)
                 results.append(
                     Prediction(
-                        score=float(scores[i]),
-                        label=int(scores[i] > THRESHOLD),
-                        anomaly_map=amap,
-                        mask=amap > THRESHOLD,
+                        score=float(outputs.scores[i]),
+                        label=int(outputs.scores[i] > THRESHOLD),
+                        anomaly_map=outputs.anomaly_maps[i].astype(np.float32),
+                        mask=outputs.masks[i],
                         raw_score=float(outputs.raw_scores[i]),
                         path=str(item) if isinstance(item, (str, os.PathLike)) else None,
                         original_size=pils[i].size,
@@ -269,7 +324,7 @@ class Cavga:
                 "the training data under another path, those images now count in the metrics",
                 len(excluded),
             )
-        outputs = infer_dataset(self.model_, test, self.train_config.setting, calibration=self.calibration_)
+        outputs = infer_dataset(self.model_, test, calibration=self.calibration_)
         self.last_outputs_ = outputs
         result = evaluate_outputs(outputs, self.calibration_)
         if excluded:
@@ -301,18 +356,46 @@ class Cavga:
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``path/model.safetensors`` and ``path/config.json`` atomically (a crash leaves the old model)."""
         self._check_fitted()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+
+        def write(tmp: str) -> None:
             state = {k: v.detach().cpu().contiguous() for k, v in self.model_.state_dict().items()}
-            save_file(state, str(tmp / WEIGHTS_FILE))
-            (tmp / CONFIG_FILE).write_text(json.dumps(self.config_dict(), indent=2) + "\n")
-            _replace_dir(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
+            save_file(state, str(Path(tmp) / WEIGHTS_FILE))
+            (Path(tmp) / CONFIG_FILE).write_text(json.dumps(self.config_dict(), indent=2) + "\n")
+
+        return atomic_write(path, write, directory=True)
+
+    @classmethod
+    def from_config_dict(
+        cls, config: dict, state: dict[str, torch.Tensor], device: str = "auto", source: Any = "weights"
+    ) -> Cavga:
+        """The fitted estimator that :meth:`config_dict` and the weights ``state`` describe (the inverse of
+        :meth:`save`). Config files written before the setting moved into the model section are migrated."""
+        model_section, train_section = upgrade_sections(config["model"], config["train"])
+        model_config = from_dict(ModelConfig, model_section)
+        train_config = from_dict(TrainConfig, train_section)
+        options = {**to_dict(model_config), **to_dict(train_config), **to_dict(train_config.weights)}
+        del options["weights"]
+        weak = config.get("weak_supervision", {})
+        detector = cls(
+            calibration_quantile=config.get("calibration_quantile", 0.95),
+            anomalous_fraction=weak.get("anomalous_fraction"),
+            anomalous_count=weak.get("anomalous_count"),
+            anomalous_dir=weak.get("anomalous_dir"),
+            **options,
+        )
+        model = build_model(dataclasses.replace(model_config, encoder_weights=None))
+        try:
+            model.load_state_dict(state, strict=True)
+        except Exception as exc:  # a missing, extra or misshapen tensor
+            raise ModelFileError(f"{source}: not safetensors weights that match config.json ({exc})") from exc
+        detector.model_ = model.to(resolve_device(device)).eval()
+        detector.preprocess_ = Preprocess.from_dict(config["preprocess"])
+        detector.calibration_ = Calibration.from_dict(config["calibration"])
+        detector.data_info_ = config.get("data", {})
+        detector.excluded_paths_ = config.get("excluded_paths", [])
+        detector.history_ = config.get("history", [])
+        detector.train_seconds_ = config.get("train_seconds")
+        return detector
 
 
 def load(path: str | os.PathLike, device: str = "auto") -> Cavga:
@@ -330,103 +413,40 @@ def load(path: str | os.PathLike, device: str = "auto") -> Cavga:
         raise ModelFileError(
             f"{config_path}: format_version {config.get('format_version')!r}, this cavga reads {FORMAT_VERSION}"
         )
-    model_config = from_dict(ModelConfig, config["model"])
-    train_config = from_dict(TrainConfig, config["train"])
-    detector = Cavga.__new__(Cavga)
-    detector.model_config = model_config
-    detector.train_config = train_config
-    detector.channels_given = True
-    detector.calibration_quantile = config.get("calibration_quantile", 0.95)
-    weak = config.get("weak_supervision", {})
-    detector.anomalous_fraction = weak.get("anomalous_fraction")
-    detector.anomalous_count = weak.get("anomalous_count")
-    detector.anomalous_dir = weak.get("anomalous_dir")
-    model = build_model(dataclasses.replace(model_config, encoder_weights=None))
     try:
         state = load_file(str(weights_path))
-        model.load_state_dict(state, strict=True)
     except Exception as exc:  # safetensors has its own error type for a file that is not safetensors (a pickle)
         raise ModelFileError(f"{weights_path}: not safetensors weights that match config.json ({exc})") from exc
-    detector.model_ = model.to(resolve_device(device)).eval()
-    detector.preprocess_ = Preprocess.from_dict(config["preprocess"])
-    detector.calibration_ = Calibration.from_dict(config["calibration"])
-    detector.data_info_ = config.get("data", {})
-    detector.excluded_paths_ = config.get("excluded_paths", [])
-    detector.history_ = config.get("history", [])
-    detector.train_seconds_ = config.get("train_seconds")
-    return detector
+    return Cavga.from_config_dict(config, state, device=device, source=weights_path)
 
 
-def split_calibration(dataset: AnomalyDataset, fraction: float, seed: int) -> tuple[AnomalyDataset, AnomalyDataset]:
-    """Hold out a seeded slice of the NORMAL training images for calibration (never test images)."""
-    normal = [i for i, label in enumerate(dataset.labels) if label == NORMAL]
-    others = [i for i, label in enumerate(dataset.labels) if label != NORMAL]
-    if len(normal) < 2:
-        raise DataError(f"need at least 2 normal training images (one to train, one to calibrate), got {len(normal)}")
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(normal))
-    n_cal = min(max(1, round(fraction * len(normal))), len(normal) - 1)
-    cal = sorted(normal[i] for i in order[:n_cal])
-    fit = sorted([normal[i] for i in order[n_cal:]] + others)
-    return dataset.subset(fit), dataset.subset(cal)
+def predict_folder(
+    model: Cavga | str | os.PathLike,
+    inputs: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    batch_size: int = 32,
+) -> int | None:
+    """Predict the images in ``inputs`` (files and folders) with ``model`` (a fitted Cavga or a model directory)
+    and write heat maps, masks, overlays and ``predictions.jsonl`` to ``out``; returns the number of images.
 
-
-def sample_weak_labels(
-    test: AnomalyDataset,
-    fraction: float | None = DEFAULT_ANOMALOUS_FRACTION,
-    count: int | None = None,
-    seed: int = 0,
-) -> list[int]:
-    """Indices into ``test`` of a seeded random sample of its ANOMALOUS images (CAVGA_w's weak labels).
-
-    ``count`` images when given, else ``round(fraction * n_anomalous)`` and at least one. Drawn without
-    replacement by ``numpy.random.default_rng(seed)`` from the anomalous images in dataset order; ascending.
-    """
-    anomalous = [i for i, label in enumerate(test.labels) if label == ANOMALOUS]
-    if not anomalous:
-        raise DataError("setting 'w' needs labelled anomalous images: the test split has none (use anomalous_dir)")
-    if count is None:
-        if fraction is None or not 0.0 < fraction <= 1.0:
-            raise ConfigError(f"anomalous_fraction must lie in (0, 1], got {fraction}")
-        count = max(1, round(fraction * len(anomalous)))
-    if not 1 <= count <= len(anomalous):
-        raise ConfigError(f"anomalous_count must lie in [1, {len(anomalous)}] (the test split's anomalous images)")
-    chosen = np.random.default_rng(seed).choice(len(anomalous), size=count, replace=False)
-    return sorted(anomalous[int(i)] for i in chosen)
-
-
-class LabelledConcat(ConcatDataset):
-    """Datasets one after the other, with the ``labels`` and ``paths`` that training reads."""
-
-    @property
-    def labels(self) -> list[int]:
-        return [label for part in self.datasets for label in part.labels]
-
-    @property
-    def paths(self) -> list[str]:
-        return [path for part in self.datasets for path in part.paths]
-
-
-def weak_training_set(normal: AnomalyDataset, anomalous: AnomalyDataset) -> LabelledConcat:
-    """CAVGA_w's training set: the normal training images, then the anomalous ones as labels only.
-
-    The anomalous records lose their masks (weak supervision never sees pixel ground truth) and are read with
-    the normal images' preprocessing.
-    """
-    labels_only = [dataclasses.replace(r, label=ANOMALOUS, mask=None, zero_mask=False) for r in anomalous.records]
-    return LabelledConcat([normal, AnomalyDataset(labels_only, normal.preprocess, anomalous.array)])
-
-
-def _path_key(path: str) -> str:
-    return os.path.realpath(path)
-
-
-def exclude_paths(dataset: AnomalyDataset, paths: Sequence[str]) -> AnomalyDataset:
-    """``dataset`` without the images at ``paths`` (compared as resolved paths)."""
-    if not paths:
-        return dataset
-    excluded = {_path_key(p) for p in paths}
-    return dataset.subset([i for i, p in enumerate(dataset.paths) if _path_key(p) not in excluded])
+    Under ``torchrun`` each process predicts every world_size-th file and rank 0 merges the outputs in input
+    order; the other processes return None."""
+    out = Path(out)
+    ctx = distributed.setup()  # before loading: on CUDA it picks this process's GPU
+    detector = model if isinstance(model, Cavga) else load(model)
+    files = list_images(inputs)
+    if not ctx.enabled:
+        write_predictions(detector, files, out, batch_size=batch_size)
+        return len(files)
+    try:
+        shard = distributed.shard_dir(out, ctx.rank)
+        write_predictions(detector, distributed.shard(files, ctx), shard, batch_size=batch_size)
+        distributed.barrier()
+        if ctx.is_main:
+            distributed.merge_prediction_shards(out, files, ctx.world_size)
+    finally:
+        distributed.cleanup()
+    return len(files) if ctx.is_main else None
 
 
 def _validate_weak_options(setting: str, fraction: float | None, count: int | None, directory: str | None) -> None:
@@ -445,51 +465,6 @@ def _validate_weak_options(setting: str, fraction: float | None, count: int | No
         raise ConfigError(f"anomalous_count must be an integer >= 1, got {count!r}")
 
 
-def list_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Expand files and folders (recursively, sorted) into image files; name what is missing."""
-    files: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
-            if not found:
-                raise DataError(f"{p}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-            files.extend(found)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise DataError(f"{p}: no such file or folder")
-    return files
-
-
-def _to_pil(image: ImageInput) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image
-    if isinstance(image, np.ndarray):
-        array = image
-        if array.dtype != np.uint8:
-            if array.size and (np.nanmin(array) < 0 or np.nanmax(array) > 1):
-                raise DataError(f"a float image array must lie in [0, 1], got range [{array.min()}, {array.max()}]")
-            array = np.round(np.nan_to_num(array) * 255).astype(np.uint8)
-        if array.ndim == 3 and array.shape[2] == 1:
-            array = array[:, :, 0]
-        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
-            raise DataError(f"an image array must be HxW, HxWx1, HxWx3 or HxWx4, got shape {array.shape}")
-        return Image.fromarray(array).convert("RGB") if array.ndim == 3 else Image.fromarray(array)
-    return load_image(image)
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Swap ``new`` into place of ``target`` so that a reader never sees a half-written model."""
-    if target.exists():
-        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, backup)
-        os.replace(new, target)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.replace(new, target)
-
-
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
@@ -500,3 +475,7 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (np.integer, np.floating)):
         return value.item()
     return value
+
+
+def _resolved(data: str | os.PathLike) -> str:
+    return str(Path(data).resolve())

@@ -4,8 +4,8 @@ A plain convolutional autoencoder with a 100-d bottleneck, trained on the normal
 the per-pixel L2 loss (AE-L2) or the SSIM loss (AE-SSIM). The anomaly map is the per-pixel squared L2 residual
 resp. 1 - local SSIM between the image and its reconstruction; the image score is the mean of the map's top
 1 %. Both are calibrated like CAVGA_u: on a seeded held-out slice of the normal training images only
-(:func:`cavga.infer.fit_calibration` for scores; the ``MAP_QUANTILE`` quantile of the normal pixels maps to
-0.5 for the map), then thresholded at 0.5 and scored with :func:`cavga.infer.evaluate_outputs`.
+(:func:`cavga.engine.calibration.fit_calibration` for scores; the ``MAP_QUANTILE`` quantile of the normal pixels maps to
+0.5 for the map), then thresholded at 0.5 and scored with :func:`cavga.engine.infer.evaluate_outputs`.
 """
 
 from __future__ import annotations
@@ -20,20 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from cavga.api import split_calibration
 from cavga.data import DatasetSplits
+from cavga.data.splits import split_calibration
 from cavga.data.types import collate_samples
+from cavga.engine.calibration import MAP_QUANTILE, Calibration, fit_calibration
+from cavga.engine.infer import BatchOutputs, DatasetOutputs, collect_outputs, evaluate_outputs, top_mean
+from cavga.engine.train import resolve_device, seed_everything
 from cavga.errors import ConfigError
-from cavga.infer import (
-    MAP_QUANTILE,
-    BatchOutputs,
-    Calibration,
-    DatasetOutputs,
-    collect_outputs,
-    evaluate_outputs,
-    fit_calibration,
-)
-from cavga.train import resolve_device, seed_everything
 
 KINDS = ("l2", "ssim")
 SSIM_WINDOW = 11  # Bergmann et al. and Wang et al. (2004): 11 x 11 Gaussian window, sigma 1.5
@@ -141,13 +134,6 @@ def residual(kind: str, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}")
 
 
-def top_mean(maps: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Per image, the mean of the largest ``fraction`` of the map's pixels (at least one)."""
-    flat = maps.flatten(1)
-    k = max(1, math.ceil(fraction * flat.shape[1]))
-    return flat.topk(k, dim=1).values.mean(1)
-
-
 class AutoencoderBaseline:
     """AE-L2 / AE-SSIM with the same ``fit`` / ``evaluate`` shape as :class:`cavga.Cavga` (DatasetSplits only)."""
 
@@ -215,7 +201,7 @@ class AutoencoderBaseline:
         return collect_outputs(dataset, run_batch, batch_size=32, device=device)
 
     def evaluate(self, splits: DatasetSplits) -> dict:
-        """The metrics of :func:`cavga.infer.evaluate_outputs` on the test split of ``splits``."""
+        """The metrics of :func:`cavga.engine.infer.evaluate_outputs` on the test split of ``splits``."""
         if not hasattr(self, "model_"):
             raise ConfigError("this baseline is not fitted yet: call fit()")
         self.last_outputs_ = self._infer(splits.test, self.calibration_)

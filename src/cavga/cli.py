@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from cavga import __version__
+from cavga._version import __version__
 from cavga.errors import CavgaError, ConfigError
 
 DATA_FORMATS = ("mvtec", "pairs", "magnetic_tile", "folders", "folder", "oneclass", "video")
@@ -40,6 +40,96 @@ def _data_kwargs(args: argparse.Namespace) -> dict:
     return kwargs
 
 
+# Options the estimator resolves itself when left out (so their flags default to None, not the dataclass value).
+RESOLVED_BY_THE_ESTIMATOR = {
+    "image_size": "64 for variant D, 128 for R",
+    "channels": "read from the images",
+}
+_FLAG_TYPES = {"int": int, "float": float, "str": str, "str | None": str}
+
+
+def config_fields() -> list[dataclasses.Field]:
+    """Every field a user may set in ``cavga train``: ModelConfig, TrainConfig (but its nested weights) and
+    LossWeights. Each gets the flag ``--field-name`` with the dataclass default and the field's help line."""
+    from cavga.config import LossWeights, ModelConfig, TrainConfig
+
+    fields = [*dataclasses.fields(ModelConfig), *dataclasses.fields(TrainConfig), *dataclasses.fields(LossWeights)]
+    return [f for f in fields if f.name != "weights"]
+
+
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("model and training options (the fields of ModelConfig, TrainConfig, LossWeights)")
+    for f in config_fields():
+        flag = "--" + f.name.replace("_", "-")
+        meta = f.metadata
+        if f.type == "bool":
+            group.add_argument(flag, action="store_true", default=f.default, help=meta["help"])
+            continue
+        default = None if f.name in RESOLVED_BY_THE_ESTIMATOR else f.default
+        shown = RESOLVED_BY_THE_ESTIMATOR.get(f.name, f.default)
+        group.add_argument(
+            flag,
+            type=_FLAG_TYPES[f.type],
+            default=default,
+            choices=meta.get("choices"),
+            help=f"{meta['help']} (default: {shown})",
+        )
+
+
+def _config_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+    """The config options given on the command line (those that differ from their flag's default)."""
+    return {
+        f.name: getattr(args, f.name) for f in config_fields() if getattr(args, f.name) != parser.get_default(f.name)
+    }
+
+
+def train_options() -> argparse.ArgumentParser:
+    """The options of ``cavga train`` (a parent parser: its defaults are what "not given" means)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("data", type=Path, nargs="?", help="dataset folder (left out with --resume)")
+    p.add_argument("--out", type=Path, default=None, help="model directory to write")
+    p.add_argument(
+        "--run-dir",
+        type=Path,
+        default=None,
+        help="folder for run.json, train.log, the checkpoint and TensorBoard files "
+        "(default: OUT.run beside the model directory)",
+    )
+    p.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="write loss scalars and image grids (inputs, reconstructions, anomaly maps) to RUN_DIR/tensorboard "
+        "(needs: pip install 'cavga[tensorboard]')",
+    )
+    p.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="continue an interrupted run exactly from RUN_DIR's checkpoint, with its own settings "
+        "(only --epochs, --device and --no-progress may be given)",
+    )
+    p.add_argument("--checkpoint-steps", type=int, default=0, help="write the checkpoint every N steps")
+    _add_data_options(p)
+    weak = p.add_mutually_exclusive_group()
+    weak.add_argument(
+        "--anomalous-fraction",
+        type=float,
+        default=None,
+        help="setting w: share of the test split's anomalous images used as labels (default 0.02, >= 1 image); "
+        "they are left out of every evaluation",
+    )
+    weak.add_argument(
+        "--anomalous-count", type=int, default=None, help="setting w: this many anomalous test images instead"
+    )
+    weak.add_argument(
+        "--anomalous-dir", type=Path, default=None, help="setting w: your own labelled defect images (a folder)"
+    )
+    _add_config_options(p)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cavga",
@@ -60,62 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--categories", nargs="+", default=None, help="demo categories to run (default: all)")
     p.add_argument("--no-progress", action="store_true")
 
-    p = sub.add_parser("train", help="train a model on a dataset folder (also under torchrun)")
-    p.add_argument("data", type=Path, nargs="?", help="dataset folder (left out with --resume)")
-    p.add_argument("--out", type=Path, default=None, help="model directory to write")
-    p.add_argument(
-        "--run-dir",
-        type=Path,
-        default=None,
-        help="folder for run.json, config.json, train.log, the checkpoint and TensorBoard files "
-        "(default: OUT.run beside the model directory)",
-    )
-    p.add_argument(
-        "--tensorboard",
-        action="store_true",
-        help="write loss scalars and image grids (inputs, reconstructions, anomaly maps) to RUN_DIR/tensorboard "
-        "(needs: pip install 'cavga[tensorboard]')",
-    )
-    p.add_argument(
-        "--resume",
-        type=Path,
-        default=None,
-        metavar="RUN_DIR",
-        help="continue an interrupted run exactly from RUN_DIR's checkpoint, with its own settings "
-        "(only --epochs, --device and --no-progress may be given)",
-    )
-    p.add_argument("--checkpoint-steps", type=int, default=0, help="write the checkpoint every N steps")
-    p.add_argument("--checkpoint-every", type=int, default=None, help="write the checkpoint every N epochs")
-    _add_data_options(p)
-    p.add_argument("--variant", choices=("D", "R"), default="D")
-    p.add_argument("--setting", choices=("u", "w"), default="u", help="u: normal images only; w: weakly supervised")
-    weak = p.add_mutually_exclusive_group()
-    weak.add_argument(
-        "--anomalous-fraction",
-        type=float,
-        default=None,
-        help="setting w: share of the test split's anomalous images used as labels (default 0.02, >= 1 image); "
-        "they are left out of every evaluation",
-    )
-    weak.add_argument(
-        "--anomalous-count", type=int, default=None, help="setting w: this many anomalous test images instead"
-    )
-    weak.add_argument(
-        "--anomalous-dir", type=Path, default=None, help="setting w: your own labelled defect images (a folder)"
-    )
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--channels", type=int, choices=(1, 3), default=None)
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1 ...")
-    p.add_argument("--latent-channels", type=int, default=None)
-    p.add_argument("--width", type=int, default=None, help="base channel width of the networks")
-    p.add_argument("--encoder-weights", default=None, help="CAVGA-R: local torchvision ResNet-18 state dict")
-    p.add_argument("--gradcam-layer", choices=("latent_input", "encoder_mid"), default=None)
-    p.add_argument("--w-ae", type=float, default=None)
-    p.add_argument("--no-progress", action="store_true")
+    sub.add_parser("train", parents=[train_options()], help="train a model on a dataset folder (also under torchrun)")
 
     p = sub.add_parser("predict", help="score and localize images with a saved model")
     p.add_argument("model", type=Path)
@@ -188,29 +223,8 @@ def cmd_make_data(args: argparse.Namespace) -> int:
     return 0
 
 
-RUN_FILE = "run.json"
 _RESUME_OVERRIDES = ("epochs", "device", "no_progress", "verbose", "resume", "command")
 _PATH_ARGS = ("data", "out", "run_dir", "anomalous_dir")
-
-
-def _resume_args(args: argparse.Namespace) -> argparse.Namespace:
-    """The arguments of the run in ``args.resume`` (its run.json), with the few allowed overrides."""
-    run_file = args.resume / RUN_FILE
-    if not run_file.is_file():
-        raise ConfigError(f"{args.resume} is not a cavga run directory ({RUN_FILE} is missing)")
-    saved = json.loads(run_file.read_text())
-    defaults = vars(build_parser().parse_args(["train", "--resume", str(args.resume)]))
-    given = sorted(k for k, v in vars(args).items() if k not in _RESUME_OVERRIDES and v != defaults.get(k))
-    if given:
-        raise ConfigError(f"--resume takes the run's own settings; do not give {', '.join(given)}")
-    merged = {**saved, **{k: getattr(args, k) for k in _RESUME_OVERRIDES if k != "epochs"}}
-    if args.epochs is not None:
-        merged["epochs"] = args.epochs
-    merged["device"] = args.device if args.device is not None else saved.get("device")
-    for key in _PATH_ARGS:
-        merged[key] = Path(merged[key]) if merged.get(key) is not None else None
-    merged["run_dir"] = args.resume
-    return argparse.Namespace(**merged)
 
 
 def default_run_dir(out: Path) -> Path:
@@ -220,76 +234,64 @@ def default_run_dir(out: Path) -> Path:
     return out.with_name(out.name + ".run")
 
 
-def _write_run_file(args: argparse.Namespace) -> None:
-    args.run_dir.mkdir(parents=True, exist_ok=True)
+def _command_args(args: argparse.Namespace) -> dict:
+    """The command's own arguments as run.json records them (paths resolved)."""
     saved = {k: v for k, v in vars(args).items() if k not in ("resume", "no_progress", "verbose", "command")}
     for key in _PATH_ARGS:
         if saved.get(key) is not None:
             saved[key] = str(Path(saved[key]).resolve())
-    (args.run_dir / RUN_FILE).write_text(json.dumps(saved, indent=2) + "\n")
+    return saved
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from cavga import distributed
-    from cavga.api import Cavga
+    from cavga.api import Cavga, read_run_file
 
-    resume = args.resume is not None
-    if resume:
-        args = _resume_args(args)
-    elif args.data is None or args.out is None:
-        raise ConfigError("train needs DATA and --out (or --resume RUN_DIR)")
-    elif args.run_dir is None:
-        args.run_dir = default_run_dir(args.out)
-    options = {
-        key: value
-        for key, value in {
-            "epochs": args.epochs,
-            "batch_size": args.batch_size,
-            "lr": args.lr,
-            "seed": args.seed,
-            "device": args.device,
-            "latent_channels": args.latent_channels,
-            "width": args.width,
-            "encoder_weights": args.encoder_weights,
-            "gradcam_layer": args.gradcam_layer,
-            "w_ae": args.w_ae,
-            "checkpoint_every": args.checkpoint_every,
-        }.items()
-        if value is not None
-    }
-    detector = Cavga(
-        args.variant,
-        args.setting,
-        image_size=args.image_size,
-        channels=args.channels,
-        anomalous_fraction=args.anomalous_fraction,
-        anomalous_count=args.anomalous_count,
-        anomalous_dir=args.anomalous_dir,
-        **options,
-    )
-    # Under torchrun every rank runs this command; only rank 0 writes files and prints.
-    ctx = distributed.setup(args.device or "auto")
-    if not resume and ctx.is_main:
-        _write_run_file(args)
+    parser = train_options()
     start = time.perf_counter()
-    try:
+    progress = not args.no_progress
+    if args.resume is not None:
+        allowed = set(_RESUME_OVERRIDES)
+        given = sorted(k for k, v in vars(args).items() if k not in allowed and v != parser.get_default(k))
+        if given:
+            raise ConfigError(f"--resume takes the run's own settings; do not give {', '.join(given)}")
+        command = read_run_file(args.resume).get("command") or {}
+        if command.get("out") is None:
+            raise ConfigError(f"{args.resume}: not a run of the cavga train command (its run.json names no --out)")
+        epochs = args.epochs if args.epochs != parser.get_default("epochs") else None
+        device = args.device if args.device != parser.get_default("device") else None
+        detector = Cavga.resume(args.resume, epochs=epochs, device=device, progress=progress)
+        out, run_dir = Path(command["out"]), args.resume
+    else:
+        if args.data is None or args.out is None:
+            raise ConfigError("train needs DATA and --out (or --resume RUN_DIR)")
+        run_dir = args.run_dir if args.run_dir is not None else default_run_dir(args.out)
+        args.run_dir = run_dir
+        detector = Cavga(
+            image_size=args.image_size,
+            channels=args.channels,
+            anomalous_fraction=args.anomalous_fraction,
+            anomalous_count=args.anomalous_count,
+            anomalous_dir=args.anomalous_dir,
+            **{k: v for k, v in _config_options(args, parser).items() if k not in ("image_size", "channels")},
+        )
         detector.fit(
             args.data,
-            progress=not args.no_progress,
-            run_dir=args.run_dir,
-            resume=resume,
+            progress=progress,
+            run_dir=run_dir,
             checkpoint_steps=args.checkpoint_steps,
-            tensorboard=getattr(args, "tensorboard", False),  # run.json of an older cavga lacks it
+            tensorboard=args.tensorboard,
+            command=_command_args(args),
             **_data_kwargs(args),
         )
-    finally:
-        distributed.cleanup()
-    if not ctx.is_main:
+        out = args.out
+    # Under torchrun every rank runs this command; only rank 0 writes the model and prints.
+    if not detector.is_main_process_:
         return 0
-    detector.save(args.out)
-    print(f"trained CAVGA-{args.variant}_{args.setting} in {time.perf_counter() - start:.1f} s; saved to {args.out}")
-    print(f"run directory (log, checkpoint; --resume it to train longer): {args.run_dir}")
-    if args.setting == "w":
+    detector.save(out)
+    cfg = detector.model_config
+    print(f"trained CAVGA-{cfg.variant}_{cfg.setting} in {time.perf_counter() - start:.1f} s; saved to {out}")
+    print(f"run directory (log, checkpoint; --resume it to train longer): {run_dir}")
+    if cfg.setting == "w":
         weak = detector.data_info_["weak_labels"]
         where = weak["dir"] if weak["source"] == "dir" else "the test split (left out of every evaluation)"
         print(f"weak labels: {weak['n_anomalous']} anomalous image(s) from {where}")
@@ -297,34 +299,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from cavga import distributed
-    from cavga.api import list_images, load
-    from cavga.outputs import write_predictions
+    from cavga.api import predict_folder
 
-    ctx = distributed.setup()
-    detector = load(args.model)
-    files = list_images(args.inputs)
-    if not ctx.enabled:
-        write_predictions(detector, files, args.out, batch_size=args.batch_size)
-    else:
-        # Under torchrun each rank predicts every world_size-th file; rank 0 merges the outputs in input order.
-        try:
-            shard = distributed.shard_dir(args.out, ctx.rank)
-            write_predictions(detector, distributed.shard(files, ctx), shard, batch_size=args.batch_size)
-            distributed.barrier()
-            if ctx.is_main:
-                distributed.merge_prediction_shards(args.out, files, ctx.world_size)
-        finally:
-            distributed.cleanup()
-        if not ctx.is_main:
-            return 0
-    print(f"wrote predictions for {len(files)} images to {args.out / 'predictions.jsonl'}")
+    n_files = predict_folder(args.model, args.inputs, args.out, batch_size=args.batch_size)
+    if n_files is not None:  # None: a torchrun process other than rank 0
+        print(f"wrote predictions for {n_files} images to {args.out / 'predictions.jsonl'}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from cavga.api import load
-    from cavga.outputs import format_metrics_table
+    from cavga.report.outputs import format_metrics_table
 
     detector = load(args.model)
     result = detector.evaluate(args.data, **_data_kwargs(args))
@@ -333,8 +318,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(format_metrics_table({"model": result}))
     print(f"wrote {args.out / 'metrics.json'}")
     if not args.no_report:
-        from cavga.outputs import write_evaluation
-        from cavga.report import write_report
+        from cavga.report.html import write_report
+        from cavga.report.outputs import write_evaluation
 
         write_evaluation(detector.last_outputs_, detector.calibration_, args.out)
         print(f"wrote overlays and {args.out / 'predictions.jsonl'}; report: {write_report(args.out)}")
@@ -342,7 +327,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from cavga.report import write_report
+    from cavga.report.html import write_report
 
     print(f"wrote {write_report(args.run_dir, args.out, title=args.title, embed=args.embed)}")
     return 0

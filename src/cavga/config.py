@@ -8,34 +8,57 @@ from typing import Any
 
 from cavga.errors import ConfigError
 
+SETTINGS = ("u", "w")
+VARIANTS = ("D", "R")
+ANOMALY_MAPS = ("attention", "residual")
+
+
+def _option(default: Any, help: str, choices: tuple | None = None) -> Any:
+    """A config field with its default and the help line (and choices) its ``cavga train`` flag shows."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
 
 @dataclass
 class ModelConfig:
     """Architecture of one CAVGA network (paper section 4, "Architecture details"; SPEC 1.3)."""
 
-    variant: str = "D"  # "D": DCGAN encoder/decoder; "R": ResNet-18 trunk + residual decoder
-    image_size: int = 64  # D: 32 or 64; R: any multiple of 32 (128 or 256 in the paper's spirit)
-    channels: int = 3  # 1 (grayscale) or 3 (RGB)
-    latent_channels: int = 64  # C_z of the convolutional latent z (C_z x h x w)
-    latent_stride: int = 8  # image_size / h of z; D: 8 or 16; R: 32 (the ResNet-18 trunk)
-    width: int = 64  # base channel count (DCGAN's ndf/ngf); smaller values make tiny test models
-    flatten_latent: bool = False  # Table 8's `*` models: a 100-d fully connected latent instead of conv z
-    flat_latent_dim: int = 100
-    encoder_weights: str | None = None  # R only: local torchvision-format ResNet-18 state dict (never downloaded)
-    weakly_supervised: bool = False  # adds the classifier C on flattened z (CAVGA_w, paper 3.2)
-    gradcam_layer: str = "latent_input"  # "latent_input": the map feeding the mu/logvar heads; "encoder_mid"
-    gradcam_target: str = "sum_mu"  # unsupervised target score; public re-implementations use sum(mu)
-    gradcam_normalization: str = "max"  # "max": relu(cam)/max; "minmax": (cam-min)/(max-min), per image
+    variant: str = _option("D", "D: DCGAN encoder/decoder; R: ResNet-18 trunk and residual decoder", choices=VARIANTS)
+    image_size: int = _option(64, "input side in pixels; D: 32 or 64, R: a multiple of 32 (>= 64)")
+    channels: int = _option(3, "1 (grayscale) or 3 (RGB)", choices=(1, 3))
+    latent_channels: int = _option(64, "C_z, channels of the convolutional latent z (C_z x h x w)")
+    latent_stride: int = _option(8, "image_size / h of z; D: 8 or 16 (R: fixed at 32 by the ResNet-18 trunk)")
+    width: int = _option(64, "base channel width of the networks (DCGAN's ndf/ngf)")
+    flatten_latent: bool = _option(False, "Table 8's * models: a fully connected latent instead of conv z")
+    flat_latent_dim: int = _option(100, "size of the flattened latent (flatten_latent only)")
+    encoder_weights: str | None = _option(None, "CAVGA-R: a local torchvision ResNet-18 state dict (never downloaded)")
+    # The setting decides the network too: CAVGA_w adds the classifier C on the flattened z (paper 3.2).
+    setting: str = _option("u", "u: normal images only (CAVGA_u); w: weakly supervised (CAVGA_w)", choices=SETTINGS)
+    gradcam_layer: str = _option(
+        "latent_input", "Grad-CAM feature map: the one feeding the latent heads, or the encoder's middle one",
+        choices=("latent_input", "encoder_mid"),
+    )  # fmt: skip
+    gradcam_target: str = _option(
+        "sum_mu", "CAVGA_u Grad-CAM target score (public re-implementations use sum(mu))", choices=("sum_mu", "sum_z")
+    )
+    gradcam_normalization: str = _option(
+        "max", "per-image attention normalization: relu(cam)/max or (cam-min)/(max-min)", choices=("max", "minmax")
+    )
     # Inference choices, stored with the model. The paper scores an image by "the pixel-wise difference" between x and
     # x_hat without saying how it is aggregated: "top_mean" (default) averages the largest `score_top_fraction` of
     # the blurred residual map, "mean" the whole residual. The anomaly map is the paper's 1 - A ("attention") or,
     # as a documented alternative, the blurred residual calibrated on normal images ("residual").
-    score: str = "top_mean"
-    score_top_fraction: float = 0.01
-    anomaly_map: str = "attention"
+    score: str = _option("top_mean", "CAVGA_u anomaly score: mean of the top fraction of the blurred residual, or "
+                         "the mean residual", choices=("top_mean", "mean"))  # fmt: skip
+    score_top_fraction: float = _option(0.01, "share of the residual's pixels that score='top_mean' averages")
+    anomaly_map: str = _option(
+        "attention", "CAVGA_u anomaly map: the paper's 1 - A, or the calibrated residual |x - x_hat|",
+        choices=ANOMALY_MAPS,
+    )  # fmt: skip
 
     def validate(self) -> None:
-        if self.variant not in ("D", "R"):
+        if self.setting not in SETTINGS:
+            raise ConfigError(f"setting must be 'u' or 'w', got {self.setting!r}")
+        if self.variant not in VARIANTS:
             raise ConfigError(f"variant must be 'D' or 'R', got {self.variant!r}")
         if self.channels not in (1, 3):
             raise ConfigError(f"channels must be 1 or 3, got {self.channels!r}")
@@ -51,7 +74,7 @@ class ModelConfig:
             raise ConfigError(f"score must be 'top_mean' or 'mean', got {self.score!r}")
         if not 0.0 < self.score_top_fraction <= 1.0:
             raise ConfigError(f"score_top_fraction must lie in (0, 1], got {self.score_top_fraction}")
-        if self.anomaly_map not in ("attention", "residual"):
+        if self.anomaly_map not in ANOMALY_MAPS:
             raise ConfigError(f"anomaly_map must be 'attention' or 'residual', got {self.anomaly_map!r}")
         for name in ("latent_channels", "latent_stride", "width", "flat_latent_dim"):
             if getattr(self, name) <= 0:
@@ -62,33 +85,30 @@ class ModelConfig:
 class LossWeights:
     """Weights of eq. 4 (unsupervised) and eq. 6 (weakly supervised), the paper's values."""
 
-    w_r: float = 1.0
-    w_adv: float = 1.0
-    w_ae: float = 0.01
-    w_c: float = 0.001
-    w_cga: float = 0.01
+    w_r: float = _option(1.0, "weight of the VAE loss L (reconstruction + KL)")
+    w_adv: float = _option(1.0, "weight of the adversarial loss L_adv")
+    w_ae: float = _option(0.01, "weight of the attention expansion loss L_ae (CAVGA_u)")
+    w_c: float = _option(0.001, "weight of the classifier's L_bce (CAVGA_w)")
+    w_cga: float = _option(0.01, "weight of the complementary guided attention loss L_cga (CAVGA_w)")
 
 
 @dataclass
 class TrainConfig:
-    """How one model is trained. ``setting`` "u" is CAVGA_u, "w" is CAVGA_w."""
+    """How one model is trained (the u/w setting is part of :class:`ModelConfig`: it changes the network)."""
 
-    setting: str = "u"
-    epochs: int = 30
-    batch_size: int = 16
-    lr: float = 2e-4  # DCGAN's Adam settings for both optimizers
-    beta1: float = 0.5
-    beta2: float = 0.999
-    seed: int = 0
-    calibration_fraction: float = 0.1  # seeded held-out slice of the normal training images
-    checkpoint_every: int = 0  # epochs between checkpoints in the run directory (0: only at the end)
-    device: str = "auto"
-    num_workers: int = 0
+    epochs: int = _option(30, "training epochs")
+    batch_size: int = _option(16, "images per step (per process under torchrun)")
+    lr: float = _option(2e-4, "Adam learning rate of both optimizers (DCGAN's settings)")
+    beta1: float = _option(0.5, "Adam beta1 of both optimizers")
+    beta2: float = _option(0.999, "Adam beta2 of both optimizers")
+    seed: int = _option(0, "seed of the weights, the data order and the calibration slice")
+    calibration_fraction: float = _option(0.1, "seeded held-out share of the normal training images for calibration")
+    checkpoint_every: int = _option(0, "epochs between checkpoints in the run directory (0: only at the end)")
+    device: str = _option("auto", "auto, cpu, cuda, cuda:1 ...")
+    num_workers: int = _option(0, "data loader worker processes")
     weights: LossWeights = field(default_factory=LossWeights)
 
     def validate(self) -> None:
-        if self.setting not in ("u", "w"):
-            raise ConfigError(f"setting must be 'u' or 'w', got {self.setting!r}")
         if self.epochs < 1:
             raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
@@ -113,3 +133,14 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
             value = from_dict(LossWeights, value)
         kwargs[key] = value
     return cls(**kwargs)
+
+
+def upgrade_sections(model: dict[str, Any], train: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ``model`` / ``train`` sections of a config file written before the setting moved into ModelConfig
+    (``model.weakly_supervised`` and ``train.setting``), in today's form; newer sections come back unchanged."""
+    model, train = dict(model), dict(train)
+    weak = model.pop("weakly_supervised", None)
+    old_setting = train.pop("setting", None)
+    if "setting" not in model and (old_setting is not None or weak is not None):
+        model["setting"] = old_setting if old_setting is not None else ("w" if weak else "u")
+    return model, train

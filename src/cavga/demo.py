@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from cavga.api import Cavga
-from cavga.infer import evaluate_outputs
-from cavga.outputs import METRIC_KEYS, format_metrics_table, write_evaluation
-from cavga.report import write_report
+from cavga.engine.infer import evaluate_outputs
+from cavga.report.html import write_report
+from cavga.report.outputs import METRIC_KEYS, format_metrics_table, write_evaluation
 
 DEMO_EPOCHS = 20
 DEMO_OPTIONS = {"variant": "D", "setting": "u", "image_size": 64, "batch_size": 16, "w_ae": 1.0}

@@ -3,12 +3,12 @@
 The exported graph takes a preprocessed batch ``image`` (B, C, H, W) in [0, 1] (what ``Cavga.preprocess``
 returns, stacked) and returns ``score`` (B,) normalized with the model's calibration (constants baked in),
 ``anomaly_map`` (B, H, W) in [0, 1] and ``mask`` (B, H, W) bool (= anomaly_map > 0.5), exactly what
-``Cavga.predict`` computes.
+``Cavga.predict`` computes: the graph is :func:`cavga.engine.infer.infer_tensors` traced.
 
 Grad-CAM without autograd (derivation). Grad-CAM's channel weights are alpha_k = mean_ij d s / d F[k, i, j]
 for a target score s and feature map F (B, K, h, w). When s is an affine function of F, its gradient is a
 constant of the weights, so alpha is fixed at export time and the map is relu(sum_k alpha_k F_k), normalized
-per image and upsampled, with no backward pass in the graph:
+per image and upsampled, with no backward pass in the graph (:func:`cavga.model.gradcam.closed_form_weights`):
 
 * CAVGA_u, conv latent: mu = W * F + b with a 1x1 conv W (C_z, K). s = sum_{c,i,j} mu[c, i, j]
   = sum_{c,i,j} (sum_k W[c, k] F[k, i, j] + b_c), so d s / d F[k, i, j] = sum_c W[c, k] at every position and
@@ -22,14 +22,13 @@ per image and upsampled, with no backward pass in the graph:
 
 This holds for the default Grad-CAM layer (the map feeding the latent heads) only: from ``encoder_mid`` the
 path to mu crosses a LeakyReLU, so the weights depend on the input and no constant form exists; such models
-are refused. ``tests/test_export.py`` checks the closed form against ``cavga.gradcam``'s autograd maps.
+are refused. ``tests/test_export.py`` checks the closed form against autograd Grad-CAM.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -38,12 +37,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from cavga.data.io import to_pil
+from cavga.engine.calibration import Calibration, CalibrationConstants
+from cavga.engine.infer import infer_tensors
 from cavga.errors import ConfigError, ModelFileError
-from cavga.infer import THRESHOLD, Calibration, residual_map
-from cavga.models import CavgaNet
+from cavga.metrics import THRESHOLD
+from cavga.model.gradcam import has_closed_form
+from cavga.model.networks import CavgaNet
 
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -51,113 +53,39 @@ INPUT_NAME = "image"
 OUTPUT_NAMES = ("score", "anomaly_map", "mask")
 METADATA_KEY = "cavga_config"  # the model's config.json, in the ONNX metadata and TorchScript extra files
 OPSET = 17
-_EPS = 1e-8  # the same epsilon as cavga.gradcam.grad_cam
-
-
-def gradcam_weights(model: CavgaNet, setting: str) -> torch.Tensor:
-    """The constant Grad-CAM channel weights alpha (K,) of ``model`` for ``setting`` (see the module docstring)."""
-    cfg = model.config
-    if cfg.gradcam_layer != "latent_input":
-        raise ConfigError(
-            f"gradcam_layer {cfg.gradcam_layer!r} cannot be exported: its Grad-CAM weights depend on the input "
-            "(a LeakyReLU lies between it and mu); only 'latent_input' has a closed form"
-        )
-    with torch.no_grad():
-        if setting == "u":
-            if cfg.flatten_latent:
-                return _spatial_mean(model.mu_head[1].weight.sum(0), model)
-            return model.mu_head.weight.sum(dim=(0, 2, 3))
-        if setting == "w":
-            if model.classifier is None:
-                raise ConfigError("setting 'w' needs a model with a classifier (weakly_supervised=True)")
-            row = model.classifier.weight[1]
-            if cfg.flatten_latent:
-                return _spatial_mean(row @ model.mu_head[1].weight, model)
-            return row.view(cfg.latent_channels, -1).mean(1)
-    raise ConfigError(f"setting must be 'u' or 'w', got {setting!r}")
-
-
-def _spatial_mean(flat: torch.Tensor, model: CavgaNet) -> torch.Tensor:
-    # The flat head's input is flatten(F) with F (K, h, w); its decoder's Unflatten knows (K, h, w).
-    k, h, w = model.decoder[1].unflattened_size
-    return flat.view(k, h * w).mean(1)
 
 
 class ExportedCavga(nn.Module):
     """Inference of one CAVGA model as a plain forward pass: image batch -> (score, anomaly_map, mask).
 
-    Mirrors ``cavga.infer.infer_batch`` followed by ``Calibration.normalize`` for settings "u" and "w", with
-    the Grad-CAM weights precomputed (closed form) and the calibration constants stored as buffers.
+    The forward is :func:`cavga.engine.infer.infer_tensors` with the calibration constants as buffers; the
+    model must have closed-form Grad-CAM weights (no backward pass in the graph).
     """
 
-    def __init__(self, model: CavgaNet, setting: str, calibration: Calibration) -> None:
+    def __init__(self, model: CavgaNet, calibration: Calibration) -> None:
         super().__init__()
-        model = copy.deepcopy(model).cpu().float().eval()
-        self.config = model.config
-        self.setting = setting
-        self.encoder = model.encoder
-        self.mu_head = model.mu_head
-        self.decoder = model.decoder
-        self.classifier = model.classifier if setting == "w" else None
-        self.register_buffer("alpha", gradcam_weights(model, setting).detach().clone().view(1, -1, 1, 1))
-        spread = max(calibration.score_threshold - calibration.score_min, 1e-12)
-        self.register_buffer("score_min", torch.tensor(float(calibration.score_min)))
-        self.register_buffer("score_scale", torch.tensor(0.5 / spread))
-        self.map_scale = None
-        if setting == "u" and self.config.anomaly_map == "residual" and calibration.map_threshold is not None:
-            self.map_scale = 0.5 / max(calibration.map_threshold, 1e-12)
+        cfg = model.config
+        if cfg.gradcam_layer != "latent_input":
+            raise ConfigError(
+                f"gradcam_layer {cfg.gradcam_layer!r} cannot be exported: its Grad-CAM weights depend on the input "
+                "(a LeakyReLU lies between it and mu); only 'latent_input' has a closed form"
+            )
+        if not has_closed_form(model):
+            raise ConfigError(f"this model's Grad-CAM (setting {cfg.setting!r}) has no closed form to export")
+        self.model = copy.deepcopy(model).cpu().float().eval()
+        self.calibration = CalibrationConstants(calibration)
         for p in self.parameters():
             p.requires_grad_(False)
 
-    def attention(self, features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """Grad-CAM in closed form: normalize(relu(sum_k alpha_k F_k)) upsampled to ``size``, (B, 1, H, W)."""
-        cam = F.relu((self.alpha * features).sum(dim=1, keepdim=True))
-        flat = cam.flatten(1)
-        high = flat.amax(dim=1).view(-1, 1, 1, 1)
-        if self.config.gradcam_normalization == "max":
-            cam = cam / (high + _EPS)
-        else:
-            low = flat.amin(dim=1).view(-1, 1, 1, 1)
-            cam = (cam - low) / (high - low + _EPS)
-        if tuple(cam.shape[-2:]) != tuple(size):
-            cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
-        return cam.clamp(0.0, 1.0)
-
-    def _raw_score(self, x: torch.Tensor, x_hat: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        if self.config.score == "mean":
-            return (x - x_hat).abs().flatten(1).mean(1)
-        n = residual.shape[-2] * residual.shape[-1]
-        k = max(1, math.ceil(self.config.score_top_fraction * n))  # a constant: the input size is fixed
-        return residual.flatten(1).topk(k, dim=1).values.mean(1)
-
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        size = (x.shape[-2], x.shape[-1])
-        encoded, _ = self.encoder(x)
-        mu = self.mu_head(encoded)  # z = mu at inference
-        x_hat = torch.sigmoid(self.decoder(mu))
-        residual = residual_map(x, x_hat)
-        if self.setting == "u":
-            raw = self._raw_score(x, x_hat, residual)
-            if self.config.anomaly_map == "residual":
-                scale = 1.0 if self.map_scale is None else self.map_scale
-                anomaly = (residual * scale).clamp(0.0, 1.0)
-            else:
-                anomaly = 1.0 - self.attention(encoded, size)  # SPEC 1.1: anomaly where attention is not
-        else:
-            raw = torch.softmax(self.classifier(mu.flatten(1)), dim=1)[:, 1]
-            attention = self.attention(encoded if self.config.flatten_latent else mu, size)
-            # As infer_batch: the anomalous map where C says anomalous, scaled by P(anomalous) elsewhere.
-            p = raw.view(-1, 1, 1, 1)
-            anomaly = torch.where(p > THRESHOLD, attention, attention * p)
-        score = ((raw - self.score_min) * self.score_scale).clamp(0.0, 1.0)
-        anomaly = anomaly[:, 0]
-        return score, anomaly, anomaly > THRESHOLD
+        result = infer_tensors(self.model, x, self.calibration)
+        return result.score.float(), result.anomaly_map, result.mask
 
 
 def exported_module(detector) -> ExportedCavga:
     """The :class:`ExportedCavga` of a fitted or loaded :class:`cavga.Cavga`."""
     detector._check_fitted()
-    return ExportedCavga(detector.model_, detector.train_config.setting, detector.calibration_)
+    return ExportedCavga(detector.model_, detector.calibration_)
 
 
 def export(model: Any, out: str | os.PathLike | None = None, format: str = "onnx", batch_size: int = 1) -> Path:
@@ -181,7 +109,7 @@ def export(model: Any, out: str | os.PathLike | None = None, format: str = "onnx
             raise ConfigError("give an output path when exporting an in-memory model")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    module = exported_module(detector)
+    module = exported_module(detector).eval()
     cfg = detector.model_config
     example = torch.rand(batch_size, cfg.channels, cfg.image_size, cfg.image_size)
     config_text = json.dumps(detector.config_dict())
@@ -254,9 +182,7 @@ class OnnxInferencer:
 
     def preprocess(self, image) -> np.ndarray:
         """The (C, H, W) float32 array the graph takes for one image (path, numpy array or PIL image)."""
-        from cavga.api import _to_pil
-
-        return self.preprocess_(_to_pil(image)).numpy()
+        return self.preprocess_(to_pil(image)).numpy()
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The graph on a preprocessed batch (B, C, H, W): (score, anomaly_map, mask)."""
@@ -267,14 +193,14 @@ class OnnxInferencer:
         """Score and localize one image or a list of them, like ``Cavga.predict``."""
         from PIL import Image
 
-        from cavga.api import Prediction, _to_pil
+        from cavga.api import Prediction
 
         single = isinstance(images, (str, os.PathLike, np.ndarray, Image.Image))
         items = [images] if single else list(images)
         results = []
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
-            pils = [_to_pil(item) for item in chunk]
+            pils = [to_pil(item) for item in chunk]
             batch = np.stack([self.preprocess_(p).numpy() for p in pils])
             scores, maps, masks = self.run(batch)
             for i, item in enumerate(chunk):

@@ -21,14 +21,20 @@ import numpy as np
 from scipy import ndimage
 
 __all__ = [
+    "THRESHOLD",
     "aupro",
     "balanced_accuracy",
     "compute_all",
+    "curve_area",
     "image_auroc",
     "iou",
     "pixel_auroc",
+    "roc_curve",
+    "thin_curve",
     "threshold_predictions",
 ]
+
+THRESHOLD = 0.5  # the paper's decision threshold on normalized scores and on anomaly maps
 
 # 8-connectivity inside each image, no connection between images (axis 0) when labelling a stack at once.
 _REGION_STRUCTURE = np.zeros((3, 3, 3), dtype=bool)
@@ -258,7 +264,7 @@ def _balanced_accuracy(pred: np.ndarray, truth: np.ndarray) -> float | None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def iou(anomaly_maps: Any, masks: Any, threshold: float = 0.5, reduction: str = "mean") -> float:
+def iou(anomaly_maps: Any, masks: Any, threshold: float = THRESHOLD, reduction: str = "mean") -> float:
     """Intersection over union of ``anomaly_maps > threshold`` with ``masks``.
 
     ``reduction="mean"``: IoU of each image whose mask has any foreground (the anomalous images), averaged
@@ -333,7 +339,7 @@ def balanced_accuracy(pred_labels: Any, labels: Any) -> float:
     return value
 
 
-def threshold_predictions(scores: Any, threshold: float = 0.5) -> np.ndarray:
+def threshold_predictions(scores: Any, threshold: float = THRESHOLD) -> np.ndarray:
     """Predicted labels as an int64 array: 1 (anomalous) where ``scores > threshold``, else 0."""
     return (_validate_scores(scores) > _validate_threshold(threshold)).astype(np.int64)
 
@@ -345,7 +351,7 @@ def compute_all(
     anomaly_maps: Any = None,
     masks: Any = None,
     has_mask: Any = None,
-    threshold: float = 0.5,
+    threshold: float = THRESHOLD,
 ) -> dict[str, float | int | None]:
     """Every evaluation metric at once, as a JSON-ready dict.
 
@@ -392,3 +398,48 @@ def compute_all(
     result["iou_pooled"] = _iou(maps, gt, thr, "pooled")
     result["aupro"] = _aupro(maps, gt, 0.3, None)
     return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Curves (for plots)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def roc_curve(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ROC curve (fpr, tpr) of ``scores`` against boolean ``positive``: one point per distinct score, from
+    (0, 0) (threshold above every score) to (1, 1). Ties move the curve diagonally, so its trapezoid area is
+    the AuROC with ties counted one half."""
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    positive = np.asarray(positive, dtype=bool).ravel()
+    if scores.shape != positive.shape:
+        raise ValueError(f"scores and labels differ in size: {scores.size} vs {positive.size}")
+    n_pos = int(positive.sum())
+    n_neg = positive.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("a ROC curve needs both positive and negative examples")
+    order = np.argsort(-scores, kind="stable")
+    sorted_scores, sorted_pos = scores[order], positive[order]
+    # The last index of each run of equal scores: the curve's points lie after whole tie groups.
+    ends = np.concatenate((np.flatnonzero(sorted_scores[1:] != sorted_scores[:-1]), [scores.size - 1]))
+    tps = np.cumsum(sorted_pos, dtype=np.int64)[ends]
+    fps = (ends + 1) - tps
+    fpr = np.concatenate(([0.0], fps / n_neg))
+    tpr = np.concatenate(([0.0], tps / n_pos))
+    return fpr, tpr
+
+
+def curve_area(fpr: np.ndarray, tpr: np.ndarray) -> float:
+    """Trapezoid area under a curve given by increasing ``fpr``."""
+    fpr, tpr = np.asarray(fpr, dtype=np.float64), np.asarray(tpr, dtype=np.float64)
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+
+
+def thin_curve(fpr: np.ndarray, tpr: np.ndarray, max_points: int = 400) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``max_points`` points of a curve, spread evenly along its length (so corners survive), ends kept."""
+    fpr, tpr = np.asarray(fpr, dtype=np.float64), np.asarray(tpr, dtype=np.float64)
+    if fpr.size <= max_points:
+        return fpr, tpr
+    length = np.concatenate(([0.0], np.cumsum(np.abs(np.diff(fpr)) + np.abs(np.diff(tpr)))))
+    targets = np.linspace(0.0, length[-1], max_points)
+    keep = np.unique(np.concatenate(([0, fpr.size - 1], np.searchsorted(length, targets).clip(0, fpr.size - 1))))
+    return fpr[keep], tpr[keep]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,8 @@ from PIL import Image
 from cavga.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+ImageInput = str | os.PathLike | np.ndarray | Image.Image  # what predict() takes for one image
 
 # Modes that load_image turns into "L" (one channel); every other mode becomes "RGB".
 _GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
@@ -123,3 +127,40 @@ def image_header_channels(path: str | Path) -> int:
         raise DataError(f"image file not found: {path}") from e
     except Exception as e:
         raise DataError(f"image file {path} is not an image that can be read: {e}") from e
+
+
+def list_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Expand files and folders (recursively, sorted) into image files; name what is missing.
+
+    Unlike :func:`list_image_files`, hidden files count and folders are searched recursively."""
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+            if not found:
+                raise DataError(f"{p}: folder holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError(f"{p}: no such file or folder")
+    return files
+
+
+def to_pil(image: ImageInput) -> Image.Image:
+    """An image input (a path, a PIL image, or a uint8 / [0, 1] float array HxW, HxWx1|3|4) as a PIL image."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, np.ndarray):
+        array = image
+        if array.dtype != np.uint8:
+            if array.size and (np.nanmin(array) < 0 or np.nanmax(array) > 1):
+                raise DataError(f"a float image array must lie in [0, 1], got range [{array.min()}, {array.max()}]")
+            array = np.round(np.nan_to_num(array) * 255).astype(np.uint8)
+        if array.ndim == 3 and array.shape[2] == 1:
+            array = array[:, :, 0]
+        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+            raise DataError(f"an image array must be HxW, HxWx1, HxWx3 or HxWx4, got shape {array.shape}")
+        return Image.fromarray(array).convert("RGB") if array.ndim == 3 else Image.fromarray(array)
+    return load_image(image)

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cavga.visualize import heatmap_image, mask_image, overlay_image
+from cavga.metrics import THRESHOLD, roc_curve, thin_curve
+from cavga.report.visualize import heatmap_image, mask_image, overlay_image
 
 log = logging.getLogger(__name__)
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -52,7 +53,7 @@ def write_predictions(detector, files: Sequence[Path], out: Path, batch_size: in
     return target
 
 
-def write_evaluation(outputs, calibration, out: str | Path, threshold: float = 0.5) -> Path:
+def write_evaluation(outputs, calibration, out: str | Path, threshold: float = THRESHOLD) -> Path:
     """The per-image files of an evaluation (``Cavga.evaluate``'s ``last_outputs_``) and the curves of its report.
 
     Per test image: heat map, mask and overlay PNGs (the overlay also shows the ground-truth contour where the
@@ -60,8 +61,6 @@ def write_evaluation(outputs, calibration, out: str | Path, threshold: float = 0
     was correct. ``curves.json`` holds the image and pixel ROC curves and the scores, so that ``cavga report``
     needs no model. Images that are not files (array datasets) get their overlay on a grey background.
     """
-    from cavga.report import roc_curve, thin_curve
-
     out = Path(out)
     for sub in ("heatmaps", "masks", "overlays"):
         (out / sub).mkdir(parents=True, exist_ok=True)

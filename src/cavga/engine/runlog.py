@@ -1,6 +1,7 @@
-"""What a training run leaves in its run directory for a person to watch: ``config.json`` (the resolved model and
-training settings), ``train.log`` (the ``cavga`` loggers' INFO lines: epochs, checkpoints, stops) and, on
-request, TensorBoard scalars of every loss term and image grids of inputs, reconstructions and anomaly maps."""
+"""What a training run leaves in its run directory for a person to watch: ``run.json`` (the one description of the
+run: how it was asked for and the model and training settings it resolved to), ``train.log`` (the ``cavga``
+loggers' INFO lines: epochs, checkpoints, stops) and, on request, TensorBoard scalars of every loss term and
+image grids of inputs, reconstructions and anomaly maps."""
 
 from __future__ import annotations
 
@@ -16,15 +17,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cavga import __version__
-from cavga.checkpoint import atomic_write
+from cavga._version import __version__
 from cavga.config import TrainConfig, to_dict
-from cavga.data.types import ANOMALOUS, collate_samples
+from cavga.data.types import collate_samples
+from cavga.engine.calibration import CalibrationConstants
+from cavga.engine.checkpoint import atomic_write
+from cavga.engine.infer import infer_tensors
 from cavga.errors import ConfigError
-from cavga.gradcam import attention_map, class_attention
-from cavga.models import CavgaNet
+from cavga.model.networks import CavgaNet
 
-RUN_CONFIG_FILE = "config.json"
+RUN_FILE = "run.json"
 LOG_FILE = "train.log"
 TENSORBOARD_DIR = "tensorboard"
 PACKAGE_LOGGER = "cavga"
@@ -35,14 +37,26 @@ FILE_ONLY = "cavga_file_only"
 N_VISUAL_IMAGES = 8
 
 
-def write_run_config(run_dir: str | os.PathLike, model: CavgaNet, config: TrainConfig, **facts: Any) -> Path:
-    """``run_dir/config.json``: the model and training settings this run uses, with every default filled in.
+def write_run_file(
+    run_dir: str | os.PathLike, model: CavgaNet, config: TrainConfig, run_info: dict | None = None, **facts: Any
+) -> Path:
+    """``run_dir/run.json``: ``run_info`` (how the run was asked for: the estimator's arguments, the data and the
+    fit options that :meth:`cavga.Cavga.resume` replays, and the command line's own arguments), then the model and
+    training settings this run uses with every default filled in (the ``model`` / ``train`` sections of a saved
+    model's config.json) and ``facts`` (images, processes, device)."""
+    data = {"cavga_version": __version__, **(run_info or {}), "model": to_dict(model.config), "train": to_dict(config)}
+    text = json.dumps({**data, **facts}, indent=2, default=str) + "\n"
+    return atomic_write(Path(run_dir) / RUN_FILE, lambda tmp: Path(tmp).write_text(text))
 
-    The CLI's ``run.json`` holds the command's own arguments (what ``--resume`` replays); this file holds what
-    they resolved to, in the same ``model`` / ``train`` sections as a saved model's config.json."""
-    data = {"cavga_version": __version__, "model": to_dict(model.config), "train": to_dict(config), **facts}
-    text = json.dumps(data, indent=2, default=str) + "\n"
-    return atomic_write(Path(run_dir) / RUN_CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+
+def read_run_file(run_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a cavga run directory ({RUN_FILE} is missing)")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: unreadable ({exc})") from exc
 
 
 class _Forward(logging.Handler):
@@ -125,13 +139,13 @@ class TensorBoardLog:
         for name, value in terms.items():
             self.writer.add_scalar(f"step/{name}", value, step)
 
-    def epoch(self, means: dict[str, float], epoch: int, model: CavgaNet, setting: str) -> None:
+    def epoch(self, means: dict[str, float], epoch: int, model: CavgaNet) -> None:
         from torchvision.utils import make_grid
 
         for name, value in means.items():
             if name != "epoch":
                 self.writer.add_scalar(f"epoch/{name}", value, epoch)
-        images, x_hat, anomaly = visual_batch(model, self.images, setting)
+        images, x_hat, anomaly = visual_batch(model, self.images)
         n = images.shape[0]
         self.writer.add_image("images/input", make_grid(images, nrow=n, padding=2), epoch)
         self.writer.add_image("images/reconstruction", make_grid(x_hat, nrow=n, padding=2), epoch)
@@ -142,8 +156,8 @@ class TensorBoardLog:
         self.writer.close()
 
 
-def visual_batch(model: CavgaNet, images: torch.Tensor, setting: str) -> tuple[torch.Tensor, ...]:
-    """Inputs, reconstructions and anomaly maps (u: 1 - A; w: the anomalous class's attention), on the CPU.
+def visual_batch(model: CavgaNet, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Inputs, reconstructions and anomaly maps (what the uncalibrated model would predict), on the CPU.
 
     Eval mode and the mean latent: this must not move BatchNorm's running statistics or draw from the RNG, or
     watching a run would change it."""
@@ -151,15 +165,8 @@ def visual_batch(model: CavgaNet, images: torch.Tensor, setting: str) -> tuple[t
     device = next(model.parameters()).device
     model.eval()
     try:
-        x = images.to(device)
-        if setting == "u":
-            attention, out = attention_map(model, x, create_graph=False)
-            anomaly = 1.0 - attention  # SPEC 1.1: the anomaly is where the attention is not
-        else:
-            with torch.enable_grad():
-                out = model(x, sample=False)
-                anomaly = class_attention(model, out, ANOMALOUS, create_graph=False)
-        x_hat = torch.sigmoid(out.x_hat_logits.detach())
+        with torch.no_grad():  # the core turns gradients on itself where Grad-CAM needs autograd
+            result = infer_tensors(model, images.to(device), CalibrationConstants().to(device))
     finally:
         model.train(was_training)
-    return images, x_hat.cpu(), anomaly.detach().cpu()
+    return images, result.x_hat.cpu(), result.anomaly_map[:, None].cpu()

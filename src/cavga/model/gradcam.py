@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from cavga.errors import ConfigError
-from cavga.models import CavgaNet, CavgaOutput
+from cavga.model.networks import CavgaNet, CavgaOutput
 
 NORMALIZATIONS = ("max", "minmax")
 
@@ -125,11 +125,13 @@ def closed_form_weights(model: CavgaNet, target: str | int, output: CavgaOutput)
     return (row @ model.mu_head[1].weight).view(output.features.shape[1:]).mean(dim=(1, 2))
 
 
-def has_closed_form(model: CavgaNet, setting: str) -> bool:
-    """Whether inference (no sampling) of ``setting`` "u" or "w" gets its Grad-CAM weights in closed form."""
+def has_closed_form(model: CavgaNet, setting: str | None = None) -> bool:
+    """Whether inference (no sampling) of ``setting`` "u" or "w" (default: the model's own) gets its Grad-CAM
+    weights in closed form."""
     if not isinstance(model, CavgaNet) or model.config.gradcam_layer != "latent_input":
         return False
     cfg = model.config
+    setting = cfg.setting if setting is None else setting
     if setting == "u":
         return cfg.gradcam_target in ("sum_mu", "sum_z")
     return setting == "w" and model.classifier is not None

@@ -3,13 +3,14 @@ discriminator, each with its own optimizer; the generator is trained to fool the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +18,14 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
-from cavga import distributed, losses, runlog
-from cavga.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from cavga.config import TrainConfig, to_dict
 from cavga.data.types import ANOMALOUS, NORMAL, Batch, collate_samples
+from cavga.engine import distributed, runlog
+from cavga.engine.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from cavga.errors import CavgaError, ConfigError
-from cavga.gradcam import class_attention, output_attention
-from cavga.models import CavgaNet
+from cavga.model import losses
+from cavga.model.gradcam import class_attention, output_attention
+from cavga.model.networks import CavgaNet
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +44,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)  # noqa: NPY002 - third-party code may draw from the legacy global RNG
     torch.manual_seed(seed)
-
-
-@dataclass
-class StepLosses:
-    """The loss terms of one step, as floats (what the progress bar and the history show)."""
-
-    values: dict[str, float] = field(default_factory=dict)
-
-    def add(self, other: dict[str, float]) -> None:
-        for key, value in other.items():
-            self.values[key] = self.values.get(key, 0.0) + value
 
 
 def _check_finite(terms: dict[str, torch.Tensor], step: int) -> None:
@@ -116,8 +107,8 @@ def training_step(
     x_hat = torch.sigmoid(out.x_hat_logits)
 
     # Discriminator step on real images vs detached reconstructions (SPEC 1.4: x_hat detached for D).
-    real = x[normal] if config.setting == "w" else x
-    fake = x_hat[normal] if config.setting == "w" else x_hat
+    real = x[normal] if model.config.setting == "w" else x
+    fake = x_hat[normal] if model.config.setting == "w" else x_hat
     opt_d.zero_grad(set_to_none=True)
     loss_d = losses.discriminator_loss(model.discriminator(real), model.discriminator(fake.detach()))
     _check_finite({"L_D": loss_d}, step)
@@ -128,7 +119,7 @@ def training_step(
 
     # Generator side: eq. 4 (u) or eq. 6 (w).
     terms: dict[str, torch.Tensor] = {}
-    if config.setting == "u":
+    if model.config.setting == "u":
         terms["L"] = losses.vae_loss(out.x_hat_logits, x, out.mu, out.logvar)
         with _frozen(model.discriminator):
             terms["L_adv"] = losses.generator_adversarial_loss(model.discriminator(fake))
@@ -143,13 +134,7 @@ def training_step(
         with _frozen(model.discriminator):
             terms["L_adv"] = losses.generator_adversarial_loss(model.discriminator(fake))
         logits = model.classify(out.z)
-        terms["L_bce"] = losses.classifier_loss(logits, labels, class_weights)
-        if class_weights is not None:
-            # cross_entropy's weighted mean divides by the batch's own weight sum, which balances only batches
-            # that hold both classes (most hold none of the rare anomalous images). Rescaling to
-            # sum_i w_{y_i} CE_i / B makes the epoch's expected loss the class-balanced BCE.
-            weight_sum = class_weights.to(logits.dtype)[labels].sum()
-            terms["L_bce"] = terms["L_bce"] * weight_sum / labels.shape[0]
+        terms["L_bce"] = losses.balanced_classifier_loss(logits, labels, class_weights)
         a_normal = class_attention(model, out, NORMAL, create_graph=True)
         a_anomalous = class_attention(model, out, ANOMALOUS, create_graph=True)
         predictions = logits.argmax(dim=1)
@@ -193,19 +178,22 @@ def train(
     resume: bool = False,
     checkpoint_steps: int = 0,
     tensorboard: bool = False,
+    run_info: dict[str, Any] | None = None,
+    ctx: distributed.DistContext | None = None,
 ) -> list[dict[str, float]]:
     """Train ``model`` in place on ``dataset`` (Samples; for setting "w" with some ANOMALOUS labels).
 
     Returns the per-epoch mean of every loss term. Deterministic on CPU for a given ``config.seed``.
 
     ``run_dir``: where ``checkpoint.safetensors`` is kept, written every ``checkpoint_steps`` steps, every
-    ``config.checkpoint_every`` epochs, at the end, and before stopping on a NaN/Inf loss; also ``config.json``
-    (the resolved settings) and ``train.log`` (epoch loss means, checkpoints, why training stopped), appended
-    to by every run there. ``resume``: continue exactly from that checkpoint (same weights, optimizer moments,
-    RNG states and position in the data order). ``tensorboard``: also write every loss term per step and per
-    epoch, and image grids of a fixed batch each epoch, to ``run_dir/tensorboard`` (needs the tensorboard
-    package). Under ``torchrun`` each rank trains on its shard of every global batch of
-    ``batch_size * world_size`` images (see :mod:`cavga.distributed`); rank 0 alone writes the run's files.
+    ``config.checkpoint_every`` epochs, at the end, and before stopping on a NaN/Inf loss; also ``run.json``
+    (``run_info`` and the resolved settings) and ``train.log`` (epoch loss means, checkpoints, why training
+    stopped), appended to by every run there. ``resume``: continue exactly from that checkpoint (same weights,
+    optimizer moments, RNG states and position in the data order). ``tensorboard``: also write every loss term
+    per step and per epoch, and image grids of a fixed batch each epoch, to ``run_dir/tensorboard`` (needs the
+    tensorboard package). ``ctx``: the process group already joined (default: join it here). Under ``torchrun``
+    each rank trains on its shard of every global batch of ``batch_size * world_size`` images (see
+    :mod:`cavga.engine.distributed`); rank 0 alone writes the run's files.
     """
     config.validate()
     if len(dataset) == 0:
@@ -214,32 +202,42 @@ def train(
         if run_dir is None:
             raise ConfigError("tensorboard logging needs a run directory (run_dir) to write to")
         runlog.require_tensorboard()  # on every rank, before any collective a failing rank 0 would leave hanging
-    ctx = distributed.setup(config.device)
+    ctx = ctx or distributed.setup(config.device)
+    files = _RunFiles(run_dir, resume, checkpoint_steps, tensorboard, run_info)
     if run_dir is None or not ctx.is_main:
-        return _train(model, dataset, config, progress, on_epoch_end, run_dir, resume, checkpoint_steps, False)
+        return _train(
+            model, dataset, config, ctx, progress, on_epoch_end, dataclasses.replace(files, tensorboard=False)
+        )
     with runlog.log_to_file(Path(run_dir) / runlog.LOG_FILE):
         try:
-            return _train(
-                model, dataset, config, progress, on_epoch_end, run_dir, resume, checkpoint_steps, tensorboard
-            )
+            return _train(model, dataset, config, ctx, progress, on_epoch_end, files)
         except BaseException as exc:
             # The caller reports the error itself; the log file should say how the run ended too.
             log.error("training stopped: %s", str(exc) or type(exc).__name__, extra={runlog.FILE_ONLY: True})
             raise
 
 
+@dataclass(frozen=True)
+class _RunFiles:
+    """What train() keeps in its run directory, and how."""
+
+    run_dir: str | os.PathLike | None
+    resume: bool
+    checkpoint_steps: int
+    tensorboard: bool
+    run_info: dict[str, Any] | None
+
+
 def _train(
     model: CavgaNet,
     dataset: Dataset,
     config: TrainConfig,
+    ctx: distributed.DistContext,
     progress: bool,
     on_epoch_end: Callable[[int, dict[str, float]], None] | None,
-    run_dir: str | os.PathLike | None,
-    resume: bool,
-    checkpoint_steps: int,
-    tensorboard: bool,
+    files: _RunFiles,
 ) -> list[dict[str, float]]:
-    ctx = distributed.setup(config.device)
+    run_dir, resume, checkpoint_steps = files.run_dir, files.resume, files.checkpoint_steps
     device = resolve_device(config.device)
     seed_everything(config.seed)
     model.to(device).train()
@@ -247,7 +245,7 @@ def _train(
     opt_g, opt_d = make_optimizers(model, config)
     optimizers = {"g": opt_g, "d": opt_d}
     class_weights = None
-    if config.setting == "w":
+    if model.config.setting == "w":
         class_weights = class_weights_for(dataset.labels).to(device)  # type: ignore[attr-defined]
     # The data order of epoch e is torch.randperm(n) drawn from a generator seeded with seed + e (what
     # DistributedSampler does), so a resumed run can rebuild it and skip the batches already done.
@@ -295,13 +293,19 @@ def _train(
 
     board = None
     if run_dir is not None and ctx.is_main:
-        runlog.write_run_config(
-            run_dir, model, config, n_samples=len(dataset), world_size=ctx.world_size, device=str(device)
+        runlog.write_run_file(
+            run_dir,
+            model,
+            config,
+            files.run_info,
+            n_samples=len(dataset),
+            world_size=ctx.world_size,
+            device=str(device),
         )
         log.info(
             "training CAVGA-%s_%s on %d images: %d epochs of %d steps, device %s, %d process(es)%s",
             model.config.variant,
-            config.setting,
+            model.config.setting,
             len(dataset),
             config.epochs,
             batches_per_epoch,
@@ -309,7 +313,7 @@ def _train(
             ctx.world_size,
             f", from step {state['step']}" if resume else "",
         )
-        if tensorboard:
+        if files.tensorboard:
             board = runlog.TensorBoardLog(
                 Path(run_dir) / runlog.TENSORBOARD_DIR, dataset, purge_step=state["step"] if resume else None
             )
@@ -343,7 +347,7 @@ def _train(
             )
             for batch_index, batch in enumerate(loader, start=skip):
                 batch = batch.to(device)
-                if config.setting == "w" and _lacks_normal_images(batch, ctx):
+                if model.config.setting == "w" and _lacks_normal_images(batch, ctx):
                     state["batch"] = batch_index + 1
                     continue  # a batch of anomalous images only has nothing for the VAE/GAN terms
                 try:
@@ -371,7 +375,7 @@ def _train(
             if ctx.is_main:
                 log.info("epoch %d/%d %s", epoch + 1, config.epochs, _fmt(means))
             if board is not None:
-                board.epoch(means, epoch + 1, model, config.setting)
+                board.epoch(means, epoch + 1, model)
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1, means)
             if config.checkpoint_every and (epoch + 1) % config.checkpoint_every == 0 and epoch + 1 < config.epochs:

@@ -6,6 +6,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from cavga.metrics import THRESHOLD
+
 # Anchor colours of a perceptually ordered dark-blue -> cyan -> yellow -> red ramp (a "turbo"-like scale).
 _ANCHORS = np.array(
     [
@@ -43,7 +45,9 @@ def heatmap_image(anomaly_map: np.ndarray, size: tuple[int, int] | None = None) 
     return Image.fromarray(colorize(resize_map(anomaly_map, size)))
 
 
-def mask_image(anomaly_map: np.ndarray, threshold: float = 0.5, size: tuple[int, int] | None = None) -> Image.Image:
+def mask_image(
+    anomaly_map: np.ndarray, threshold: float = THRESHOLD, size: tuple[int, int] | None = None
+) -> Image.Image:
     return Image.fromarray(((resize_map(anomaly_map, size) > threshold) * 255).astype(np.uint8), mode="L")
 
 
@@ -66,7 +70,7 @@ def overlay_image(
     image: Image.Image | np.ndarray,
     anomaly_map: np.ndarray,
     true_mask: np.ndarray | None = None,
-    threshold: float = 0.5,
+    threshold: float = THRESHOLD,
     alpha: float = 0.45,
     max_side: int | None = 512,
 ) -> Image.Image:

@@ -70,6 +70,21 @@ def classifier_loss(
     return F.cross_entropy(logits, labels.long(), weight=weight)
 
 
+def balanced_classifier_loss(
+    logits: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor | Sequence[float] | None
+) -> torch.Tensor:
+    """L_bce of one batch such that the epoch's expected loss is the class-balanced BCE: sum_i w_{y_i} CE_i / B.
+
+    :func:`classifier_loss`'s weighted mean divides by the batch's own weight sum, which balances only batches
+    that hold both classes (most hold none of CAVGA_w's rare anomalous images); this rescales it by that sum / B.
+    """
+    loss = classifier_loss(logits, labels, class_weights)
+    if class_weights is None:
+        return loss
+    weight = torch.as_tensor(class_weights, dtype=logits.dtype, device=logits.device)
+    return loss * weight[labels].sum() / labels.shape[0]
+
+
 def complementary_guided_attention_loss(
     attention_normal: torch.Tensor,
     attention_anomalous: torch.Tensor,

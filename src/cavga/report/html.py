@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from cavga.errors import DataError
-from cavga.outputs import CURVES_FILE, METRIC_KEYS, PREDICTIONS_FILE
+from cavga.metrics import THRESHOLD, curve_area, roc_curve
+from cavga.report.outputs import CURVES_FILE, METRIC_KEYS, PREDICTIONS_FILE
 
 REPORT_FILE = "report.html"
 EMBED_LIMIT_BYTES = 20_000_000  # above this many bytes of overlays, link the files instead of embedding them
@@ -33,46 +34,6 @@ NORMAL_COLOUR, ANOMALOUS_COLOUR = "#0072B2", "#D55E00"
 
 
 # --------------------------------------------------------------------------- curves
-
-
-def roc_curve(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """ROC curve (fpr, tpr) of ``scores`` against boolean ``positive``: one point per distinct score, from
-    (0, 0) (threshold above every score) to (1, 1). Ties move the curve diagonally, so its trapezoid area is
-    the AuROC with ties counted one half."""
-    scores = np.asarray(scores, dtype=np.float64).ravel()
-    positive = np.asarray(positive, dtype=bool).ravel()
-    if scores.shape != positive.shape:
-        raise ValueError(f"scores and labels differ in size: {scores.size} vs {positive.size}")
-    n_pos = int(positive.sum())
-    n_neg = positive.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError("a ROC curve needs both positive and negative examples")
-    order = np.argsort(-scores, kind="stable")
-    sorted_scores, sorted_pos = scores[order], positive[order]
-    # The last index of each run of equal scores: the curve's points lie after whole tie groups.
-    ends = np.concatenate((np.flatnonzero(sorted_scores[1:] != sorted_scores[:-1]), [scores.size - 1]))
-    tps = np.cumsum(sorted_pos, dtype=np.int64)[ends]
-    fps = (ends + 1) - tps
-    fpr = np.concatenate(([0.0], fps / n_neg))
-    tpr = np.concatenate(([0.0], tps / n_pos))
-    return fpr, tpr
-
-
-def curve_area(fpr: np.ndarray, tpr: np.ndarray) -> float:
-    """Trapezoid area under a curve given by increasing ``fpr``."""
-    fpr, tpr = np.asarray(fpr, dtype=np.float64), np.asarray(tpr, dtype=np.float64)
-    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
-
-
-def thin_curve(fpr: np.ndarray, tpr: np.ndarray, max_points: int = 400) -> tuple[np.ndarray, np.ndarray]:
-    """At most ``max_points`` points of a curve, spread evenly along its length (so corners survive), ends kept."""
-    fpr, tpr = np.asarray(fpr, dtype=np.float64), np.asarray(tpr, dtype=np.float64)
-    if fpr.size <= max_points:
-        return fpr, tpr
-    length = np.concatenate(([0.0], np.cumsum(np.abs(np.diff(fpr)) + np.abs(np.diff(tpr)))))
-    targets = np.linspace(0.0, length[-1], max_points)
-    keep = np.unique(np.concatenate(([0, fpr.size - 1], np.searchsorted(length, targets).clip(0, fpr.size - 1))))
-    return fpr[keep], tpr[keep]
 
 
 def histogram(scores: np.ndarray, bins: int = 20) -> np.ndarray:
@@ -427,7 +388,7 @@ def build_report(
             if p.get("overlay") and (run.directory / p["overlay"]).is_file()
         )
         embed = total <= EMBED_LIMIT_BYTES
-    threshold = next((float(r.curves["threshold"]) for r in runs if "threshold" in r.curves), 0.5)
+    threshold = next((float(r.curves["threshold"]) for r in runs if "threshold" in r.curves), THRESHOLD)
     image_rocs = [(r.name, *roc) for r in runs if (roc := _image_roc(r)) is not None]
     pixel_rocs = [
         (r.name, np.asarray(r.curves["pixel_roc"]["fpr"]), np.asarray(r.curves["pixel_roc"]["tpr"]))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -28,24 +29,46 @@ CHECKPOINT_VERSION = 1
 _META_KEY = "cavga_checkpoint"
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``.
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], directory: bool = False) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file (``directory``: a temporary folder) beside ``path``, then
+    swap it into place of ``path``.
 
-    A crash (or an exception) inside ``write`` leaves whatever was at ``path`` before untouched.
+    A crash (or an exception) inside ``write`` leaves whatever was at ``path`` before untouched, and a reader
+    never sees a half-written file or folder.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    if directory:
+        tmp = tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)
+    else:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
     try:
         write(tmp)
-        with open(tmp, "rb+") as f:  # flush to disk before the rename makes it visible
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if directory:
+            _replace_dir(Path(tmp), path)
+        else:
+            with open(tmp, "rb+") as f:  # flush to disk before the rename makes it visible
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if directory:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Swap folder ``new`` into place of ``target`` (two renames; the old one is removed afterwards)."""
+    if target.exists():
+        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, backup)
+        os.replace(new, target)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.replace(new, target)
 
 
 # ---------------------------------------------------------------- RNG states as tensors / JSON

@@ -239,7 +239,7 @@ class CavgaNet(nn.Module):
             z_numel = config.latent_channels * h * w
         self.discriminator = discriminator
         # Paper 3.2: C reads the flattened z itself (shared values, no second latent) into a 2-way output.
-        self.classifier = nn.Linear(z_numel, 2) if config.weakly_supervised else None
+        self.classifier = nn.Linear(z_numel, 2) if config.setting == "w" else None
 
     def forward(self, x: torch.Tensor, sample: bool | None = None) -> CavgaOutput:
         """Encode, sample ``z`` (``sample`` None: when training) and decode to logits."""
@@ -255,7 +255,7 @@ class CavgaNet(nn.Module):
     def classify(self, z: torch.Tensor) -> torch.Tensor:
         """Class logits (B, 2) of ``z``: class 0 normal, 1 anomalous (CAVGA_w only)."""
         if self.classifier is None:
-            raise ConfigError("this model has no classifier: build it with weakly_supervised=True")
+            raise ConfigError("this model has no classifier: build it with setting='w'")
         return self.classifier(z.flatten(1))
 
     def generator_parameters(self) -> list[nn.Parameter]:

@@ -1,0 +1,353 @@
+"""Running a benchmark suite: per-suite data loading, one job (train and evaluate one model on one category),
+and the suite with its cache.
+
+Each (suite, model, category, seed, config) result is cached as ``OUT/cache/.../<hash>.json``, the hash taken
+of everything that decides the result; a restarted suite skips what is cached. ``results.json`` holds every
+number and ``results.md`` the tables, with the paper's number beside ours where the paper has that row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cavga._version import __version__
+from cavga.api import Cavga
+from cavga.baselines import AutoencoderBaseline
+from cavga.benchmark.paper import paper_table
+from cavga.benchmark.specs import QUICK_BUDGET, SUITES, Budget, ModelSpec, suite_models
+from cavga.benchmark.tables import fmt, markdown_report, suite_metrics, summarize
+from cavga.data import (
+    ANOMALOUS,
+    AnomalyDataset,
+    DatasetSplits,
+    Preprocess,
+    list_mvtec_categories,
+    load_dataset,
+)
+from cavga.data.oneclass import detect_oneclass_source, read_cifar10, read_class_folders, read_idx
+from cavga.data.splits import exclude_paths, sample_weak_labels
+from cavga.data.synthetic import write_quick_data
+from cavga.engine.checkpoint import atomic_write
+from cavga.engine.train import resolve_device
+from cavga.errors import ConfigError, DataError
+
+CACHE_VERSION = 1  # bump when a change to this package changes what a cached result means
+DATA_SEED = 0  # the seed of data caps and of the pair layout's train/test split, the same for every model
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def list_categories(suite: str, root: Path, wanted: Sequence[str] | None = None) -> list[str]:
+    """The categories (MVTec), the one pair dataset, or the classes (one-class) that ``suite`` runs on."""
+    fmt = _ablation_format(root) if suite == "ablation" else suite
+    if fmt == "oneclass":
+        found = _oneclass_classes(root)
+    elif fmt == "mvtec":
+        found = list_mvtec_categories(root)
+        if not found and (root / "train").is_dir() and (root / "test").is_dir():
+            found = [root.name]  # root is one category folder
+        if not found:
+            raise DataError(f"no MVTec-layout categories in {root}")
+    else:
+        found = [root.name]
+    if not wanted:
+        return found
+    missing = [c for c in wanted if c not in found]
+    if missing:
+        raise DataError(f"categories {missing} are not in {root}; found: {', '.join(found)}")
+    return list(wanted)
+
+
+def _ablation_format(root: Path) -> str:
+    is_category = (root / "train").is_dir() and (root / "test").is_dir() and (root / "ground_truth").is_dir()
+    return "mvtec" if list_mvtec_categories(root) or is_category else "pairs"
+
+
+def _oneclass_classes(root: Path) -> list[str]:
+    source = detect_oneclass_source(root)
+    if source == "idx":
+        labels = read_idx(root)[1]
+    elif source == "cifar10":
+        labels = read_cifar10(root)[1]
+    elif source == "folders":
+        return sorted(set(read_class_folders(root)[1]), key=lambda c: (len(c), c))
+    else:
+        raise DataError(f"no one-class source (IDX, CIFAR-10 or class folders) in {root}")
+    return [str(v) for v in sorted(np.unique(labels).tolist())]
+
+
+def load_category(suite: str, root: Path, category: str) -> DatasetSplits:
+    """The splits of one category, images at their stored size and channel count (resized per model later)."""
+    pre = Preprocess(None, None)
+    if suite == "oneclass":
+        return load_dataset(root, format="oneclass", normal_class=category, preprocess=pre)
+    fmt = _ablation_format(root) if suite == "ablation" else suite
+    if fmt == "mvtec":
+        return load_dataset(root, format="mvtec", category=category, preprocess=pre)
+    return load_dataset(root, format="pairs", preprocess=pre, seed=DATA_SEED)
+
+
+def _cap(dataset: AnomalyDataset, limit: int | None) -> AnomalyDataset:
+    if limit is None or len(dataset) <= limit:
+        return dataset
+    chosen = np.random.default_rng(DATA_SEED).choice(len(dataset), size=limit, replace=False)
+    return dataset.subset(sorted(int(i) for i in chosen))
+
+
+def sized(splits: DatasetSplits, image_size: int, budget: Budget) -> DatasetSplits:
+    """``splits`` capped by the budget and resized to ``image_size`` (channels as the data stores them)."""
+    channels = splits.train.preprocess.channels or (1 if splits.train[0].image.shape[0] == 1 else 3)
+    pre = Preprocess(image_size, channels)
+    train = _cap(splits.train, budget.max_train)
+    test = _cap(splits.test, budget.max_test)
+    # Every model of this size trains and evaluates on these datasets: decode and resize each image once.
+    return DatasetSplits(
+        AnomalyDataset(train.records, pre, train.array, memo={}),
+        AnomalyDataset(test.records, pre, test.array, memo={}),
+        splits.info,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- one job
+
+
+def job_config(suite: str, spec: ModelSpec, category: str, seed: int, root: Path, budget: Budget) -> dict:
+    """Everything that decides one result; its hash names the cache file."""
+    return {
+        "cache_version": CACHE_VERSION,
+        "suite": suite,
+        "model": spec.to_dict(),
+        "category": category,
+        "seed": seed,
+        "data": str(root.resolve()),
+        "data_seed": DATA_SEED,
+        "image_size": budget.image_size(spec),
+        "epochs": budget.epochs,
+        "batch_size": budget.batch_size,
+        "width": budget.width,
+        "max_train": budget.max_train,
+        "max_test": budget.max_test,
+        "anomalous_fraction": budget.anomalous_fraction,
+    }
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_job(
+    spec: ModelSpec, splits: DatasetSplits, seed: int, budget: Budget, hold_out_weak: bool, progress: bool
+) -> dict:
+    """Train and evaluate one model on one category; returns metrics, timings and data counts."""
+    started = time.perf_counter()
+    size = budget.image_size(spec)
+    channels = 1 if splits.train[0].image.shape[0] == 1 else 3
+    if spec.kind == "ae":
+        model: Any = AutoencoderBaseline(
+            image_size=size, channels=channels, epochs=budget.epochs, batch_size=budget.batch_size, seed=seed,
+            device=budget.device, **({"width": budget.width} if budget.width else {}), **dict(spec.options),
+        )  # fmt: skip
+    else:
+        options = dict(spec.options)
+        if budget.width:
+            options["width"] = budget.width
+        if spec.setting == "w":
+            options["anomalous_fraction"] = budget.anomalous_fraction
+        model = Cavga(
+            spec.variant, spec.setting, image_size=size, channels=channels, epochs=budget.epochs,
+            batch_size=budget.batch_size, seed=seed, device=budget.device, **options,
+        )  # fmt: skip
+    model.fit(splits, progress=progress)
+    evaluated = splits
+    if hold_out_weak and spec.setting != "w":
+        # Every row counts the same test images: leave out the seeded sample a w model with this seed trains on
+        # (a w model leaves it out itself).
+        sample = sample_weak_labels(splits.test, budget.anomalous_fraction, None, seed)
+        held = [splits.test.paths[i] for i in sample]
+        evaluated = DatasetSplits(splits.train, exclude_paths(splits.test, held), splits.info)
+    eval_start = time.perf_counter()
+    metrics = model.evaluate(evaluated)
+    return {
+        "metrics": {k: (None if v is None else float(v)) for k, v in metrics.items()},
+        "train_seconds": round(model.train_seconds_, 2),
+        "eval_seconds": round(time.perf_counter() - eval_start, 2),
+        "wall_seconds": round(time.perf_counter() - started, 2),
+        "n_train": model.data_info_["n_train"],
+        "n_calibration": model.data_info_["n_calibration"],
+        "device": device_name(budget.device),
+    }
+
+
+def device_name(device: str) -> str:
+    """What trained a model: "cpu" or the CUDA device's name (records from several machines can share a cache)."""
+    resolved = resolve_device(device)
+    if resolved.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(resolved)})"
+    return resolved.type
+
+
+def _write_json(path: Path, data: Any) -> None:
+    # Atomic: a crash leaves no half-written cache file that a restart would trust.
+    text = json.dumps(data, indent=2) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+# ---------------------------------------------------------------------------------------------- the suite
+
+
+@dataclass
+class SuiteRun:
+    """The outcome of :func:`run_suite`: every result record, and the files written."""
+
+    records: list[dict] = field(default_factory=list)
+    results_json: Path | None = None
+    results_md: Path | None = None
+
+    @property
+    def trained(self) -> int:
+        return sum(1 for r in self.records if not r["cached"])
+
+
+def run_suite(
+    suite: str,
+    out: str | os.PathLike,
+    data: str | os.PathLike | None = None,
+    budget: Budget | None = None,
+    categories: Sequence[str] | None = None,
+    seeds: Sequence[int] = (0,),
+    models: Sequence[str] | None = None,
+    quick: bool = False,
+    paper_dataset: str | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+    command: str | None = None,
+) -> SuiteRun:
+    """Run (or resume) ``suite`` and write ``OUT/results.json`` and ``OUT/results.md``.
+
+    ``quick``: the tiny :data:`QUICK_BUDGET` and, when ``data`` is None, tiny generated data under
+    ``OUT/quick-data``. ``paper_dataset`` ("mnist", "fashion-mnist", "cifar10") picks Table 7's column for
+    the oneclass suite; None guesses it from the data folder's name."""
+    if suite not in SUITES:
+        raise ConfigError(f"unknown suite {suite!r}; suites: {', '.join(SUITES)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    budget = budget or (dataclasses.replace(QUICK_BUDGET) if quick else Budget())
+    if data is None:
+        if not quick:
+            raise ConfigError("--data is required (or --quick, which generates tiny data)")
+        data = write_quick_data(suite, out / "quick-data")
+    root = Path(data)
+    if not root.is_dir():
+        raise DataError(f"dataset folder not found: {root}")
+    specs = suite_models(suite, models)
+    cats = list_categories(suite, root, categories)
+    table = paper_table(suite, root, paper_dataset)
+    started = time.perf_counter()
+    run = SuiteRun()
+    meta = {
+        "suite": suite,
+        "command": command,
+        "data": str(root.resolve()),
+        "out": str(out.resolve()),
+        "quick": quick,
+        "budget": dataclasses.asdict(budget),
+        "seeds": list(seeds),
+        "categories": cats,
+        "models": [s.to_dict() | {"title": s.title or s.name} for s in specs],
+        "paper_table": table,
+        "git_commit": git_commit(),
+        "cavga_version": __version__,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.platform(),
+        "python": sys.version.split()[0],
+    }
+    n_jobs, done = len(cats) * len(specs) * len(seeds), 0
+    for category in cats:
+        raw_splits: DatasetSplits | None = None
+        by_size: dict[int, DatasetSplits] = {}
+        for spec in specs:
+            for seed in seeds:
+                done += 1
+                config = job_config(suite, spec, category, seed, root, budget)
+                key = config_hash(config)
+                path = out / "cache" / suite / _slug(spec.name) / _slug(category) / f"seed{seed}-{key}.json"
+                if path.is_file():
+                    record = json.loads(path.read_text()) | {"cached": True}
+                    log(f"[{done}/{n_jobs}] {spec.name} {category} seed {seed}: cached ({path.name})")
+                else:
+                    if raw_splits is None:
+                        raw_splits = load_category(suite, root, category)
+                    size = budget.image_size(spec)
+                    if size not in by_size:
+                        by_size[size] = sized(raw_splits, size, budget)
+                    splits = by_size[size]
+                    hold_out = suite != "oneclass" and any(s.setting == "w" for s in specs)
+                    hold_out = hold_out and ANOMALOUS in splits.test.labels
+                    result = run_job(spec, splits, seed, budget, hold_out, progress)
+                    record = {
+                        "suite": suite,
+                        "model": spec.name,
+                        "category": category,
+                        "seed": seed,
+                        "key": key,
+                        "config": config,
+                        **result,
+                        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        "cavga_version": __version__,
+                    }
+                    _write_json(path, record)
+                    record = record | {"cached": False}
+                    shown = ", ".join(f"{k} {fmt(record['metrics'].get(k))}" for k in suite_metrics(suite))
+                    wall = result["wall_seconds"]
+                    log(f"[{done}/{n_jobs}] {spec.name} {category} seed {seed}: {shown} ({wall:.0f} s)")
+                run.records.append(record)
+                meta["total_seconds"] = round(time.perf_counter() - started, 1)
+                run.results_json, run.results_md = write_results(out, meta, specs, cats, run.records)
+    return run
+
+
+def write_results(
+    out: Path, meta: dict, specs: Sequence[ModelSpec], categories: Sequence[str], records: Sequence[dict]
+) -> tuple[Path, Path]:
+    """Write ``results.json`` (meta, every record, the summary) and ``results.md`` (the tables)."""
+    summary = summarize(meta["suite"], meta.get("paper_table"), specs, categories, records)
+    results_json, results_md = out / "results.json", out / "results.md"
+    _write_json(results_json, {**meta, "results": list(records), "summary": summary})
+    results_md.write_text(markdown_report(meta, specs, categories, records, summary))
+    return results_json, results_md
+
+
+def git_commit() -> str | None:
+    """``git rev-parse HEAD`` of the checkout this package runs from, or None outside a git checkout."""
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)

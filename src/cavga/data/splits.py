@@ -1,0 +1,89 @@
+"""Dataset operations of a fit: the calibration slice, CAVGA_w's weak labels and the images left out of evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from torch.utils.data import ConcatDataset
+
+from cavga.data.dataset import AnomalyDataset
+from cavga.data.types import ANOMALOUS, NORMAL
+from cavga.errors import ConfigError, DataError
+
+DEFAULT_ANOMALOUS_FRACTION = 0.02  # the paper's CAVGA_w protocol: 2 % of the anomalous test images
+
+
+def split_calibration(dataset: AnomalyDataset, fraction: float, seed: int) -> tuple[AnomalyDataset, AnomalyDataset]:
+    """Hold out a seeded slice of the NORMAL training images for calibration (never test images)."""
+    normal = [i for i, label in enumerate(dataset.labels) if label == NORMAL]
+    others = [i for i, label in enumerate(dataset.labels) if label != NORMAL]
+    if len(normal) < 2:
+        raise DataError(f"need at least 2 normal training images (one to train, one to calibrate), got {len(normal)}")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(normal))
+    n_cal = min(max(1, round(fraction * len(normal))), len(normal) - 1)
+    cal = sorted(normal[i] for i in order[:n_cal])
+    fit = sorted([normal[i] for i in order[n_cal:]] + others)
+    return dataset.subset(fit), dataset.subset(cal)
+
+
+def sample_weak_labels(
+    test: AnomalyDataset,
+    fraction: float | None = DEFAULT_ANOMALOUS_FRACTION,
+    count: int | None = None,
+    seed: int = 0,
+) -> list[int]:
+    """Indices into ``test`` of a seeded random sample of its ANOMALOUS images (CAVGA_w's weak labels).
+
+    ``count`` images when given, else ``round(fraction * n_anomalous)`` and at least one. Drawn without
+    replacement by ``numpy.random.default_rng(seed)`` from the anomalous images in dataset order; ascending.
+    """
+    anomalous = [i for i, label in enumerate(test.labels) if label == ANOMALOUS]
+    if not anomalous:
+        raise DataError("setting 'w' needs labelled anomalous images: the test split has none (use anomalous_dir)")
+    if count is None:
+        if fraction is None or not 0.0 < fraction <= 1.0:
+            raise ConfigError(f"anomalous_fraction must lie in (0, 1], got {fraction}")
+        count = max(1, round(fraction * len(anomalous)))
+    if not 1 <= count <= len(anomalous):
+        raise ConfigError(f"anomalous_count must lie in [1, {len(anomalous)}] (the test split's anomalous images)")
+    chosen = np.random.default_rng(seed).choice(len(anomalous), size=count, replace=False)
+    return sorted(anomalous[int(i)] for i in chosen)
+
+
+class LabelledConcat(ConcatDataset):
+    """Datasets one after the other, with the ``labels`` and ``paths`` that training reads."""
+
+    @property
+    def labels(self) -> list[int]:
+        return [label for part in self.datasets for label in part.labels]
+
+    @property
+    def paths(self) -> list[str]:
+        return [path for part in self.datasets for path in part.paths]
+
+
+def weak_training_set(normal: AnomalyDataset, anomalous: AnomalyDataset) -> LabelledConcat:
+    """CAVGA_w's training set: the normal training images, then the anomalous ones as labels only.
+
+    The anomalous records lose their masks (weak supervision never sees pixel ground truth) and are read with
+    the normal images' preprocessing.
+    """
+    labels_only = [dataclasses.replace(r, label=ANOMALOUS, mask=None, zero_mask=False) for r in anomalous.records]
+    return LabelledConcat([normal, AnomalyDataset(labels_only, normal.preprocess, anomalous.array)])
+
+
+def path_key(path: str) -> str:
+    """How an image path is compared: resolved, so that another spelling of a folder still matches."""
+    return os.path.realpath(path)
+
+
+def exclude_paths(dataset: AnomalyDataset, paths: Sequence[str]) -> AnomalyDataset:
+    """``dataset`` without the images at ``paths`` (compared as resolved paths)."""
+    if not paths:
+        return dataset
+    excluded = {path_key(p) for p in paths}
+    return dataset.subset([i for i, p in enumerate(dataset.paths) if path_key(p) not in excluded])

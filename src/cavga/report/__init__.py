@@ -1,0 +1,1 @@
+"""What people look at: per-image output files, the HTML report and the pictures in them."""
