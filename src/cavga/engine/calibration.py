@@ -17,7 +17,7 @@ from torch import nn
 from cavga.errors import ConfigError
 from cavga.metrics import THRESHOLD
 
-MAP_QUANTILE = 0.995  # this quantile of the normal images' residual pixels maps to THRESHOLD ("residual" map)
+MAP_QUANTILE = 0.995  # this quantile of the normal images' map pixels maps to THRESHOLD (calibrated maps)
 _TINY = 1e-12
 
 
@@ -45,8 +45,10 @@ class Calibration:
     quantile: float
     n_images: int
     paths: list[str] = field(default_factory=list)
-    # For the "residual" anomaly map: this quantile of the normal images' residual pixels maps to 0.5.
+    # For a calibrated anomaly map (cavga.engine.maps): this raw map value maps to 0.5 (see infer.calibrate).
     map_threshold: float | None = None
+    # MAP_QUANTILE of the normal images' residual pixels, for the residual map reported beside the model's own.
+    residual_threshold: float | None = None
 
     @property
     def spread(self) -> float:

@@ -9,6 +9,7 @@ TensorBoard images and ``Cavga.predict`` / ``evaluate`` call it too. An anomaly 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -16,25 +17,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from cavga import metrics
-from cavga.data.types import ANOMALOUS, NORMAL, collate_samples
-from cavga.engine.calibration import MAP_QUANTILE, Calibration, CalibrationConstants, fit_calibration
+from cavga.data.types import NORMAL, collate_samples
+from cavga.engine.calibration import MAP_QUANTILE, Calibration, CalibrationConstants, fit_calibration, normalize_map
+from cavga.engine.maps import PAPER_MAP, PAPER_SCORE, anomalous_probability, map_spec, residual_map
 from cavga.errors import ConfigError
 from cavga.metrics import THRESHOLD
-from cavga.model.gradcam import class_attention, has_closed_form, output_attention
-from cavga.model.networks import CavgaNet, CavgaOutput
-
-
-def residual_map(images: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """|x - x_hat| averaged over channels and box-blurred (kernel ~ 1/16 of the image side): (B, 1, H, W).
-
-    The blur turns single-pixel reconstruction noise of textures into region evidence before aggregating."""
-    k = max(3, (images.shape[-1] // 16) | 1)
-    residual = (images - x_hat).abs().mean(dim=1, keepdim=True)
-    return F.avg_pool2d(residual, k, stride=1, padding=k // 2, count_include_pad=False)
+from cavga.model.gradcam import has_closed_form
+from cavga.model.networks import CavgaNet
 
 
 def top_mean(maps: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -45,55 +37,32 @@ def top_mean(maps: torch.Tensor, fraction: float) -> torch.Tensor:
 
 
 def aggregate_score(images: torch.Tensor, x_hat: torch.Tensor, residual: torch.Tensor, config) -> torch.Tensor:
-    """s_a of paper 3.1 per image, aggregated as ``config.score`` says."""
+    """s_a of paper 3.1 per image from the residual, aggregated as ``config.score`` says ("top_mean", "mean")."""
     if config.score == "mean":
         return (images - x_hat).abs().flatten(1).mean(1)
     return top_mean(residual, config.score_top_fraction)
 
 
-def anomalous_probability(model: CavgaNet, out: CavgaOutput) -> torch.Tensor:
-    """CAVGA_w: C's probability (B,) that each image is anomalous (its decision boundary is THRESHOLD)."""
-    return torch.softmax(model.classify(out.z).detach(), dim=1)[:, ANOMALOUS]
+@dataclass(frozen=True)
+class MapChoice:
+    """Which anomaly map and which image score inference computes (by default the model config's own)."""
+
+    anomaly_map: str
+    score: str
+
+    @classmethod
+    def of(cls, config) -> MapChoice:
+        # CAVGA_w's map is always C's class attention and its score C's probability (paper 3.2).
+        if config.setting == "w":
+            return cls(PAPER_MAP, "probability")
+        return cls(config.anomaly_map, config.score)
 
 
-# ---------------------------------------------------------------------------------------------- anomaly maps
-# Each map is a function of (model, forward output, images, x_hat, calibration constants) -> (B, 1, H, W) in [0, 1].
-
-
-def attention_anomaly_map(
-    model: CavgaNet, out: CavgaOutput, images: torch.Tensor, x_hat: torch.Tensor, calibration: CalibrationConstants
-) -> torch.Tensor:
-    """The paper's map. CAVGA_u: 1 - A (SPEC 1.1: the anomaly is where the attention is not). CAVGA_w: the
-    Grad-CAM of the anomalous class on z (paper 3.2), gated by C's decision."""
-    if model.config.setting == "u":
-        return 1.0 - output_attention(model, out, tuple(images.shape[-2:]), create_graph=False)
-    attention = class_attention(model, out, ANOMALOUS, create_graph=False)
-    # Paper 3.2: C decides first, and the anomalous map "is computed when y = c_a". Where C says normal
-    # (P(anomalous) <= 0.5) the map is scaled by that probability: below the 0.5 threshold everywhere, so
-    # the mask is empty as the paper's decision implies, while the heat map keeps its pixel ranking.
-    p = anomalous_probability(model, out).view(-1, 1, 1, 1)
-    return torch.where(p > THRESHOLD, attention, attention * p)
-
-
-def residual_anomaly_map(
-    model: CavgaNet, out: CavgaOutput, images: torch.Tensor, x_hat: torch.Tensor, calibration: CalibrationConstants
-) -> torch.Tensor:
-    """The blurred residual |x - x_hat|, its MAP_QUANTILE on normal images mapped to THRESHOLD."""
-    return calibration.normalize_map(residual_map(images, x_hat))
-
-
-AnomalyMap = Callable[[CavgaNet, CavgaOutput, torch.Tensor, torch.Tensor, CalibrationConstants], torch.Tensor]
-ANOMALY_MAPS: dict[str, AnomalyMap] = {"attention": attention_anomaly_map, "residual": residual_anomaly_map}
+PAPER_CHOICE = MapChoice(PAPER_MAP, PAPER_SCORE)  # the paper-literal map 1 - A and its residual score
 
 
 def check_anomaly_map(name: str) -> None:
-    if name not in ANOMALY_MAPS:
-        raise ConfigError(f"anomaly_map must be one of {', '.join(map(repr, ANOMALY_MAPS))}, got {name!r}")
-
-
-def _map_name(config) -> str:
-    # ``anomaly_map`` chooses among CAVGA_u's maps; CAVGA_w's map is always C's class attention (paper 3.2).
-    return config.anomaly_map if config.setting == "u" else "attention"
+    map_spec(name)
 
 
 # ---------------------------------------------------------------------------------------------- the core
@@ -103,22 +72,29 @@ def _map_name(config) -> str:
 class Inference:
     """What :func:`infer_tensors` computes for a batch (tensors on the model's device, detached)."""
 
-    raw_score: torch.Tensor  # (B,) aggregated |x - x_hat| (u) or P(anomalous) from C (w)
+    raw_score: torch.Tensor  # (B,) the image score before calibration (u: residual or map max; w: P(anomalous))
     score: torch.Tensor  # (B,) float64, normalized with the calibration; > THRESHOLD is anomalous
     anomaly_map: torch.Tensor  # (B, H, W) in [0, 1]
     mask: torch.Tensor  # (B, H, W) bool, anomaly_map > THRESHOLD
     x_hat: torch.Tensor  # (B, C, H, W) reconstruction in [0, 1]
     residual: torch.Tensor  # (B, H, W) blurred |x - x_hat|, not normalized
+    raw_map: torch.Tensor  # (B, H, W) the anomaly map before calibration (its own units)
 
 
-def infer_tensors(model: CavgaNet, images: torch.Tensor, calibration: CalibrationConstants) -> Inference:
+def infer_tensors(
+    model: CavgaNet, images: torch.Tensor, calibration: CalibrationConstants, choice: MapChoice | None = None
+) -> Inference:
     """Score and localize a preprocessed batch (B, C, H, W) in [0, 1] with ``model`` (in eval mode).
 
-    Uses ``mu`` (no sampling). Where the Grad-CAM weights have no closed form (``gradcam_layer="encoder_mid"``)
-    gradients are enabled locally (SPEC 1.4: Grad-CAM needs them at inference too), so this also works inside
-    ``torch.no_grad()``; otherwise no backward pass is taken and the computation traces as a plain graph.
+    ``choice`` (default: the model config's map and score) picks an entry of
+    :data:`cavga.engine.maps.ANOMALY_MAPS`. Uses ``mu`` (no sampling). Where the Grad-CAM weights have no closed
+    form (``gradcam_layer="encoder_mid"``) gradients are enabled locally (SPEC 1.4: Grad-CAM needs them at
+    inference too), so this also works inside ``torch.no_grad()``; otherwise no backward pass is taken and the
+    computation traces as a plain graph.
     """
     cfg = model.config
+    choice = choice or MapChoice.of(cfg)
+    spec = map_spec(choice.anomaly_map)
     autograd = not has_closed_form(model)
     with torch.enable_grad() if autograd else nullcontext():
         out = model(images, sample=False)
@@ -127,12 +103,16 @@ def infer_tensors(model: CavgaNet, images: torch.Tensor, calibration: Calibratio
             out = model(images.detach().requires_grad_(True), sample=False)
         x_hat = torch.sigmoid(out.x_hat_logits.detach())
         residual = residual_map(images, x_hat)
-        if cfg.setting == "u":
-            raw = aggregate_score(images, x_hat, residual, cfg)
-        else:
+        raw_map = spec.function(model, out, images, x_hat).detach()
+        if choice.score == "probability":
             raw = anomalous_probability(model, out)
-        anomaly = ANOMALY_MAPS[_map_name(cfg)](model, out, images, x_hat, calibration).detach()[:, 0]
+        elif choice.score == "map_max":
+            raw = raw_map.flatten(1).amax(dim=1)
+        else:
+            raw = aggregate_score(images, x_hat, residual, dataclasses.replace(cfg, score=choice.score))
+        anomaly = calibration.normalize_map(raw_map) if spec.calibrated else raw_map
     raw = raw.detach()
+    anomaly = anomaly.detach()[:, 0]
     return Inference(
         raw_score=raw,
         score=calibration.normalize(raw),
@@ -140,6 +120,7 @@ def infer_tensors(model: CavgaNet, images: torch.Tensor, calibration: Calibratio
         mask=anomaly > THRESHOLD,
         x_hat=x_hat,
         residual=residual.detach()[:, 0],
+        raw_map=raw_map[:, 0],
     )
 
 
@@ -156,9 +137,12 @@ class BatchOutputs:
     residual_maps: np.ndarray  # (B, H, W) blurred |x - x_hat|, not normalized
     scores: np.ndarray | None = None  # (B,) normalized with the calibration given to infer_batch
     masks: np.ndarray | None = None  # (B, H, W) bool, anomaly_maps > THRESHOLD
+    raw_maps: np.ndarray | None = None  # (B, H, W) the anomaly maps before calibration (None: the same)
 
 
-def infer_batch(model: CavgaNet, images: torch.Tensor, calibration: Calibration | None = None) -> BatchOutputs:
+def infer_batch(
+    model: CavgaNet, images: torch.Tensor, calibration: Calibration | None = None, choice: MapChoice | None = None
+) -> BatchOutputs:
     """:func:`infer_tensors` on a preprocessed batch, as numpy. With closed-form Grad-CAM weights (the default
     layer) the whole batch runs in inference mode.
 
@@ -167,7 +151,7 @@ def infer_batch(model: CavgaNet, images: torch.Tensor, calibration: Calibration 
     device = next(model.parameters()).device
     constants = CalibrationConstants(calibration).to(device)
     with torch.inference_mode() if has_closed_form(model) else nullcontext():
-        result = infer_tensors(model, images, constants)
+        result = infer_tensors(model, images, constants, choice)
     return BatchOutputs(
         raw_scores=result.raw_score.cpu().double().numpy(),
         anomaly_maps=result.anomaly_map.cpu().float().numpy(),
@@ -175,6 +159,7 @@ def infer_batch(model: CavgaNet, images: torch.Tensor, calibration: Calibration 
         residual_maps=result.residual.cpu().float().numpy(),
         scores=result.score.cpu().numpy(),
         masks=result.mask.cpu().numpy(),
+        raw_maps=result.raw_map.cpu().float().numpy(),
     )
 
 
@@ -188,6 +173,7 @@ class DatasetOutputs:
     labels: np.ndarray
     defect_types: list[str]
     paths: list[str]
+    raw_maps: np.ndarray | None = None
 
 
 def collect_outputs(
@@ -195,12 +181,14 @@ def collect_outputs(
 ) -> DatasetOutputs:
     """Run ``run_batch`` over ``dataset`` in order and gather its outputs with the ground truth of every image."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_samples)
-    parts: dict[str, list] = {k: [] for k in ("raw", "maps", "res", "masks", "has", "labels", "defects", "paths")}
+    keys = ("raw", "maps", "res", "raw_maps", "masks", "has", "labels", "defects", "paths")
+    parts: dict[str, list] = {k: [] for k in keys}
     for batch in loader:
         outputs = run_batch(batch.images.to(device) if device is not None else batch.images)
         parts["raw"].append(outputs.raw_scores)
         parts["maps"].append(outputs.anomaly_maps)
         parts["res"].append(outputs.residual_maps)
+        parts["raw_maps"].append(outputs.anomaly_maps if outputs.raw_maps is None else outputs.raw_maps)
         parts["masks"].append(batch.masks[:, 0].numpy() > 0.5)
         parts["has"].append(batch.has_mask.numpy())
         parts["labels"].append(batch.labels.numpy())
@@ -217,6 +205,7 @@ def collect_outputs(
         labels=np.concatenate(parts["labels"]),
         defect_types=parts["defects"],
         paths=parts["paths"],
+        raw_maps=np.concatenate(parts["raw_maps"]),
     )
 
 
@@ -226,42 +215,106 @@ def infer_dataset(
     batch_size: int = 32,
     device: torch.device | None = None,
     calibration: Calibration | None = None,
+    choice: MapChoice | None = None,
 ) -> DatasetOutputs:
     device = device or next(model.parameters()).device
-    return collect_outputs(dataset, lambda images: infer_batch(model, images, calibration), batch_size, device)
+    return collect_outputs(dataset, lambda images: infer_batch(model, images, calibration, choice), batch_size, device)
 
 
-def calibrate(model: CavgaNet, normal_dataset: Dataset, quantile: float = 0.95, batch_size: int = 32) -> Calibration:
-    """Fit the score calibration on a dataset of NORMAL images only (a held-out slice of the training folder)."""
-    outputs = infer_dataset(model, normal_dataset, batch_size)
+@torch.no_grad()
+def fit_latent_gaussian(model: CavgaNet, normal_dataset: Dataset, batch_size: int = 32) -> None:
+    """Fit the model's per-position Gaussian of ``mu`` (the ``latent_gaussian`` map) on NORMAL images, in eval
+    mode and without sampling, as inference computes mu."""
+    if model.latent_gaussian is None:
+        return
+    _require_normal(normal_dataset.labels if hasattr(normal_dataset, "labels") else None, normal_dataset)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    loader = DataLoader(normal_dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_samples)
+    try:
+        model.latent_gaussian.fit(model(batch.images.to(device), sample=False).mu for batch in loader)
+    finally:
+        model.train(was_training)
+
+
+def _require_normal(labels, dataset: Dataset) -> None:
+    if labels is None:
+        labels = [dataset[i].label for i in range(len(dataset))]
+    bad = [i for i, label in enumerate(labels) if label != NORMAL]
+    if bad:
+        raise ConfigError(f"the normal-image statistics must use normal images only; image {bad[0]} is not normal")
+
+
+def calibrate(
+    model: CavgaNet,
+    normal_dataset: Dataset,
+    quantile: float = 0.95,
+    batch_size: int = 32,
+    choice: MapChoice | None = None,
+) -> Calibration:
+    """Fit the calibration of ``choice`` (default: the model's own map and score) on NORMAL images only (a
+    held-out slice of the training folder).
+
+    Scores: their smallest raw value -> 0, their ``quantile`` -> 0.5. A calibrated map: where the score is the
+    map's maximum ("map_max"), the same threshold, so that a pixel passes 0.5 exactly where it makes its image
+    pass (the mask is empty on every image called normal); otherwise the MAP_QUANTILE of the normal pixels."""
+    choice = choice or MapChoice.of(model.config)
+    outputs = infer_dataset(model, normal_dataset, batch_size, choice=choice)
     if (outputs.labels != NORMAL).any():
         bad = [p for p, label in zip(outputs.paths, outputs.labels, strict=True) if label != NORMAL]
         raise ConfigError(f"calibration must use normal images only; got anomalous ones such as {bad[0]}")
-    if model.config.setting == "w":
+    residual_threshold = float(np.quantile(outputs.residual_maps, MAP_QUANTILE))
+    if choice.score == "probability":
         # C's probability is already in [0, 1] with THRESHOLD its decision boundary: keep it as it is.
-        return Calibration(0.0, THRESHOLD, quantile, len(outputs.paths), outputs.paths)
-    calibration = fit_calibration(outputs.raw_scores, quantile, outputs.paths)
-    calibration.map_threshold = float(np.quantile(outputs.residual_maps, MAP_QUANTILE))
+        calibration = Calibration(0.0, THRESHOLD, quantile, len(outputs.paths), outputs.paths)
+    else:
+        calibration = fit_calibration(outputs.raw_scores, quantile, outputs.paths)
+    calibration.residual_threshold = residual_threshold
+    if map_spec(choice.anomaly_map).calibrated:
+        if choice.score == "map_max":
+            calibration.map_threshold = calibration.score_threshold
+        else:
+            calibration.map_threshold = float(np.quantile(outputs.raw_maps, MAP_QUANTILE))
+    elif choice.score != "probability":
+        calibration.map_threshold = residual_threshold  # as before: used for the residual map reported beside
     return calibration
+
+
+def _ranking(values: np.ndarray) -> np.ndarray:
+    """Non-negative raw values on [0, 1] by their maximum: the same order, no clipping (for the AuROCs)."""
+    values = np.asarray(values, dtype=np.float64)
+    return values / max(float(values.max()), 1e-12) if values.min() >= 0 else values
 
 
 def evaluate_outputs(outputs: DatasetOutputs, calibration: Calibration, anomaly_map: str | None = None) -> dict:
     """The metrics of ``outputs``. ``anomaly_map="residual"`` scores the calibrated residual map instead of the
-    model's own map (for reporting the alternative beside the paper's 1 - A without running inference twice)."""
+    model's own map (for reporting the alternative beside the paper's 1 - A without running inference twice).
+
+    The threshold-free metrics (image and pixel AuROC, AUPRO) rank the raw scores and raw maps: calibration
+    clips at 1, and a clipped score or pixel ties with every other one above twice its threshold. Balanced
+    accuracy and the IoUs use the calibrated values at the 0.5 threshold."""
     scores = calibration.normalize(outputs.raw_scores)
     pred_labels = (scores > THRESHOLD).astype(np.int64)
     maps = outputs.anomaly_maps
+    raw_maps = maps if outputs.raw_maps is None else outputs.raw_maps
     if anomaly_map == "residual":
-        maps = calibration.normalize_map(torch.from_numpy(outputs.residual_maps)).numpy()
+        threshold = calibration.residual_threshold or calibration.map_threshold
+        maps = normalize_map(torch.from_numpy(outputs.residual_maps), max(threshold, 1e-12)).numpy()
+        raw_maps = outputs.residual_maps
     elif anomaly_map not in (None, "model"):
         raise ConfigError(f"anomaly_map must be None, 'model' or 'residual', got {anomaly_map!r}")
     result = metrics.compute_all(
-        scores=scores,
+        scores=outputs.raw_scores,
         pred_labels=pred_labels,
         labels=outputs.labels,
-        anomaly_maps=maps,
+        anomaly_maps=_ranking(raw_maps),
         masks=outputs.masks,
         has_mask=outputs.has_mask,
         threshold=THRESHOLD,
     )
+    if result["iou"] is not None:
+        has = np.asarray(outputs.has_mask, dtype=bool)
+        result["iou"] = metrics.iou(maps[has], outputs.masks[has], THRESHOLD, "mean")
+        result["iou_pooled"] = metrics.iou(maps[has], outputs.masks[has], THRESHOLD, "pooled")
     return result

@@ -22,7 +22,8 @@ from cavga.config import TrainConfig, to_dict
 from cavga.data.types import collate_samples
 from cavga.engine.calibration import CalibrationConstants
 from cavga.engine.checkpoint import atomic_write
-from cavga.engine.infer import infer_tensors
+from cavga.engine.infer import PAPER_CHOICE, MapChoice, infer_tensors
+from cavga.engine.maps import map_spec
 from cavga.errors import ConfigError
 from cavga.model.networks import CavgaNet
 
@@ -159,6 +160,9 @@ class TensorBoardLog:
 def visual_batch(model: CavgaNet, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Inputs, reconstructions and anomaly maps (what the uncalibrated model would predict), on the CPU.
 
+    While training, the normal-image statistics of a deviation map (the latent Gaussian) do not exist yet, and
+    its calibration neither: such a model's images show the paper's attention map 1 - A instead (u only).
+
     Eval mode and the mean latent: this must not move BatchNorm's running statistics or draw from the RNG, or
     watching a run would change it."""
     was_training = model.training
@@ -166,7 +170,10 @@ def visual_batch(model: CavgaNet, images: torch.Tensor) -> tuple[torch.Tensor, .
     model.eval()
     try:
         with torch.no_grad():  # the core turns gradients on itself where Grad-CAM needs autograd
-            result = infer_tensors(model, images.to(device), CalibrationConstants().to(device))
+            choice = MapChoice.of(model.config)
+            if model.config.setting == "u" and map_spec(choice.anomaly_map).calibrated:
+                choice = PAPER_CHOICE
+            result = infer_tensors(model, images.to(device), CalibrationConstants().to(device), choice)
     finally:
         model.train(was_training)
     return images, result.x_hat.cpu(), result.anomaly_map[:, None].cpu()
