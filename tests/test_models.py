@@ -156,7 +156,7 @@ def test_classify_without_classifier_is_a_config_error() -> None:
         (dict(variant="D", latent_stride=2), "latent_stride"),
         (dict(gradcam_target="max_mu"), "gradcam_target"),
         (dict(gradcam_layer="layer9"), "gradcam_layer"),
-        (dict(variant="D", encoder_weights="w.pth"), "CAVGA-R only"),
+        (dict(variant="D", encoder_weights="w.pth"), "CAVGA-R and CAVGA-L only"),
     ],
 )
 def test_build_model_validates(kwargs: dict, match: str) -> None:

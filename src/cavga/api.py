@@ -19,7 +19,15 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from cavga._version import __version__
-from cavga.config import LossWeights, ModelConfig, TrainConfig, from_dict, to_dict, upgrade_sections
+from cavga.config import (
+    VARIANT_DEFAULTS,
+    LossWeights,
+    ModelConfig,
+    TrainConfig,
+    from_dict,
+    to_dict,
+    upgrade_sections,
+)
 from cavga.data import AnomalyDataset, DatasetSplits, Preprocess, Record, load_dataset
 from cavga.data.io import ImageInput, list_images, to_pil
 from cavga.data.splits import (
@@ -34,7 +42,16 @@ from cavga.data.types import ANOMALOUS
 from cavga.engine import distributed
 from cavga.engine.calibration import Calibration
 from cavga.engine.checkpoint import atomic_write
-from cavga.engine.infer import calibrate, check_anomaly_map, evaluate_outputs, infer_batch, infer_dataset
+from cavga.engine.infer import (
+    PAPER_CHOICE,
+    MapChoice,
+    calibrate,
+    check_anomaly_map,
+    evaluate_outputs,
+    fit_latent_gaussian,
+    infer_batch,
+    infer_dataset,
+)
 from cavga.engine.runlog import RUN_FILE, read_run_file
 from cavga.engine.train import resolve_device, seed_everything, train
 from cavga.errors import ConfigError, DataError, ModelFileError
@@ -47,7 +64,6 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-DEFAULT_IMAGE_SIZE = {"D": 64, "R": 128}
 
 
 @dataclass
@@ -83,7 +99,11 @@ def _split_options(options: dict[str, Any]) -> tuple[dict, dict, dict]:
 class Cavga:
     """A CAVGA anomaly detector, scikit-learn style: construct with parameters, ``fit``, then ``predict``.
 
-    ``variant`` "D" or "R", ``setting`` "u" (normal images only) or "w" (plus a few labelled anomalous images).
+    ``variant`` "L" (the default: an ImageNet EfficientNet-Lite0 trunk, frozen, whose latent Gaussian map is the
+    measured best of ``benchmarks/map_study.py``), or the paper's "D" (DCGAN) and "R" (ResNet-18); ``setting`` "u"
+    (normal images only) or "w" (plus a few labelled anomalous images). Fields left unset take the variant's
+    defaults (:data:`cavga.config.VARIANT_DEFAULTS`); the paper-literal map is ``anomaly_map="attention",
+    score="top_mean"``, and ``evaluate`` reports it beside the model's own (key ``paper_map``).
     Other keyword options are any field of :class:`ModelConfig`, :class:`TrainConfig` or :class:`LossWeights`.
 
     Setting "w" takes its anomalous images (labels only, never their masks) from one of: a seeded random
@@ -94,7 +114,7 @@ class Cavga:
 
     def __init__(
         self,
-        variant: str = "D",
+        variant: str = "L",
         setting: str = "u",
         image_size: int | None = None,
         channels: int | None = None,
@@ -110,13 +130,11 @@ class Cavga:
         self.params |= {"anomalous_count": anomalous_count, "anomalous_dir": anomalous_dir, **options}
         model_kw, train_kw, weight_kw = _split_options(options)
         self.model_config = ModelConfig(
-            variant=variant,
-            setting=setting,
-            image_size=image_size or DEFAULT_IMAGE_SIZE.get(variant, 64),
-            channels=channels or 3,
-            **model_kw,
+            variant=variant, setting=setting, image_size=image_size, channels=channels or 3, **model_kw
         )
         self.channels_given = channels is not None
+        if train_kw.get("epochs") is None:
+            train_kw["epochs"] = VARIANT_DEFAULTS.get(variant, VARIANT_DEFAULTS["D"])["epochs"]
         self.train_config = TrainConfig(weights=LossWeights(**weight_kw), **train_kw)
         self.calibration_quantile = calibration_quantile
         self.anomalous_fraction = anomalous_fraction
@@ -171,6 +189,7 @@ class Cavga:
         train_set, calibration_set = split_calibration(
             splits.train, self.train_config.calibration_fraction, self.train_config.seed
         )
+        normal_train_set = train_set
         self.excluded_paths_: list[str] = []
         weak_info: dict[str, Any] = {}
         if self.model_config.setting == "w":
@@ -210,7 +229,14 @@ class Cavga:
                 ctx=ctx,
             )
             self.train_seconds_ = time.perf_counter() - start
+            fit_latent_gaussian(self.model_, normal_train_set)
             self.calibration_ = calibrate(self.model_, calibration_set, self.calibration_quantile)
+            # The paper-literal map and score of the same model, reported beside the model's own (README).
+            self.paper_calibration_ = None
+            if self.model_config.setting == "u" and MapChoice.of(self.model_config) != PAPER_CHOICE:
+                self.paper_calibration_ = calibrate(
+                    self.model_, calibration_set, self.calibration_quantile, choice=PAPER_CHOICE
+                )
         finally:
             distributed.cleanup()
         self.is_main_process_ = ctx.is_main
@@ -327,6 +353,10 @@ class Cavga:
         outputs = infer_dataset(self.model_, test, calibration=self.calibration_)
         self.last_outputs_ = outputs
         result = evaluate_outputs(outputs, self.calibration_)
+        paper = getattr(self, "paper_calibration_", None)
+        if paper is not None:
+            paper_outputs = infer_dataset(self.model_, test, calibration=paper, choice=PAPER_CHOICE)
+            result["paper_map"] = evaluate_outputs(paper_outputs, paper)
         if excluded:
             result["n_excluded"] = n_removed
         return result
@@ -334,6 +364,7 @@ class Cavga:
     # ---------------------------------------------------------------- saving
     def config_dict(self) -> dict:
         self._check_fitted()
+        paper = getattr(self, "paper_calibration_", None)
         return {
             "cavga_version": __version__,
             "format_version": FORMAT_VERSION,
@@ -341,6 +372,7 @@ class Cavga:
             "train": to_dict(self.train_config),
             "preprocess": self.preprocess_.to_dict(),
             "calibration": self.calibration_.to_dict(),
+            "paper_calibration": None if paper is None else paper.to_dict(),
             "calibration_quantile": self.calibration_quantile,
             "weak_supervision": {
                 "anomalous_fraction": self.anomalous_fraction,
@@ -383,7 +415,13 @@ class Cavga:
             anomalous_dir=weak.get("anomalous_dir"),
             **options,
         )
-        model = build_model(dataclasses.replace(model_config, encoder_weights=None))
+        # The weights come from the file: no pretrained encoder is read again.
+        model = build_model(
+            dataclasses.replace(model_config, encoder_weights="none" if model_config.variant != "D" else None)
+        )
+        fresh = model.state_dict()
+        # Files written before the latent Gaussian existed lack its buffers: it stays unfitted there.
+        state = {**{k: v for k, v in fresh.items() if k.startswith("latent_gaussian.")}, **state}
         try:
             model.load_state_dict(state, strict=True)
         except Exception as exc:  # a missing, extra or misshapen tensor
@@ -391,6 +429,8 @@ class Cavga:
         detector.model_ = model.to(resolve_device(device)).eval()
         detector.preprocess_ = Preprocess.from_dict(config["preprocess"])
         detector.calibration_ = Calibration.from_dict(config["calibration"])
+        paper = config.get("paper_calibration")
+        detector.paper_calibration_ = None if paper is None else Calibration.from_dict(paper)
         detector.data_info_ = config.get("data", {})
         detector.excluded_paths_ = config.get("excluded_paths", [])
         detector.history_ = config.get("history", [])

