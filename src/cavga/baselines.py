@@ -1,11 +1,20 @@
-"""The paper's autoencoder baselines AE-L2 and AE-SSIM (Bergmann et al., VISAPP 2019; paper Tables 3 and 6).
+"""Baselines beside CAVGA in every benchmark: the paper's autoencoders AE-L2 and AE-SSIM (Bergmann et al., VISAPP
+2019; paper Tables 3 and 6), and a PaDiM-style model on pretrained features (Defard et al., 2020), the reference
+a user would otherwise pick.
 
+AE-L2 / AE-SSIM:
 A plain convolutional autoencoder with a 100-d bottleneck, trained on the normal training images only, with
 the per-pixel L2 loss (AE-L2) or the SSIM loss (AE-SSIM). The anomaly map is the per-pixel squared L2 residual
 resp. 1 - local SSIM between the image and its reconstruction; the image score is the mean of the map's top
 1 %. Both are calibrated like CAVGA_u: on a seeded held-out slice of the normal training images only
 (:func:`cavga.engine.calibration.fit_calibration` for scores; the ``MAP_QUANTILE`` quantile of the normal pixels maps to
 0.5 for the map), then thresholded at 0.5 and scored with :func:`cavga.engine.infer.evaluate_outputs`.
+
+PaDiM: no training. A per-position Gaussian (:class:`cavga.model.gaussian.PositionGaussian`) of frozen ImageNet
+EfficientNet-Lite0 features (stride 8, with stride 16 upsampled onto it: 152 channels) over the normal training
+images; the map is the Mahalanobis distance, upsampled and blurred as CAVGA's deviation maps are, the score its
+maximum. PaDiM itself uses ResNet/WideResNet features and a random subset of their channels; this keeps all 152
+channels of the one ImageNet network that ships with a pip package. Calibrated like CAVGA's deviation maps.
 """
 
 from __future__ import annotations
@@ -25,8 +34,11 @@ from cavga.data.splits import split_calibration
 from cavga.data.types import collate_samples
 from cavga.engine.calibration import MAP_QUANTILE, Calibration, fit_calibration
 from cavga.engine.infer import BatchOutputs, DatasetOutputs, collect_outputs, evaluate_outputs, top_mean
+from cavga.engine.maps import upsampled_blur
 from cavga.engine.train import resolve_device, seed_everything
 from cavga.errors import ConfigError
+from cavga.model.encoders import Lite0Encoder
+from cavga.model.gaussian import DEFAULT_SHRINKAGE, PositionGaussian
 
 KINDS = ("l2", "ssim")
 SSIM_WINDOW = 11  # Bergmann et al. and Wang et al. (2004): 11 x 11 Gaussian window, sigma 1.5
@@ -196,6 +208,7 @@ class AutoencoderBaseline:
                 anomaly_maps=amap[:, 0].float().cpu().numpy(),
                 reconstructions=x_hat.float().cpu().numpy(),
                 residual_maps=res[:, 0].float().cpu().numpy(),
+                raw_maps=res[:, 0].float().cpu().numpy(),
             )
 
         return collect_outputs(dataset, run_batch, batch_size=32, device=device)
@@ -203,6 +216,82 @@ class AutoencoderBaseline:
     def evaluate(self, splits: DatasetSplits) -> dict:
         """The metrics of :func:`cavga.engine.infer.evaluate_outputs` on the test split of ``splits``."""
         if not hasattr(self, "model_"):
+            raise ConfigError("this baseline is not fitted yet: call fit()")
+        self.last_outputs_ = self._infer(splits.test, self.calibration_)
+        return evaluate_outputs(self.last_outputs_, self.calibration_)
+
+    def config_dict(self) -> dict:
+        return asdict(self.config)
+
+
+@dataclass
+class PadimConfig:
+    """The PaDiM-style baseline: input size and the shared calibration choices (no training budget)."""
+
+    image_size: int = 256  # a multiple of 16
+    channels: int = 3
+    shrinkage: float = DEFAULT_SHRINKAGE
+    batch_size: int = 16
+    seed: int = 0
+    calibration_fraction: float = 0.1
+    calibration_quantile: float = 0.95
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if self.image_size % 16 or self.image_size < 32:
+            raise ConfigError(f"PaDiM image_size must be a multiple of 16 (>= 32), got {self.image_size}")
+
+
+class PadimBaseline:
+    """PaDiM-style baseline with the ``fit`` / ``evaluate`` shape of the AE baselines (DatasetSplits only)."""
+
+    name = "PaDiM"
+
+    def __init__(self, **options) -> None:
+        self.config = PadimConfig(**options)
+        self.config.validate()
+
+    @torch.no_grad()
+    def fit(self, splits: DatasetSplits, progress: bool = False) -> PadimBaseline:
+        cfg = self.config
+        train_set, calibration_set = split_calibration(splits.train, cfg.calibration_fraction, cfg.seed)
+        device = resolve_device(cfg.device)
+        start = time.perf_counter()
+        self.encoder_ = Lite0Encoder(cfg.channels, 8, pretrained=True, frozen=True)
+        self.encoder_.load_imagenet()
+        self.encoder_.eval().to(device)
+        side = cfg.image_size // 8
+        self.gaussian_ = PositionGaussian(self.encoder_.out_channels, side, side).to(device)
+        loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate_samples)
+        self.gaussian_.fit((self.encoder_(batch.images.to(device))[0] for batch in loader), cfg.shrinkage)
+        self.train_seconds_ = time.perf_counter() - start
+        outputs = self._infer(calibration_set)
+        self.calibration_ = fit_calibration(outputs.raw_scores, cfg.calibration_quantile, outputs.paths)
+        # As CAVGA's deviation maps scored by their maximum: a pixel passes 0.5 where it makes its image pass.
+        self.calibration_.map_threshold = self.calibration_.score_threshold
+        self.data_info_ = {**splits.info, "n_train": len(train_set), "n_calibration": len(calibration_set)}
+        return self
+
+    @torch.no_grad()
+    def _infer(self, dataset: Dataset, calibration: Calibration | None = None) -> DatasetOutputs:
+        device = next(self.gaussian_.buffers()).device
+
+        def run_batch(x: torch.Tensor) -> BatchOutputs:
+            raw = upsampled_blur(self.gaussian_(self.encoder_(x)[0]), (x.shape[-2], x.shape[-1]))
+            amap = calibration.normalize_map(raw) if calibration is not None else raw
+            return BatchOutputs(
+                raw_scores=raw.flatten(1).amax(dim=1).double().cpu().numpy(),
+                anomaly_maps=amap[:, 0].float().cpu().numpy(),
+                reconstructions=x.float().cpu().numpy(),  # no reconstruction: the input itself
+                residual_maps=raw[:, 0].float().cpu().numpy(),
+                raw_maps=raw[:, 0].float().cpu().numpy(),
+            )
+
+        return collect_outputs(dataset, run_batch, batch_size=self.config.batch_size, device=device)
+
+    def evaluate(self, splits: DatasetSplits) -> dict:
+        """The metrics of :func:`cavga.engine.infer.evaluate_outputs` on the test split of ``splits``."""
+        if not hasattr(self, "gaussian_"):
             raise ConfigError("this baseline is not fitted yet: call fit()")
         self.last_outputs_ = self._infer(splits.test, self.calibration_)
         return evaluate_outputs(self.last_outputs_, self.calibration_)

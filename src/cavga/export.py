@@ -41,7 +41,8 @@ from torch import nn
 
 from cavga.data.io import to_pil
 from cavga.engine.calibration import Calibration, CalibrationConstants
-from cavga.engine.infer import infer_tensors
+from cavga.engine.infer import MapChoice, infer_tensors
+from cavga.engine.maps import map_spec
 from cavga.errors import ConfigError, ModelFileError
 from cavga.metrics import THRESHOLD
 from cavga.model.gradcam import has_closed_form
@@ -72,6 +73,12 @@ class ExportedCavga(nn.Module):
             )
         if not has_closed_form(model):
             raise ConfigError(f"this model's Grad-CAM (setting {cfg.setting!r}) has no closed form to export")
+        choice = MapChoice.of(cfg)
+        if not map_spec(choice.anomaly_map).exportable:
+            raise ConfigError(
+                f"anomaly_map {choice.anomaly_map!r} cannot be exported: it needs a second network (the frozen "
+                "ImageNet reference) outside the model; export a model with another map, e.g. 'latent_gaussian'"
+            )
         self.model = copy.deepcopy(model).cpu().float().eval()
         self.calibration = CalibrationConstants(calibration)
         for p in self.parameters():

@@ -26,7 +26,7 @@ import torch
 
 from cavga._version import __version__
 from cavga.api import Cavga
-from cavga.baselines import AutoencoderBaseline
+from cavga.baselines import AutoencoderBaseline, PadimBaseline
 from cavga.benchmark.paper import paper_table
 from cavga.benchmark.specs import QUICK_BUDGET, SUITES, Budget, ModelSpec, suite_models
 from cavga.benchmark.tables import fmt, markdown_report, suite_metrics, summarize
@@ -157,8 +157,10 @@ def run_job(
     started = time.perf_counter()
     size = budget.image_size(spec)
     channels = 1 if splits.train[0].image.shape[0] == 1 else 3
-    if spec.kind == "ae":
-        model: Any = AutoencoderBaseline(
+    if spec.kind == "padim":
+        model: Any = PadimBaseline(image_size=size, channels=channels, seed=seed, device=budget.device)
+    elif spec.kind == "ae":
+        model = AutoencoderBaseline(
             image_size=size, channels=channels, epochs=budget.epochs, batch_size=budget.batch_size, seed=seed,
             device=budget.device, **({"width": budget.width} if budget.width else {}), **dict(spec.options),
         )  # fmt: skip
@@ -168,9 +170,10 @@ def run_job(
             options["width"] = budget.width
         if spec.setting == "w":
             options["anomalous_fraction"] = budget.anomalous_fraction
+        options = {"epochs": budget.epochs, **options}  # a model's own budget (the default CAVGA-L's) wins
         model = Cavga(
-            spec.variant, spec.setting, image_size=size, channels=channels, epochs=budget.epochs,
-            batch_size=budget.batch_size, seed=seed, device=budget.device, **options,
+            spec.variant, spec.setting, image_size=size, channels=channels, batch_size=budget.batch_size,
+            seed=seed, device=budget.device, **options,
         )  # fmt: skip
     model.fit(splits, progress=progress)
     evaluated = splits

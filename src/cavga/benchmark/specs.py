@@ -27,7 +27,7 @@ class ModelSpec:
     """One column of a table: a CAVGA model (with extra options) or an AE baseline."""
 
     name: str
-    kind: str  # "cavga" or "ae"
+    kind: str  # "cavga", "ae" or "padim"
     variant: str = "D"  # CAVGA variant; "D" sizes the AE baselines too
     setting: str = "u"
     options: tuple[tuple[str, Any], ...] = ()  # extra Cavga options, e.g. (("flatten_latent", True),)
@@ -38,12 +38,16 @@ class ModelSpec:
                 "options": dict(self.options)}  # fmt: skip
 
 
+# The paper's models (their variants default to the paper's map and score).
 CAVGA_MODELS = tuple(
     ModelSpec(f"CAVGA-{v}_{s}", "cavga", v, s) for v, s in (("D", "u"), ("R", "u"), ("D", "w"), ("R", "w"))
 )
+# cavga's default model (`cavga train` with no options), with its own one-epoch budget.
+DEFAULT_MODEL = ModelSpec("CAVGA-L_u", "cavga", "L", "u", (("epochs", 1),), "CAVGA-L_u (default: latent Gaussian)")
 BASELINES = (
     ModelSpec("AE-SSIM", "ae", options=(("kind", "ssim"),)),
     ModelSpec("AE-L2", "ae", options=(("kind", "l2"),)),
+    ModelSpec("PaDiM", "padim", "L"),
 )
 # Table 8: "*" = flattened 100-d z; the u columns switch L_ae off by w_ae = 0, the w columns L_cga by w_cga = 0.
 ABLATION_MODELS = (
@@ -57,12 +61,12 @@ ABLATION_MODELS = (
     ModelSpec("c8", "cavga", "R", "w", (), "CAVGA-R_w + conv z + L_cga"),
 )
 SUITE_MODELS = {
-    "mvtec": CAVGA_MODELS + BASELINES,
-    "pairs": CAVGA_MODELS + BASELINES,
+    "mvtec": (DEFAULT_MODEL, *CAVGA_MODELS, *BASELINES),
+    "pairs": (DEFAULT_MODEL, *CAVGA_MODELS, *BASELINES),
     "oneclass": (CAVGA_MODELS[0],),
     "ablation": ABLATION_MODELS,
 }
-ALL_MODELS = {m.name: m for m in CAVGA_MODELS + BASELINES + ABLATION_MODELS}
+ALL_MODELS = {m.name: m for m in (DEFAULT_MODEL, *CAVGA_MODELS, *BASELINES, *ABLATION_MODELS)}
 
 
 def suite_models(suite: str, names: Sequence[str] | None = None) -> list[ModelSpec]:
@@ -89,6 +93,7 @@ class Budget:
     image_size_d: int = 64
     image_size_r: int = 128
     image_size_ae: int = 64
+    image_size_l: int = 256  # CAVGA-L and the PaDiM baseline (their ImageNet trunk's stride-8 map: 32 x 32)
     batch_size: int = 16
     width: int | None = None  # None: each model's default width
     max_train: int | None = None  # seeded cap on the training images per category (None: all)
@@ -99,9 +104,17 @@ class Budget:
     def image_size(self, spec: ModelSpec) -> int:
         if spec.kind == "ae":
             return self.image_size_ae
-        return self.image_size_d if spec.variant == "D" else self.image_size_r
+        return {"D": self.image_size_d, "R": self.image_size_r, "L": self.image_size_l}[spec.variant]
 
 
 QUICK_BUDGET = Budget(
-    epochs=1, image_size_d=32, image_size_r=64, image_size_ae=32, batch_size=4, width=8, max_train=8, max_test=12
+    epochs=1,
+    image_size_d=32,
+    image_size_r=64,
+    image_size_ae=32,
+    image_size_l=64,
+    batch_size=4,
+    width=8,
+    max_train=8,
+    max_test=12,
 )
