@@ -93,6 +93,7 @@ def check_anomaly_map(name: str) -> None:
 
 def _map_name(config) -> str:
     # ``anomaly_map`` chooses among CAVGA_u's maps; CAVGA_w's map is always C's class attention (paper 3.2).
+    check_anomaly_map(config.anomaly_map)
     return config.anomaly_map if config.setting == "u" else "attention"
 
 
