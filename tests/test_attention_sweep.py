@@ -21,8 +21,22 @@ def _load_sweep():
     return module
 
 
+@pytest.mark.slow
 def test_sweep_writes_runs_summary_and_table_and_resumes(tmp_path, monkeypatch):
     sweep = _load_sweep()
+    evaluated, residual = [], []  # what each run's evaluation computed, to compare sweep.json with
+
+    def evaluate(self, *args, **kwargs):
+        evaluated.append(real_evaluate(self, *args, **kwargs))
+        return evaluated[-1]
+
+    def evaluate_outputs(*args, **kwargs):
+        residual.append(real_evaluate_outputs(*args, **kwargs))
+        return residual[-1]
+
+    real_evaluate, real_evaluate_outputs = sweep.Cavga.evaluate, sweep.evaluate_outputs
+    monkeypatch.setattr(sweep.Cavga, "evaluate", evaluate)
+    monkeypatch.setattr(sweep, "evaluate_outputs", evaluate_outputs)
     data = tmp_path / "data"
     write_demo_dataset(data, categories=["pill"], image_size=64, n_train=10, n_test_good=3, n_test_defect=5)
     out = tmp_path / "out"
@@ -33,9 +47,14 @@ def test_sweep_writes_runs_summary_and_table_and_resumes(tmp_path, monkeypatch):
     runs = saved["runs"]
     assert [(r["setting"], r["seed"], r["category"]) for r in runs] == [("base", 0, "pill"), ("no_l_ae", 0, "pill")]
     assert runs[1]["options"] == {"w_ae": 0.0}
-    for run in runs:
-        for key in ("image_auroc", "pixel_auroc", "pixel_auroc_residual"):
-            assert 0.0 <= run[key] <= 1.0
+    assert len(evaluated) == len(residual) == 2
+    for run, result, alternative in zip(runs, evaluated, residual, strict=True):
+        assert (run["image_auroc"], run["pixel_auroc"], run["iou"]) == (
+            result["image_auroc"],
+            result["pixel_auroc"],
+            result["iou"],
+        )
+        assert run["pixel_auroc_residual"] == alternative["pixel_auroc"]
     table = (out / "sweep.md").read_text().splitlines()
     assert table[0].startswith("| setting | runs | image AuROC | pixel AuROC 1 - A |")
     assert len(table) == 2 + 2 and {line.split(" | ")[0] for line in table[2:]} == {"| base", "| no_l_ae"}

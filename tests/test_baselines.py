@@ -109,6 +109,7 @@ def _toy_splits(folder, seed: int = 0) -> DatasetSplits:
     return DatasetSplits(AnomalyDataset(train, pre, array), AnomalyDataset(test, pre, array), {})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["l2", "ssim"])
 def test_fit_calibrates_on_normal_images_and_finds_squares(kind, tmp_path):
     splits = _toy_splits(tmp_path)

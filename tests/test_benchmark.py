@@ -78,7 +78,7 @@ def test_paper_table_choice():
     assert benchmark.paper_table("oneclass", Path("/data/digits")) is None
     assert benchmark.paper_table("oneclass", Path("/data/digits"), "mnist") == "mnist"
     assert benchmark.paper_table("pairs", Path("/data/magnetic-tile")) is None
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="paper dataset must be mnist, fashion-mnist or cifar10, got 'svhn'"):
         benchmark.paper_table("oneclass", Path("/x"), "svhn")
 
 
@@ -140,6 +140,7 @@ SUITE_LAYOUT = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suite", list(SUITE_LAYOUT))
 def test_quick_suite_files_layout_and_resume(suite, tmp_path):
     models, categories, heading, paper_mean = SUITE_LAYOUT[suite]
@@ -185,6 +186,7 @@ def test_quick_suite_files_layout_and_resume(suite, tmp_path):
     assert "| yes |" in (out / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_changed_budget_retrains_only_the_changed_jobs(tmp_path):
     out = tmp_path / "o"
     run_suite("oneclass", out, quick=True, categories=["0"], log=lambda _: None)
@@ -197,10 +199,10 @@ def test_changed_budget_retrains_only_the_changed_jobs(tmp_path):
 
 
 def test_bad_arguments(tmp_path):
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="unknown suite 'lag'"):
         run_suite("lag", tmp_path)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="--data is required"):
         run_suite("mvtec", tmp_path)  # neither --data nor --quick
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"unknown model\(s\) \['CAVGA-X'\]"):
         benchmark.suite_models("mvtec", ["CAVGA-X"])
     assert [m.name for m in benchmark.suite_models("pairs", ["AE-L2", "c3"])] == ["AE-L2", "c3"]

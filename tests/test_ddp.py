@@ -102,6 +102,7 @@ def test_two_gloo_processes_equal_one_process_with_the_global_batch(tmp_path):
     assert max_abs_diff(unsynced, load_file(str(ddp / "unsynced-rank1.safetensors"))) > 100 * TOLERANCE
 
 
+@pytest.mark.slow
 def test_cavga_train_and_predict_under_torchrun(tmp_path):
     data = write_tiny_mvtec(tmp_path / "data")
     model = tmp_path / "model"

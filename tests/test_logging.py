@@ -170,6 +170,7 @@ def test_missing_tensorboard_package_is_a_config_error_naming_the_extra(tmp_path
     assert not (tmp_path / "run" / "checkpoint.safetensors").exists()  # refused before training
 
 
+@pytest.mark.slow
 def test_cavga_train_writes_its_run_dir_beside_the_model_by_default(tmp_path):
     pytest.importorskip("tensorboard")
     data = write_tiny_mvtec(tmp_path / "data")

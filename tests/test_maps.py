@@ -11,7 +11,6 @@ import torch
 from scipy import ndimage
 
 import cavga
-from cavga import config as config_module
 from cavga.baselines import PadimBaseline
 from cavga.config import ModelConfig
 from cavga.data import Preprocess, load_dataset
@@ -31,10 +30,14 @@ def _tiny_l(**kw) -> ModelConfig:
     return ModelConfig(**{"variant": "L", "image_size": 64, "width": 4, "latent_channels": 4, **kw})
 
 
-def test_registry_and_config_name_the_same_maps():
-    assert tuple(maps.ANOMALY_MAPS) == config_module.ANOMALY_MAPS
+def test_the_registry_names_every_map_and_refuses_others():
+    assert set(maps.ANOMALY_MAPS) == {
+        "attention", "attention_flip", "attention_advae", "residual", "latent_gaussian", "feature_residual", "fusion"
+    }  # fmt: skip
     with pytest.raises(ConfigError, match="anomaly_map must be one of"):
         maps.map_spec("heat")
+    with pytest.raises(ConfigError, match="anomaly_map must be one of"):
+        cavga.Cavga(anomaly_map="heat")
 
 
 def test_variants_default_to_their_own_map_and_score():

@@ -149,6 +149,7 @@ def test_report_in_headless_chromium(browser, tmp_path, embed):
     page.close()
 
 
+@pytest.mark.slow
 def test_cli_evaluate_report_and_export(tmp_path, browser):
     """cavga evaluate writes overlays + report; cavga report rewrites it; cavga export writes a loadable file."""
     import cavga

@@ -73,6 +73,7 @@ def test_cifar_reader_refuses_a_malicious_python_batch(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_model_load_refuses_a_pickle_in_place_of_the_weights(fitted, tmp_path):
     marker = tmp_path / "marker"
     bad = tmp_path / "bad-model"
@@ -117,6 +118,7 @@ def test_crash_while_saving_a_checkpoint_leaves_the_previous_one(tmp_path, monke
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
 
 
+@pytest.mark.slow
 def test_crash_while_saving_a_model_leaves_the_previous_one(fitted, monkeypatch):
     detector = api.load(fitted, device="cpu")
     before = {name: (fitted / name).read_bytes() for name in ("model.safetensors", "config.json")}

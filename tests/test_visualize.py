@@ -82,6 +82,7 @@ def tiny_model(tmp_path_factory):
     return cavga.Cavga("D", "u", **options).fit(root, category="bottle", progress=False), root
 
 
+@pytest.mark.slow
 def test_write_predictions_writes_overlays_at_image_size(tiny_model, tmp_path):
     from cavga.data.io import list_images
     from cavga.report.outputs import write_predictions
@@ -99,6 +100,7 @@ def test_write_predictions_writes_overlays_at_image_size(tiny_model, tmp_path):
         assert ring.any() == bool(pred.mask.any())
 
 
+@pytest.mark.slow
 def test_write_evaluation_files_and_curves(tiny_model, tmp_path):
     from cavga import metrics
     from cavga.metrics import curve_area

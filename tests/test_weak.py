@@ -242,6 +242,7 @@ def fitted_w(tmp_path_factory):
     return root, detector
 
 
+@pytest.mark.slow
 def test_sampled_test_images_train_the_model_and_never_count_in_evaluation(fitted_w, tmp_path):
     root, detector = fitted_w
     spots = {os.path.realpath(p) for p in (root / "bottle/test/spot").glob("*.png")}
@@ -260,21 +261,39 @@ def test_sampled_test_images_train_the_model_and_never_count_in_evaluation(fitte
     assert detector.evaluate(link, category="bottle")["n_images"] == 4
 
 
-def test_predict_and_evaluate_read_the_same_for_both_settings(fitted_w):
-    root, detector = fitted_w
+@pytest.fixture(scope="module")
+def fitted_u(fitted_w):
+    root, _ = fitted_w
+    return root, cavga.Cavga("D", "u", **TINY).fit(root, category="bottle", progress=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["u", "w"])
+def test_predict_and_evaluate_read_the_same_for_both_settings(which, fitted_u, fitted_w):
+    """For either setting, predict() on the evaluated images gives exactly evaluate()'s scores, maps and labels."""
+    root, detector = fitted_u if which == "u" else fitted_w
+    assert detector.model_config.setting == which
     result = detector.evaluate(root, category="bottle")
-    for key in ("image_auroc", "pixel_auroc", "iou", "iou_pooled", "aupro", "balanced_accuracy"):
-        assert result[key] is None or 0.0 <= result[key] <= 1.0, key
-    predictions = detector.predict(sorted((root / "bottle/test/good").glob("*.png")))
+    outputs = detector.last_outputs_
+    predictions = detector.predict(outputs.paths)
+    scores = detector.calibration_.normalize(outputs.raw_scores)
+    np.testing.assert_array_equal([p.score for p in predictions], scores)
+    np.testing.assert_array_equal([p.raw_score for p in predictions], outputs.raw_scores)
+    np.testing.assert_array_equal(np.stack([p.anomaly_map for p in predictions]), outputs.anomaly_maps)
+    labels = np.array([p.label for p in predictions])
+    np.testing.assert_array_equal(labels, scores > 0.5)
+    truth = outputs.labels
+    balanced = np.mean([np.mean(labels[truth == c] == c) for c in (NORMAL, ANOMALOUS)])
+    assert result["balanced_accuracy"] == pytest.approx(balanced)
     for p in predictions:
-        assert 0.0 <= p.score <= 1.0 and p.label == int(p.score > 0.5)
-        assert p.anomaly_map.shape == (32, 32)
         np.testing.assert_array_equal(p.mask, p.anomaly_map > 0.5)
-        assert p.score == pytest.approx(p.raw_score)  # C's probability is the score
-        if p.label == NORMAL:
-            assert not p.mask.any()
+        if which == "w":
+            assert p.score == pytest.approx(p.raw_score)  # C's probability is the score
+            if p.label == NORMAL:
+                assert not p.mask.any()  # C says normal: no anomalous pixel either
 
 
+@pytest.mark.slow
 def test_save_load_keeps_the_exclusion(fitted_w, tmp_path):
     root, detector = fitted_w
     before = detector.evaluate(root, category="bottle")
@@ -288,6 +307,7 @@ def test_save_load_keeps_the_exclusion(fitted_w, tmp_path):
     assert after == before and after["n_images"] == 4
 
 
+@pytest.mark.slow
 def test_a_labelled_folder_gives_the_weak_labels_and_is_kept_out_of_evaluation(tmp_path):
     root = write_tiny_mvtec(tmp_path / "data")
     spot_dir = root / "bottle/test/spot"  # the user points at a test folder: those images must not count
@@ -300,6 +320,7 @@ def test_a_labelled_folder_gives_the_weak_labels_and_is_kept_out_of_evaluation(t
 # ------------------------------------------------------------------ the command line
 
 
+@pytest.mark.slow
 def test_cli_trains_evaluates_and_predicts_with_weak_labels(tmp_path, capsys):
     root = write_tiny_mvtec(tmp_path / "data")
     model_dir, eval_dir, pred_dir = tmp_path / "model", tmp_path / "eval", tmp_path / "pred"
