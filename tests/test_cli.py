@@ -44,6 +44,8 @@ def test_train_predict_evaluate(tmp_path):
         str(model),
         "--category",
         "bottle",
+        "--variant",
+        "D",
         "--image-size",
         "32",
         "--epochs",

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cavga._version import __version__
+from cavga.config import ENCODER_VARIANTS
 from cavga.errors import CavgaError, ConfigError
 
 DATA_FORMATS = ("mvtec", "pairs", "magnetic_tile", "folders", "folder", "oneclass", "video")
@@ -42,10 +43,9 @@ def _data_kwargs(args: argparse.Namespace) -> dict:
 
 # Options the estimator resolves itself when left out (so their flags default to None, not the dataclass value).
 RESOLVED_BY_THE_ESTIMATOR = {
-    "image_size": "64 for variant D, 128 for R",
     "channels": "read from the images",
 }
-_FLAG_TYPES = {"int": int, "float": float, "str": str, "str | None": str}
+_FLAG_TYPES = {"int": int, "float": float, "str": str, "str | None": str, "int | None": int}
 
 
 def config_fields() -> list[dataclasses.Field]:
@@ -65,6 +65,9 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
         if f.type == "bool":
             group.add_argument(flag, action="store_true", default=f.default, help=meta["help"])
             continue
+        if f.type == "bool | None":  # unset: the variant decides (VARIANT_DEFAULTS)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=meta["help"])
+            continue
         default = None if f.name in RESOLVED_BY_THE_ESTIMATOR else f.default
         shown = RESOLVED_BY_THE_ESTIMATOR.get(f.name, f.default)
         group.add_argument(
@@ -72,15 +75,29 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
             type=_FLAG_TYPES[f.type],
             default=default,
             choices=meta.get("choices"),
-            help=f"{meta['help']} (default: {shown})",
+            help=meta["help"] if shown is None else f"{meta['help']} (default: {shown})",
         )
+    # The encoder by name (timm-style), a second spelling of --variant.
+    group.add_argument(
+        "--encoder",
+        choices=sorted(ENCODER_VARIANTS),
+        default=None,
+        help="the encoder by name: dcgan (= --variant D), resnet18 (R, the paper's), efficientnet_lite0 (L)",
+    )
 
 
 def _config_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
     """The config options given on the command line (those that differ from their flag's default)."""
-    return {
+    options = {
         f.name: getattr(args, f.name) for f in config_fields() if getattr(args, f.name) != parser.get_default(f.name)
     }
+    encoder = getattr(args, "encoder", None)
+    if encoder is not None:
+        variant = ENCODER_VARIANTS[encoder]
+        if options.get("variant", variant) != variant:
+            raise ConfigError(f"--encoder {encoder} is variant {variant}, but --variant {options['variant']} was given")
+        options["variant"] = variant
+    return options
 
 
 def train_options() -> argparse.ArgumentParser:
