@@ -209,7 +209,7 @@ def tiny_model(root: Path, image_size: int, width: int | None, epochs: int) -> P
     import cavga
 
     rng = np.random.default_rng(0)
-    train = root / "data" / "part" / "train" / "good"
+    train = root / "data" / "normal"
     train.mkdir(parents=True)
     for i in range(16):
         pixels = np.clip(120 + rng.normal(0, 12, (64, 64, 3)), 0, 255).astype(np.uint8)
@@ -267,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             paths.append(tmp / f"request_{i}.png")
             paths[-1].write_bytes(data)
         reference = [pred.score for pred in cavga.load(model_dir, device="cpu").predict(paths)]
+        model_info = json.loads((Path(model_dir) / "config.json").read_text())["model"]
 
         load_rows = []
         faults = None
@@ -299,7 +300,6 @@ def main(argv: list[str] | None = None) -> int:
                     faults["rss_after_mb"] = _round(rss_mb(server.process.pid)["rss"])
                     faults["server_alive"] = server.process.poll() is None
 
-    model_info = json.loads((Path(model_dir) / "config.json").read_text())["model"]
     columns = [
         ("max batch", "max_batch"),
         ("clients", "clients"),
