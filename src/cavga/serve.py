@@ -418,6 +418,7 @@ def create_app(service: Service):
     from anyio import CapacityLimiter
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
@@ -447,6 +448,8 @@ def create_app(service: Service):
             answer = await anyio.to_thread.run_sync(service.answer, prediction, maps, limiter=limiter)
         except RequestError as exc:
             return error(exc.status, exc.message, exc.headers)
+        except ClientDisconnect:  # gone before its body arrived: nothing to answer, nothing to log as a failure
+            return error(400, "client disconnected before the body was complete")
         except Exception as exc:
             log.exception("POST /predict failed")
             return error(500, f"inference failed: {type(exc).__name__}: {exc}")
