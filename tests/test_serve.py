@@ -42,7 +42,9 @@ bench = _load_benchmark()
 def model_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("serve")
     write_tiny_mvtec(root / "data")
-    detector = cavga.Cavga("D", image_size=32, epochs=1, width=8).fit(root / "data", progress=False)
+    detector = cavga.Cavga(
+        "D", "u", image_size=32, width=8, latent_channels=8, epochs=1, batch_size=4, device="cpu"
+    ).fit(root / "data", progress=False)
     return detector.save(root / "model")
 
 

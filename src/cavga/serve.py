@@ -290,21 +290,21 @@ class Service:
         import torch
 
         from cavga.api import Prediction
-        from cavga.infer import THRESHOLD, infer_batch
+        from cavga.engine.infer import infer_batch
+        from cavga.metrics import THRESHOLD
 
         detector = self.detector
         batch = torch.from_numpy(np.stack(arrays)).to(detector.device)
-        outputs = infer_batch(detector.model_, batch, detector.train_config.setting, detector.calibration_)
-        scores = detector.calibration_.normalize(outputs.raw_scores)
+        # The same core and the same post-processing as Cavga.predict (the setting is model.config's).
+        outputs = infer_batch(detector.model_, batch, detector.calibration_)
         predictions = []
         for i, size in enumerate(original_sizes):
-            amap = outputs.anomaly_maps[i].astype(np.float32)
             predictions.append(
                 Prediction(
-                    score=float(scores[i]),
-                    label=int(scores[i] > THRESHOLD),
-                    anomaly_map=amap,
-                    mask=amap > THRESHOLD,
+                    score=float(outputs.scores[i]),
+                    label=int(outputs.scores[i] > THRESHOLD),
+                    anomaly_map=outputs.anomaly_maps[i].astype(np.float32),
+                    mask=outputs.masks[i],
                     raw_score=float(outputs.raw_scores[i]),
                     original_size=size,
                 )
@@ -348,7 +348,7 @@ class Service:
 
     # answers
     def answer(self, prediction, maps: str | None) -> dict[str, Any]:
-        from cavga.infer import THRESHOLD
+        from cavga.metrics import THRESHOLD
 
         body: dict[str, Any] = {
             "score": prediction.score,
@@ -378,7 +378,7 @@ class Service:
         }
 
     def model_info(self) -> dict[str, Any]:
-        from cavga.infer import THRESHOLD
+        from cavga.metrics import THRESHOLD
 
         model = self.config.get("model", {})
         return {
