@@ -45,7 +45,7 @@ RESOLVED_BY_THE_ESTIMATOR = {
     "image_size": "64 for variant D, 128 for R",
     "channels": "read from the images",
 }
-_FLAG_TYPES = {"int": int, "float": float, "str": str, "str | None": str}
+_FLAG_TYPES = {"int": int, "float": float, "str": str, "str | None": str, "int | None": int}
 
 
 def config_fields() -> list[dataclasses.Field]:
@@ -64,6 +64,9 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
         meta = f.metadata
         if f.type == "bool":
             group.add_argument(flag, action="store_true", default=f.default, help=meta["help"])
+            continue
+        if f.type == "bool | None":  # unset: the variant decides (VARIANT_DEFAULTS)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=meta["help"])
             continue
         default = None if f.name in RESOLVED_BY_THE_ESTIMATOR else f.default
         shown = RESOLVED_BY_THE_ESTIMATOR.get(f.name, f.default)
