@@ -1,6 +1,6 @@
 """Load and fault test of ``cavga serve`` on loopback, bounded in count and time.
 
-1. Load: the service runs in its own process (``python -m cavga.serve``, so its RSS is its own); ``--clients``
+1. Load: the service runs in its own process (``cavga serve``, so its RSS is its own); ``--clients``
    threads, each on one keep-alive connection, send ``--requests`` PNG images in all to ``POST /predict``.
    Reported: throughput, p50/p99 latency, the count of 5xx answers (must be 0), the mean batch the worker ran,
    and the server's RSS after warm-up and after the load. Run once per ``--max-batch`` value, to show what
@@ -114,10 +114,10 @@ def rss_mb(pid: int) -> dict[str, float | None]:
 
 
 class ServerProcess:
-    """``python -m cavga.serve`` on a free loopback port; stopped (and waited for) on exit."""
+    """``cavga serve`` (``python -m cavga.cli serve``) on a free loopback port; stopped and waited for on exit."""
 
     def __init__(self, model: Path, *args: str) -> None:
-        command = [sys.executable, "-m", "cavga.serve", str(model), "--host", "127.0.0.1", "--port", "0", *args]
+        command = [sys.executable, "-m", "cavga.cli", "serve", str(model), "--host", "127.0.0.1", "--port", "0", *args]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = self.process.stdout.readline()
         if " on http://" not in line:

@@ -261,3 +261,22 @@ def test_load_benchmark_runs_and_writes_its_json(model_dir, tmp_path):
     assert result["faults"]["good_correct"] == result["faults"]["good_requests"] == 6
     assert all(400 <= s < 500 for r in result["faults"]["bodies"].values() for s in r["statuses"])
     assert "| max batch |" in done.stdout and "| malformed body |" in done.stdout
+
+
+def test_cli_serve_without_the_extra_names_the_pip_command(model_dir, monkeypatch, capsys):
+    import importlib.util
+
+    from cavga.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a))
+    assert main(["serve", str(model_dir), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "uvicorn" in err and "pip install 'cavga[serve]'" in err
+
+
+def test_cli_serve_refuses_a_bad_limit_with_a_message(model_dir, capsys):
+    from cavga.cli import main
+
+    assert main(["serve", str(model_dir), "--port", "0", "--queue-size", "0"]) == 2
+    assert "queue_size must be an integer >= 1" in capsys.readouterr().err

@@ -133,6 +133,23 @@ def train_options() -> argparse.ArgumentParser:
     return p
 
 
+def _add_serve_options(p: argparse.ArgumentParser) -> None:
+    # Left unset, each limit takes cavga.serve.ServeOptions' default (the module is imported only to serve).
+    p.add_argument("model", type=Path, help="saved model directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: a free one, printed at start)")
+    p.add_argument("--max-body-mb", type=float, default=None, help="request size limit in MiB (default 20)")
+    p.add_argument("--max-pixels", type=int, default=None, help="largest image, width x height (default 25e6)")
+    p.add_argument("--queue-size", type=int, default=None, help="images waiting for the model; beyond: 503")
+    p.add_argument("--max-batch", type=int, default=None, help="images per forward pass")
+    p.add_argument("--batch-wait-ms", type=float, default=None, help="how long to wait to fill a batch")
+    p.add_argument("--decode-threads", type=int, default=None)
+    p.add_argument("--max-connections", type=int, default=None, help="open connections; beyond: 503")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default min(4, CPUs))")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1 ...")
+    p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cavga",
@@ -160,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--batch-size", type=int, default=32)
+
+    p = sub.add_parser("serve", help="serve a saved model over HTTP (POST /predict, GET /health, GET /model)")
+    _add_serve_options(p)
 
     p = sub.add_parser("evaluate", help="metrics of a saved model on a dataset's test split")
     p.add_argument("model", type=Path)
@@ -310,6 +330,38 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from cavga import serve  # needs only core packages; the server's are the optional extra, checked here
+
+    serve.require_server_packages()  # a ConfigError naming pip install 'cavga[serve]'
+    options = {
+        "max_pixels": args.max_pixels,
+        "queue_size": args.queue_size,
+        "max_batch": args.max_batch,
+        "batch_wait_ms": args.batch_wait_ms,
+        "decode_threads": args.decode_threads,
+        "max_connections": args.max_connections,
+        "max_body_bytes": None if args.max_body_mb is None else int(args.max_body_mb * 2**20),
+    }
+    options = {key: value for key, value in options.items() if value is not None}
+    threads = args.threads if args.threads is not None else min(4, os.cpu_count() or 1)
+    try:
+        serve.serve(
+            args.model,
+            host=args.host,
+            port=args.port,
+            threads=threads,
+            device=args.device,
+            log_level=args.log_level,
+            **options,
+        )
+    except (ValueError, OSError) as exc:  # a bad limit, a port in use
+        raise ConfigError(str(exc)) from exc
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from cavga.api import load
     from cavga.report.outputs import format_metrics_table
@@ -396,6 +448,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "train": cmd_train,
     "predict": cmd_predict,
+    "serve": cmd_serve,
     "evaluate": cmd_evaluate,
     "report": cmd_report,
     "export": cmd_export,

@@ -30,7 +30,6 @@ by default; ``--port 0`` takes a free port and prints it).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import hashlib
@@ -567,54 +566,11 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
 
 
 # ---------------------------------------------------------------- command line
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    defaults = ServeOptions()
-    p.add_argument("model", type=Path, help="saved model directory")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
-    p.add_argument("--port", type=int, default=8000, help="port (0: a free one, printed at start)")
-    p.add_argument("--max-body-mb", type=float, default=defaults.max_body_bytes / 2**20, help="request size limit")
-    p.add_argument("--max-pixels", type=int, default=defaults.max_pixels, help="largest image (width x height)")
-    p.add_argument("--queue-size", type=int, default=defaults.queue_size, help="images waiting; beyond: 503")
-    p.add_argument("--max-batch", type=int, default=defaults.max_batch, help="images per forward pass")
-    p.add_argument("--batch-wait-ms", type=float, default=defaults.batch_wait_ms, help="wait to fill a batch")
-    p.add_argument("--decode-threads", type=int, default=defaults.decode_threads)
-    p.add_argument("--max-connections", type=int, default=defaults.max_connections)
-    p.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1), help="torch threads")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1 ...")
-    p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    serve(
-        args.model,
-        host=args.host,
-        port=args.port,
-        max_body_bytes=int(args.max_body_mb * 2**20),
-        max_pixels=args.max_pixels,
-        queue_size=args.queue_size,
-        max_batch=args.max_batch,
-        batch_wait_ms=args.batch_wait_ms,
-        decode_threads=args.decode_threads,
-        max_connections=args.max_connections,
-        threads=args.threads,
-        device=args.device,
-        log_level=args.log_level,
-    )
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cavga.serve", description="Serve a saved cavga model over HTTP.")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
-    from cavga.errors import CavgaError
+    """``python -m cavga.serve ARGS`` is ``cavga serve ARGS`` (the options are declared once, in cavga.cli)."""
+    from cavga.cli import main as cli_main
 
-    try:
-        return run_from_args(args)
-    except (CavgaError, ValueError, OSError) as exc:
-        print(f"cavga serve: error: {exc}", file=sys.stderr)
-        return 2
+    return cli_main(["serve", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
