@@ -176,7 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", type=Path)
     p.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images read, scored and written at a time")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument(
+        "--resume", dest="resume", action="store_true", default=True, help="skip images already in OUT (default)"
+    )
+    again.add_argument("--overwrite", dest="resume", action="store_false", help="remove OUT's predictions first")
+    p.add_argument("--skip-errors", action="store_true", help="exit 0 even if some files could not be read")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("serve", help="serve a saved model over HTTP (POST /predict, GET /health, GET /model)")
     _add_serve_options(p)
@@ -324,9 +331,23 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from cavga.api import predict_folder
 
-    n_files = predict_folder(args.model, args.inputs, args.out, batch_size=args.batch_size)
-    if n_files is not None:  # None: a torchrun process other than rank 0
-        print(f"wrote predictions for {n_files} images to {args.out / 'predictions.jsonl'}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    run = predict_folder(
+        args.model,
+        args.inputs,
+        args.out,
+        batch_size=args.batch_size,
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
+    if run is None:  # a torchrun process other than rank 0
+        return 0
+    skipped = f" ({run.n_skipped} already there)" if run.n_skipped else ""
+    print(f"wrote predictions for {run.n_written} images{skipped} to {run.predictions}")
+    if run.n_failed:
+        print(f"cavga: {run.n_failed} file(s) could not be read, one line each in {run.errors}", file=sys.stderr)
+        return 0 if args.skip_errors else 1
     return 0
 
 
