@@ -57,7 +57,14 @@ from cavga.engine.train import resolve_device, seed_everything, train
 from cavga.errors import ConfigError, DataError, ModelFileError
 from cavga.metrics import THRESHOLD
 from cavga.model.networks import build_model
-from cavga.report.outputs import write_predictions
+from cavga.report.outputs import (
+    PREDICTIONS_FILE,
+    PredictRun,
+    clear_predictions,
+    output_names,
+    read_jsonl,
+    stream_predictions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -465,28 +472,47 @@ def predict_folder(
     inputs: Sequence[str | os.PathLike],
     out: str | os.PathLike,
     batch_size: int = 32,
-) -> int | None:
+    resume: bool = True,
+    progress: bool = False,
+) -> PredictRun | None:
     """Predict the images in ``inputs`` (files and folders) with ``model`` (a fitted Cavga or a model directory)
-    and write heat maps, masks, overlays and ``predictions.jsonl`` to ``out``; returns the number of images.
+    and write heat maps, masks, overlays and ``predictions.jsonl`` to ``out``, streaming batch by batch (see
+    :func:`cavga.report.outputs.stream_predictions`): ``resume`` skips what ``out`` holds already, unreadable
+    files go to ``errors.jsonl``. Returns what the run did.
 
-    Under ``torchrun`` each process predicts every world_size-th file and rank 0 merges the outputs in input
-    order; the other processes return None."""
+    Under ``torchrun`` each process predicts every world_size-th file into ``out/.rank<r>`` and rank 0 merges
+    the outputs into ``out`` in input order; the other processes return None."""
     out = Path(out)
     ctx = distributed.setup()  # before loading: on CUDA it picks this process's GPU
     detector = model if isinstance(model, Cavga) else load(model)
     files = list_images(inputs)
+    names = output_names(files)  # of the whole list, so that every rank names its images alike
+    options = {"batch_size": batch_size, "resume": resume}
     if not ctx.enabled:
-        write_predictions(detector, files, out, batch_size=batch_size)
-        return len(files)
+        return stream_predictions(detector, files, out, names=names, progress=progress, **options)
     try:
-        shard = distributed.shard_dir(out, ctx.rank)
-        write_predictions(detector, distributed.shard(files, ctx), shard, batch_size=batch_size)
-        distributed.barrier()
         if ctx.is_main:
-            distributed.merge_prediction_shards(out, files, ctx.world_size)
+            out.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                clear_predictions(out)
+            read_jsonl(out / PREDICTIONS_FILE, repair=True)  # drop a torn line before the other ranks read it
+        distributed.barrier()
+        merged = {str(record.get("path")) for record in read_jsonl(out / PREDICTIONS_FILE)}
+        part = distributed.shard_dir(out, ctx.rank)
+        stream_predictions(
+            detector,
+            distributed.shard(files, ctx),
+            part,
+            names=distributed.shard(names, ctx),
+            done=merged,
+            progress=progress and ctx.is_main,
+            **options,
+        )
+        distributed.barrier()
+        run = distributed.merge_prediction_shards(out, files, ctx.world_size) if ctx.is_main else None
     finally:
         distributed.cleanup()
-    return len(files) if ctx.is_main else None
+    return run
 
 
 def _validate_weak_options(setting: str, fraction: float | None, count: int | None, directory: str | None) -> None:

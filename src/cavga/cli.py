@@ -147,6 +147,23 @@ def train_options() -> argparse.ArgumentParser:
     return p
 
 
+def _add_serve_options(p: argparse.ArgumentParser) -> None:
+    # Left unset, each limit takes cavga.serve.ServeOptions' default (the module is imported only to serve).
+    p.add_argument("model", type=Path, help="saved model directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: a free one, printed at start)")
+    p.add_argument("--max-body-mb", type=float, default=None, help="request size limit in MiB (default 20)")
+    p.add_argument("--max-pixels", type=int, default=None, help="largest image, width x height (default 25e6)")
+    p.add_argument("--queue-size", type=int, default=None, help="images waiting for the model; beyond: 503")
+    p.add_argument("--max-batch", type=int, default=None, help="images per forward pass")
+    p.add_argument("--batch-wait-ms", type=float, default=None, help="how long to wait to fill a batch")
+    p.add_argument("--decode-threads", type=int, default=None)
+    p.add_argument("--max-connections", type=int, default=None, help="open connections; beyond: 503")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default min(4, CPUs))")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1 ...")
+    p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cavga",
@@ -173,7 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", type=Path)
     p.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images read, scored and written at a time")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument(
+        "--resume", dest="resume", action="store_true", default=True, help="skip images already in OUT (default)"
+    )
+    again.add_argument("--overwrite", dest="resume", action="store_false", help="remove OUT's predictions first")
+    p.add_argument("--skip-errors", action="store_true", help="exit 0 even if some files could not be read")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("serve", help="serve a saved model over HTTP (POST /predict, GET /health, GET /model)")
+    _add_serve_options(p)
 
     p = sub.add_parser("evaluate", help="metrics of a saved model on a dataset's test split")
     p.add_argument("model", type=Path)
@@ -318,9 +345,55 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from cavga.api import predict_folder
 
-    n_files = predict_folder(args.model, args.inputs, args.out, batch_size=args.batch_size)
-    if n_files is not None:  # None: a torchrun process other than rank 0
-        print(f"wrote predictions for {n_files} images to {args.out / 'predictions.jsonl'}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    run = predict_folder(
+        args.model,
+        args.inputs,
+        args.out,
+        batch_size=args.batch_size,
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
+    if run is None:  # a torchrun process other than rank 0
+        return 0
+    skipped = f" ({run.n_skipped} already there)" if run.n_skipped else ""
+    print(f"wrote predictions for {run.n_written} images{skipped} to {run.predictions}")
+    if run.n_failed:
+        print(f"cavga: {run.n_failed} file(s) could not be read, one line each in {run.errors}", file=sys.stderr)
+        return 0 if args.skip_errors else 1
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from cavga import serve  # needs only core packages; the server's are the optional extra, checked here
+
+    serve.require_server_packages()  # a ConfigError naming pip install 'cavga[serve]'
+    options = {
+        "max_pixels": args.max_pixels,
+        "queue_size": args.queue_size,
+        "max_batch": args.max_batch,
+        "batch_wait_ms": args.batch_wait_ms,
+        "decode_threads": args.decode_threads,
+        "max_connections": args.max_connections,
+        "max_body_bytes": None if args.max_body_mb is None else int(args.max_body_mb * 2**20),
+    }
+    options = {key: value for key, value in options.items() if value is not None}
+    threads = args.threads if args.threads is not None else min(4, os.cpu_count() or 1)
+    try:
+        serve.serve(
+            args.model,
+            host=args.host,
+            port=args.port,
+            threads=threads,
+            device=args.device,
+            log_level=args.log_level,
+            **options,
+        )
+    except (ValueError, OSError) as exc:  # a bad limit, a port in use
+        raise ConfigError(str(exc)) from exc
     return 0
 
 
@@ -410,6 +483,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "train": cmd_train,
     "predict": cmd_predict,
+    "serve": cmd_serve,
     "evaluate": cmd_evaluate,
     "report": cmd_report,
     "export": cmd_export,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,35 +129,38 @@ def shard_dir(out: Path, rank: int) -> Path:
     return out / f".rank{rank}"
 
 
-def merge_prediction_shards(out: Path, order: Iterable[str], world_size: int) -> Path:
-    """Rank 0: move each rank's outputs from ``out/.rank<r>/`` into ``out`` and write one ``predictions.jsonl``
-    in the order of ``order`` (the input paths). Files that two ranks named alike get a numbered suffix."""
-    lines: dict[str, dict] = {}
-    for rank in range(world_size):
-        part = shard_dir(out, rank)
-        jsonl = part / "predictions.jsonl"
-        if not jsonl.is_file():
-            raise FileNotFoundError(f"rank {rank} wrote no predictions ({jsonl} is missing)")
-        for text in jsonl.read_text().splitlines():
-            line = json.loads(text)
+def merge_prediction_shards(out: Path, order: Sequence, world_size: int):
+    """Rank 0: move each rank's outputs from ``out/.rank<r>/`` into ``out`` (the ranks named their files from
+    the whole input list, so names do not clash) and rewrite ``predictions.jsonl`` (atomically) as the lines it
+    held before plus the ranks' new ones, in the order of ``order`` (the input paths); ``errors.jsonl`` gathers
+    the ranks' errors. Returns a :class:`cavga.report.outputs.PredictRun` for the whole input."""
+    from cavga.engine.checkpoint import atomic_write
+    from cavga.report.outputs import ERRORS_FILE, PREDICTIONS_FILE, PredictRun, read_jsonl
+
+    target = out / PREDICTIONS_FILE
+    lines = {str(line.get("path")): line for line in read_jsonl(target)}
+    before, n_before = set(lines), len(lines)
+    errors: list[dict] = []
+    parts = [shard_dir(out, rank) for rank in range(world_size)]
+    for part in parts:
+        errors.extend(read_jsonl(part / ERRORS_FILE))
+        for line in read_jsonl(part / PREDICTIONS_FILE):
+            if line["path"] in lines:
+                continue  # merged by an earlier run that stopped before removing the shard folder
             for key, value in line.items():
                 # Any relative path to a file the rank wrote (heat map, mask, overlay, ...) moves up to ``out``.
                 if key != "path" and isinstance(value, str) and (part / value).is_file():
-                    line[key] = _move_unique(part / value, out, value)
+                    (out / value).parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(part / value, out / value)
             lines[line["path"]] = line
-        shutil.rmtree(part)
-    target = out / "predictions.jsonl"
-    ordered = [lines[str(p)] for p in order if str(p) in lines]
-    target.write_text("".join(json.dumps(line) + "\n" for line in ordered))
-    return target
+    ordered = [lines.pop(str(p)) for p in order if str(p) in lines] + list(lines.values())
 
+    def write(path: str, records: list[dict]) -> None:
+        Path(path).write_text("".join(json.dumps(record) + "\n" for record in records))
 
-def _move_unique(source: Path, out: Path, relative: str) -> str:
-    rel = Path(relative)
-    target, k = out / rel, 1
-    while target.exists():
-        k += 1
-        target = out / rel.parent / f"{rel.stem}_{k}{rel.suffix}"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(source, target)
-    return target.relative_to(out).as_posix()
+    atomic_write(target, lambda tmp: write(tmp, ordered))
+    atomic_write(out / ERRORS_FILE, lambda tmp: write(tmp, errors))
+    for part in parts:
+        shutil.rmtree(part, ignore_errors=True)
+    n_skipped = sum(str(p) in before for p in order)
+    return PredictRun(len(order), len(ordered) - n_before, n_skipped, len(errors), target, out / ERRORS_FILE)
