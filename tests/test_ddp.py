@@ -106,7 +106,8 @@ def test_two_gloo_processes_equal_one_process_with_the_global_batch(tmp_path):
 def test_cavga_train_and_predict_under_torchrun(tmp_path):
     data = write_tiny_mvtec(tmp_path / "data")
     model = tmp_path / "model"
-    options = ["--variant", "D", "--image-size", "32", "--width", "8", "--latent-channels", "8", "--epochs", "1", "--batch-size", "2"]
+    options = ["--variant", "D"]
+    options += ["--image-size", "32", "--width", "8", "--latent-channels", "8", "--epochs", "1", "--batch-size", "2"]
     done = run([*TORCHRUN, "-m", "cavga.cli", "train", str(data), "--out", str(model), "--device", "cpu", *options])
     assert done.stdout.count("saved to") == 1  # rank 0 alone saves and prints
     assert (model / "model.safetensors").is_file() and (model / "config.json").is_file()

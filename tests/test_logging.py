@@ -174,7 +174,8 @@ def test_missing_tensorboard_package_is_a_config_error_naming_the_extra(tmp_path
 def test_cavga_train_writes_its_run_dir_beside_the_model_by_default(tmp_path):
     pytest.importorskip("tensorboard")
     data = write_tiny_mvtec(tmp_path / "data")
-    options = ["--variant", "D", "--image-size", "32", "--width", "8", "--latent-channels", "8", "--epochs", "2", "--batch-size", "4"]
+    options = ["--variant", "D"]
+    options += ["--image-size", "32", "--width", "8", "--latent-channels", "8", "--epochs", "2", "--batch-size", "4"]
     model = tmp_path / "model"
     done = subprocess.run(
         [sys.executable, "-m", "cavga.cli", "train", str(data), "--out", str(model), "--device", "cpu"]

@@ -141,7 +141,7 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_predictions(uninterrupted, mo
 
 
 def test_overwrite_starts_again_and_a_torn_line_is_dropped(model_dir, folder, tmp_path):
-    from cavga.api import predict_folder
+    from cavga.predict import predict_folder
 
     files = sorted((folder / "a").glob("00[0-5].png"))
     out = tmp_path / "out"

@@ -191,7 +191,8 @@ def run_cli(args: list[str], env: dict) -> None:
 def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
     data = write_tiny_mvtec(tmp_path / "data")
     # 12 train images - 1 for calibration = 11, batch 4: 2 steps per epoch, 8 steps in all.
-    common = ["--variant", "D", "--image-size", "32", "--width", "8", "--latent-channels", "8", "--epochs", "4", "--batch-size", "4"]
+    common = ["--variant", "D"]
+    common += ["--image-size", "32", "--width", "8", "--latent-channels", "8", "--epochs", "4", "--batch-size", "4"]
     common += ["--seed", "5", "--device", "cpu", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     run_cli(["train", str(data), "--out", str(tmp_path / "reference"), *common], env)

@@ -324,7 +324,8 @@ def test_a_labelled_folder_gives_the_weak_labels_and_is_kept_out_of_evaluation(t
 def test_cli_trains_evaluates_and_predicts_with_weak_labels(tmp_path, capsys):
     root = write_tiny_mvtec(tmp_path / "data")
     model_dir, eval_dir, pred_dir = tmp_path / "model", tmp_path / "eval", tmp_path / "pred"
-    tiny = ["--variant", "D", "--image-size", "32", "--width", "8", "--latent-channels", "8", "--epochs", "1", "--batch-size", "4"]
+    tiny = ["--variant", "D"]
+    tiny += ["--image-size", "32", "--width", "8", "--latent-channels", "8", "--epochs", "1", "--batch-size", "4"]
     args = ["train", str(root), "--category", "bottle", "--out", str(model_dir), "--setting", "w"]
     assert main([*args, "--anomalous-count", "2", *tiny, "--device", "cpu", "--no-progress"]) == 0
     assert "2 anomalous image(s)" in capsys.readouterr().out
