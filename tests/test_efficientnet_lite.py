@@ -195,7 +195,7 @@ def test_unexpected_keys_shown_up_to_ten(tmp_path):
         ([torch.zeros(3)], r"holds a list, not a state dict"),
         ({"_conv_stem.weight": "not a tensor"}, r"not name -> tensor: _conv_stem\.weight"),
         (b"garbage", r"cannot read EfficientNet-Lite0 weights"),
-        (None, r"does not exist"),
+        (None, r"EfficientNet-Lite0 weights file not found"),
     ],
 )
 def test_unreadable_files(tmp_path, content, message):

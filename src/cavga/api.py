@@ -78,6 +78,23 @@ class Prediction:
     original_size: tuple[int, int] | None = None  # (width, height) of the input image
 
 
+def predictions_from(outputs, original_sizes: Sequence, paths: Sequence | None = None) -> list[Prediction]:
+    """One :class:`Prediction` per image of a calibrated ``infer_batch`` result (``Cavga.predict``, the service)."""
+    paths = paths if paths is not None else [None] * len(original_sizes)
+    return [
+        Prediction(
+            score=float(outputs.scores[i]),
+            label=int(outputs.scores[i] > THRESHOLD),
+            anomaly_map=outputs.anomaly_maps[i].astype(np.float32),
+            mask=outputs.masks[i],
+            raw_score=float(outputs.raw_scores[i]),
+            path=paths[i],
+            original_size=size,
+        )
+        for i, size in enumerate(original_sizes)
+    ]
+
+
 def _split_options(options: dict[str, Any]) -> tuple[dict, dict, dict]:
     model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"weights"}
@@ -318,18 +335,8 @@ class Cavga:
             pils = [to_pil(item) for item in chunk]
             batch = torch.stack([self.preprocess_(p) for p in pils]).to(self.device)
             outputs = infer_batch(self.model_, batch, self.calibration_)
-            for i, item in enumerate(chunk):
-                results.append(
-                    Prediction(
-                        score=float(outputs.scores[i]),
-                        label=int(outputs.scores[i] > THRESHOLD),
-                        anomaly_map=outputs.anomaly_maps[i].astype(np.float32),
-                        mask=outputs.masks[i],
-                        raw_score=float(outputs.raw_scores[i]),
-                        path=str(item) if isinstance(item, (str, os.PathLike)) else None,
-                        original_size=pils[i].size,
-                    )
-                )
+            paths = [str(item) if isinstance(item, (str, os.PathLike)) else None for item in chunk]
+            results.extend(predictions_from(outputs, [p.size for p in pils], paths))
         return results
 
     def evaluate(self, data: DatasetSplits | str | os.PathLike, **data_kwargs: Any) -> dict:

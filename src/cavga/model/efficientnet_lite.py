@@ -263,9 +263,11 @@ def imagenet_lite0_path() -> Path:
     return path
 
 
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
+def read_state_dict(path: Path, label: str = "EfficientNet-Lite0 weights") -> dict[str, Tensor]:
+    """A state dict from ``path`` (``.safetensors``, or a torch file read with ``weights_only=True``: never a pickle
+    of objects); every failure is a :class:`ModelFileError` that names the file (``label`` says what it was for)."""
     if not path.is_file():
-        raise ModelFileError(f"EfficientNet-Lite0 weights file {path} does not exist")
+        raise ModelFileError(f"{label} file not found: {path}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -274,7 +276,7 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated file, a pickle with objects, not a weights file at all
-        raise ModelFileError(f"cannot read EfficientNet-Lite0 weights from {path}: {exc}") from exc
+        raise ModelFileError(f"cannot read {label} from {path}: {exc}") from exc
     if not isinstance(state, Mapping):
         raise ModelFileError(
             f"{path} holds a {type(state).__name__}, not a state dict (a mapping of parameter names to tensors)"
@@ -302,7 +304,7 @@ def load_imagenet_weights(
     stem weights are summed over their input channels. Returns ``net``.
     """
     path = imagenet_lite0_path() if path is None else Path(path)
-    state = _read_state_dict(path)
+    state = read_state_dict(path)
     target = net.state_dict()
 
     def keep(key: str) -> bool:

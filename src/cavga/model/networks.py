@@ -22,6 +22,7 @@ from torchvision.models import resnet18
 
 from cavga.config import ModelConfig
 from cavga.errors import ConfigError, ModelFileError
+from cavga.model.efficientnet_lite import read_state_dict
 from cavga.model.encoders import LITE0_STRIDES, Lite0Encoder, torchvision_resnet18_path
 from cavga.model.gaussian import PositionGaussian
 
@@ -365,25 +366,6 @@ def build_model(config: ModelConfig) -> CavgaNet:
     return _BUILDERS[config.variant](config)
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise ModelFileError(f"encoder weights file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # any reader failure is a bad file for the user
-        raise ModelFileError(f"cannot read encoder weights {path}: {exc}") from exc
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
-        raise ModelFileError(f"{path} is not a state dict (a mapping of parameter names to tensors)")
-    return state
-
-
 def load_encoder_weights(model: CavgaNet, path: str | Path) -> None:
     """Load a torchvision-format ResNet-18 state dict from a local file into CAVGA-R's trunk (``fc.*`` ignored).
 
@@ -393,7 +375,7 @@ def load_encoder_weights(model: CavgaNet, path: str | Path) -> None:
     path = Path(path)
     if not isinstance(model.encoder, ResNetTrunk):
         raise ConfigError("encoder weights load into CAVGA-R's ResNet-18 trunk only")
-    state = {k: v for k, v in _read_state_dict(path).items() if not k.startswith("fc.")}
+    state = {k: v for k, v in read_state_dict(path, "encoder weights").items() if not k.startswith("fc.")}
     expected = model.encoder.state_dict()
     unexpected = sorted(k for k in state if k not in expected)
     # Old torchvision files lack BatchNorm's step counter; it is not a weight.

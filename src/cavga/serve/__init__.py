@@ -158,27 +158,14 @@ class Service:
         """``Cavga.predict`` on already preprocessed images: one forward pass for the batch."""
         import torch
 
-        from cavga.api import Prediction
+        from cavga.api import predictions_from
         from cavga.engine.infer import infer_batch
-        from cavga.metrics import THRESHOLD
 
         detector = self.detector
         batch = torch.from_numpy(np.stack(arrays)).to(detector.device)
         # The same core and the same post-processing as Cavga.predict (the setting is model.config's).
         outputs = infer_batch(detector.model_, batch, detector.calibration_)
-        predictions = []
-        for i, size in enumerate(original_sizes):
-            predictions.append(
-                Prediction(
-                    score=float(outputs.scores[i]),
-                    label=int(outputs.scores[i] > THRESHOLD),
-                    anomaly_map=outputs.anomaly_maps[i].astype(np.float32),
-                    mask=outputs.masks[i],
-                    raw_score=float(outputs.raw_scores[i]),
-                    original_size=size,
-                )
-            )
-        return predictions
+        return predictions_from(outputs, original_sizes)
 
     def _next_batch(self) -> tuple[list[_Job], bool]:
         first = self.queue.get()
