@@ -227,7 +227,7 @@ def fit_latent_gaussian(model: CavgaNet, normal_dataset: Dataset, batch_size: in
     mode and without sampling, as inference computes mu."""
     if model.latent_gaussian is None:
         return
-    _require_normal(normal_dataset.labels if hasattr(normal_dataset, "labels") else None, normal_dataset)
+    _require_normal(normal_dataset)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -238,8 +238,9 @@ def fit_latent_gaussian(model: CavgaNet, normal_dataset: Dataset, batch_size: in
         model.train(was_training)
 
 
-def _require_normal(labels, dataset: Dataset) -> None:
-    if labels is None:
+def _require_normal(dataset: Dataset) -> None:
+    labels = getattr(dataset, "labels", None)
+    if labels is None:  # a dataset without the labels attribute: read each sample's
         labels = [dataset[i].label for i in range(len(dataset))]
     bad = [i for i, label in enumerate(labels) if label != NORMAL]
     if bad:
