@@ -142,3 +142,21 @@ def test_bad_config_values_are_named(bad):
 def test_unknown_option_is_named():
     with pytest.raises(ConfigError, match="frobnicate"):
         cavga.Cavga(frobnicate=3)
+
+
+@pytest.mark.slow
+def test_the_default_model_saves_loads_and_predicts_the_same(tmp_path):
+    # CAVGA-L_u as shipped: a frozen ImageNet trunk and the latent Gaussian map; loading must not read the
+    # pretrained weights again nor trip over the frozen trunk.
+    root = write_tiny_mvtec(tmp_path / "mvtec")
+    detector = cavga.Cavga(**{**TINY, "image_size": 64}).fit(root, category="bottle", progress=False)
+    assert detector.model_config.variant == "L" and detector.model_config.freeze_encoder
+    assert detector.model_config.anomaly_map == "latent_gaussian"
+    images = sorted((root / "bottle/test/spot").glob("*.png"))
+    before = detector.predict(images)
+    loaded = cavga.load(detector.save(tmp_path / "model"))
+    assert loaded.model_config == detector.model_config
+    assert not any(p.requires_grad for p in loaded.model_.encoder.parameters())
+    for a, b in zip(before, loaded.predict(images), strict=True):
+        np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
+        assert a.score == b.score and a.label == b.label

@@ -421,10 +421,9 @@ class Cavga:
             anomalous_dir=weak.get("anomalous_dir"),
             **options,
         )
-        # The weights come from the file: no pretrained encoder is read again.
-        model = build_model(
-            dataclasses.replace(model_config, encoder_weights="none" if model_config.variant != "D" else None)
-        )
+        # The weights come from the file: no pretrained encoder is read again (the trunk stays frozen/pretrained
+        # as trained, so its BatchNorm behaves as it did).
+        model = build_model(model_config, read_weights=False)
         fresh = model.state_dict()
         # Files written before the latent Gaussian existed lack its buffers: it stays unfitted there.
         state = {**{k: v for k, v in fresh.items() if k.startswith("latent_gaussian.")}, **state}

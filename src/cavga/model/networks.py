@@ -301,7 +301,7 @@ def _validate(config: ModelConfig) -> None:
             raise ConfigError("encoder_weights applies to CAVGA-R and CAVGA-L only (CAVGA-D trains from scratch)")
 
 
-def _build_d(config: ModelConfig) -> CavgaNet:
+def _build_d(config: ModelConfig, read_weights: bool = True) -> CavgaNet:  # D has no pretrained weights
     n_layers = _log2_exact(config.latent_stride, "latent_stride")
     encoder = DcganEncoder(config.channels, config.width, n_layers)
     k = encoder.out_channels[-1]
@@ -314,7 +314,7 @@ def _build_d(config: ModelConfig) -> CavgaNet:
     return model
 
 
-def _build_r(config: ModelConfig) -> CavgaNet:
+def _build_r(config: ModelConfig, read_weights: bool = True) -> CavgaNet:
     # The trunk fixes the latent at stride 32; config.latent_stride describes CAVGA-D only.
     encoder = ResNetTrunk(config.channels)
     h = config.image_size // _RESNET_STRIDE
@@ -329,20 +329,20 @@ def _build_r(config: ModelConfig) -> CavgaNet:
     weights = config.encoder_weights
     if weights == "imagenet":
         weights = torchvision_resnet18_path()
-    if weights not in (None, "none"):
+    if read_weights and weights not in (None, "none"):
         load_encoder_weights(model, weights)
     if config.freeze_encoder:
         model.encoder.requires_grad_(False)
     return model
 
 
-def _build_l(config: ModelConfig) -> CavgaNet:
+def _build_l(config: ModelConfig, read_weights: bool = True) -> CavgaNet:
     # ImageNet weights unless told otherwise: they are why this variant exists (README, "What works").
     weights = "imagenet" if config.encoder_weights is None else config.encoder_weights
     encoder = Lite0Encoder(
         config.channels, config.latent_stride, pretrained=weights != "none", frozen=config.freeze_encoder
     )
-    if weights != "none":
+    if read_weights and weights != "none":
         encoder.load_imagenet(None if weights == "imagenet" else weights)
     h = config.image_size // config.latent_stride
     n_blocks = _log2_exact(config.latent_stride, "latent_stride")
@@ -357,13 +357,15 @@ def _build_l(config: ModelConfig) -> CavgaNet:
 _BUILDERS = {"D": _build_d, "R": _build_r, "L": _build_l}
 
 
-def build_model(config: ModelConfig) -> CavgaNet:
+def build_model(config: ModelConfig, read_weights: bool = True) -> CavgaNet:
     """Build the CAVGA network ``config.variant`` names ("D", "R" or "L"), after validating ``config``.
+    ``read_weights=False`` builds it as configured (a frozen or pretrained trunk stays so) without reading its
+    pretrained encoder weights: for a saved model, whose weights come from its own file.
 
     Encoders by name: D = ``dcgan``, R = ``resnet18`` (the paper's), L = ``efficientnet_lite0``
     (:data:`ENCODER_VARIANTS`)."""
     _validate(config)
-    return _BUILDERS[config.variant](config)
+    return _BUILDERS[config.variant](config, read_weights)
 
 
 def load_encoder_weights(model: CavgaNet, path: str | Path) -> None:
