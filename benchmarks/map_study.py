@@ -85,13 +85,15 @@ def run_pair(dataset: str, model: str, out: Path, device: str) -> dict:
     started = time.perf_counter()
     detector.fit(root, progress=False, **kwargs)
     splits = detector._load(root, **kwargs)
-    _, calibration_set = split_calibration(
+    train_set, calibration_set = split_calibration(
         splits.train, detector.train_config.calibration_fraction, detector.train_config.seed
     )
     rows = {}
     for label, choice in choices().items():
         try:
-            calibration = calibrate(detector.model_, calibration_set, detector.calibration_quantile, choice=choice)
+            calibration = calibrate(
+                detector.model_, calibration_set, detector.calibration_quantile, choice, training_normals=train_set
+            )
             outputs = infer_dataset(detector.model_, splits.test, calibration=calibration, choice=choice)
         except Exception as exc:  # a map this model cannot draw (e.g. ADVAE on another layer)
             rows[label] = {"error": str(exc)}

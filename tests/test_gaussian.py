@@ -8,7 +8,7 @@ import torch
 from scipy.spatial.distance import mahalanobis
 
 from cavga.errors import ConfigError
-from cavga.model.gaussian import PositionGaussian
+from cavga.model.gaussian import PositionGaussian, cross_fitted_scores
 
 
 def _reference_distance(train: np.ndarray, test: np.ndarray, shrinkage: float) -> np.ndarray:
@@ -60,3 +60,22 @@ def test_errors_name_the_problem():
         g(torch.zeros(1, 4, 2, 2))
     with pytest.raises(ConfigError, match="shrinkage must be positive"):
         g.fit([torch.zeros(4, 3, 2, 2)], shrinkage=0.0)
+
+
+def test_cross_fitted_scores_use_the_gaussian_of_the_other_folds():
+    rng = np.random.default_rng(2)
+    feats = rng.normal(size=(12, 3, 2, 2)) * np.array([1.0, 2.0, 0.5])[None, :, None, None]
+    got = cross_fitted_scores(torch.from_numpy(feats).float(), lambda d: d.flatten(1).amax(1), folds=3, batch_size=2)
+    for i in range(12):  # image i is in fold i % 3; its Gaussian is fitted on the images of the other two folds
+        others = feats[[j for j in range(12) if j % 3 != i % 3]]
+        expected = _reference_distance(others, feats[i : i + 1], 0.01).max()
+        assert got[i].item() == pytest.approx(expected, rel=1e-4), i
+    # an image far from the others scores high only when it is held out, never because it was fitted
+    feats[5] += 10.0
+    far = cross_fitted_scores(torch.from_numpy(feats).float(), lambda d: d.flatten(1).amax(1), folds=3)
+    assert far[5] > 5 * far[[i for i in range(12) if i != 5]].max()
+
+
+def test_cross_fitting_needs_enough_images():
+    with pytest.raises(ConfigError, match="at least 10 images, got 9"):
+        cross_fitted_scores(torch.zeros(9, 2, 1, 1), lambda d: d.flatten(1).amax(1), folds=5)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from cavga.config import ModelConfig
+from cavga.engine.calibration import CalibrationConstants
 from cavga.engine.infer import Calibration, aggregate_score, fit_calibration, residual_map
 from cavga.errors import ConfigError
 
@@ -48,3 +49,23 @@ def test_residual_map_normalization_needs_a_map_threshold():
     assert out.tolist() == pytest.approx([0.0, 0.25, 0.5, 1.0])
     with pytest.raises(ConfigError, match="no map threshold"):
         Calibration(0.0, 1.0, 0.95, 3).normalize_map(torch.zeros(2))
+
+
+def test_peak_fraction_keeps_the_region_around_each_images_peak():
+    cal = Calibration(0.0, 0.2, 0.95, 3, map_threshold=0.2, map_peak_fraction=0.5)
+    raw = torch.tensor(
+        [
+            [[0.1, 0.3], [0.15, 0.05]],  # peak 0.3: divided by max(0.2, 0.15) = 0.2
+            [[1.0, 0.6], [0.4, 0.3]],  # peak 1.0: divided by 0.5, so only pixels >= half the peak pass
+            [[0.1, 0.15], [0.05, 0.0]],  # below the threshold everywhere: nothing passes
+        ]
+    )
+    expected = [[[0.25, 0.75], [0.375, 0.125]], [[1.0, 0.6], [0.4, 0.3]], [[0.25, 0.375], [0.125, 0.0]]]
+    out = cal.normalize_map(raw)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-6)
+    assert (out > 0.5).tolist() == [[[False, True], [False, False]], [[True, True], [False, False]], [[False] * 2] * 2]
+    # the tensor constants of the inference core and the exported graphs compute the same
+    np.testing.assert_allclose(CalibrationConstants(cal).normalize_map(raw).numpy(), expected, rtol=1e-6)
+    # a calibration written before the peak fraction existed reads as the plain threshold
+    old = Calibration.from_dict({k: v for k, v in cal.to_dict().items() if k != "map_peak_fraction"})
+    np.testing.assert_allclose(old.normalize_map(raw[1]).numpy(), [[1.0, 1.0], [1.0, 0.75]])

@@ -159,6 +159,8 @@ def test_fit_and_calibration_read_no_test_image(tiny_root, monkeypatch):
     assert read and all("/train/" in p for p in read), [p for p in read if "/train/" not in p][:3]
     assert detector.model_.latent_gaussian.fitted
     assert detector.calibration_.map_threshold == detector.calibration_.score_threshold  # the map_max rule
+    # the latent Gaussian's threshold: cross-fitted scores of every normal training image (11 + 1 held out)
+    assert detector.calibration_.n_images == 12 and detector.calibration_.map_peak_fraction == 0.5
     assert detector.paper_calibration_ is not None
     result = detector.evaluate(tiny_root, category="bottle")
     assert any("/test/" in p for p in read)  # the spy sees test reads when there are some

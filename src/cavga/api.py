@@ -246,7 +246,9 @@ class Cavga:
             )
             self.train_seconds_ = time.perf_counter() - start
             fit_latent_gaussian(self.model_, normal_train_set)
-            self.calibration_ = calibrate(self.model_, calibration_set, self.calibration_quantile)
+            self.calibration_ = calibrate(
+                self.model_, calibration_set, self.calibration_quantile, training_normals=normal_train_set
+            )
             # The paper-literal map and score of the same model, reported beside the model's own (README).
             self.paper_calibration_ = None
             if self.model_config.setting == "u" and MapChoice.of(self.model_config) != PAPER_CHOICE:

@@ -32,13 +32,21 @@ from torch.utils.data import DataLoader, Dataset
 from cavga.data import DatasetSplits
 from cavga.data.splits import split_calibration
 from cavga.data.types import collate_samples
-from cavga.engine.calibration import MAP_QUANTILE, Calibration, fit_calibration
-from cavga.engine.infer import BatchOutputs, DatasetOutputs, collect_outputs, evaluate_outputs, top_mean
+from cavga.engine.calibration import MAP_PEAK_FRACTION, MAP_QUANTILE, Calibration, fit_calibration
+from cavga.engine.infer import (
+    GAUSSIAN_FOLDS,
+    BatchOutputs,
+    DatasetOutputs,
+    can_cross_fit,
+    collect_outputs,
+    evaluate_outputs,
+    top_mean,
+)
 from cavga.engine.maps import upsampled_blur
 from cavga.engine.train import resolve_device, seed_everything
 from cavga.errors import ConfigError
 from cavga.model.encoders import Lite0Encoder
-from cavga.model.gaussian import DEFAULT_SHRINKAGE, PositionGaussian
+from cavga.model.gaussian import DEFAULT_SHRINKAGE, PositionGaussian, cross_fitted_scores
 
 KINDS = ("l2", "ssim")
 SSIM_WINDOW = 11  # Bergmann et al. and Wang et al. (2004): 11 x 11 Gaussian window, sigma 1.5
@@ -262,13 +270,26 @@ class PadimBaseline:
         self.encoder_.eval().to(device)
         side = cfg.image_size // 8
         self.gaussian_ = PositionGaussian(self.encoder_.out_channels, side, side).to(device)
-        loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate_samples)
-        self.gaussian_.fit((self.encoder_(batch.images.to(device))[0] for batch in loader), cfg.shrinkage)
+        features = {}
+        for name, part in (("train", train_set), ("calibration", calibration_set)):
+            loader = DataLoader(part, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate_samples)
+            features[name] = torch.cat([self.encoder_(batch.images.to(device))[0] for batch in loader])
+        self.gaussian_.fit([features["train"]], cfg.shrinkage)
         self.train_seconds_ = time.perf_counter() - start
-        outputs = self._infer(calibration_set)
-        self.calibration_ = fit_calibration(outputs.raw_scores, cfg.calibration_quantile, outputs.paths)
-        # As CAVGA's deviation maps scored by their maximum: a pixel passes 0.5 where it makes its image pass.
+        # Calibrated as CAVGA's latent Gaussian (cavga.engine.infer.calibrate): cross-fitted scores of every
+        # normal training image; a pixel passes 0.5 only where its image passes, near the image's peak.
+        size = (cfg.image_size, cfg.image_size)
+        if not can_cross_fit(train_set, calibration_set):
+            raise ConfigError(f"PaDiM needs at least {2 * GAUSSIAN_FOLDS} normal training images to calibrate")
+        scores = cross_fitted_scores(
+            torch.cat([features["train"], features["calibration"]]),
+            lambda d: upsampled_blur(d, size).flatten(1).amax(dim=1),
+            GAUSSIAN_FOLDS,
+            cfg.shrinkage,
+        )
+        self.calibration_ = fit_calibration(scores.numpy(), cfg.calibration_quantile, calibration_set.paths)
         self.calibration_.map_threshold = self.calibration_.score_threshold
+        self.calibration_.map_peak_fraction = MAP_PEAK_FRACTION
         self.data_info_ = {**splits.info, "n_train": len(train_set), "n_calibration": len(calibration_set)}
         return self
 

@@ -18,6 +18,9 @@ from cavga.errors import ConfigError
 from cavga.metrics import THRESHOLD
 
 MAP_QUANTILE = 0.995  # this quantile of the normal images' map pixels maps to THRESHOLD (calibrated maps)
+# A deviation map scored by its maximum: in an image called anomalous, a pixel is in the mask where it also reaches
+# this fraction of the image's peak (chosen on the demo categories, README "What works and what does not").
+MAP_PEAK_FRACTION = 0.5
 _TINY = 1e-12
 
 
@@ -26,9 +29,19 @@ def normalize_score(raw: torch.Tensor, score_min: torch.Tensor | float, spread: 
     return (THRESHOLD * (raw - score_min) / spread).clamp(0.0, 1.0)
 
 
-def normalize_map(residual: torch.Tensor, map_threshold: torch.Tensor | float) -> torch.Tensor:
-    """A residual map on the [0, 1] scale: ``map_threshold`` -> THRESHOLD, linear, clipped."""
-    return (THRESHOLD * residual / map_threshold).clamp(0.0, 1.0)
+def normalize_map(
+    residual: torch.Tensor, map_threshold: torch.Tensor | float, peak_fraction: torch.Tensor | float = 0.0
+) -> torch.Tensor:
+    """A map (B, ..., H, W) on the [0, 1] scale: ``map_threshold`` -> THRESHOLD, linear, clipped.
+
+    With ``peak_fraction`` f > 0 each image is divided by max(map_threshold, f * its peak) instead, so a pixel
+    passes THRESHOLD where it exceeds both the threshold and f of its image's peak: an image whose peak stays
+    below the threshold reads as before (nothing passes), a strong defect's map peaks at 1 and its mask is the
+    region around the peak rather than everything above the threshold."""
+    if isinstance(peak_fraction, float) and peak_fraction == 0.0:
+        return (THRESHOLD * residual / map_threshold).clamp(0.0, 1.0)
+    peak = residual.flatten(1).amax(dim=1).view(-1, *([1] * (residual.dim() - 1)))
+    return (THRESHOLD * residual / torch.clamp(peak_fraction * peak, min=map_threshold)).clamp(0.0, 1.0)
 
 
 @dataclass
@@ -49,6 +62,8 @@ class Calibration:
     map_threshold: float | None = None
     # MAP_QUANTILE of the normal images' residual pixels, for the residual map reported beside the model's own.
     residual_threshold: float | None = None
+    # The map's peak fraction (normalize_map); 0 in calibrations written before it existed.
+    map_peak_fraction: float = 0.0
 
     @property
     def spread(self) -> float:
@@ -61,7 +76,7 @@ class Calibration:
     def normalize_map(self, residual: torch.Tensor) -> torch.Tensor:
         if self.map_threshold is None:
             raise ConfigError("this calibration has no map threshold (it was fitted for the attention map)")
-        return normalize_map(residual, max(self.map_threshold, _TINY))
+        return normalize_map(residual, max(self.map_threshold, _TINY), self.map_peak_fraction)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -101,6 +116,8 @@ class CalibrationConstants(nn.Module):
         self.has_map_threshold = self.calibrated and calibration.map_threshold is not None
         map_threshold = max(calibration.map_threshold, _TINY) if self.has_map_threshold else 1.0
         self.register_buffer("map_threshold", torch.tensor(map_threshold, dtype=torch.float32))
+        peak_fraction = calibration.map_peak_fraction if self.has_map_threshold else 0.0
+        self.register_buffer("map_peak_fraction", torch.tensor(peak_fraction, dtype=torch.float32))
 
     def normalize(self, raw: torch.Tensor) -> torch.Tensor:
         return normalize_score(raw.double(), self.score_min, self.score_spread)
@@ -110,4 +127,4 @@ class CalibrationConstants(nn.Module):
             if self.calibrated:
                 raise ConfigError("this calibration has no map threshold (it was fitted for the attention map)")
             return residual.clamp(0.0, 1.0)
-        return normalize_map(residual, self.map_threshold)
+        return normalize_map(residual, self.map_threshold, self.map_peak_fraction)

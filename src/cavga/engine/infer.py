@@ -17,14 +17,22 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from cavga import metrics
 from cavga.data.types import NORMAL, collate_samples
-from cavga.engine.calibration import MAP_QUANTILE, Calibration, CalibrationConstants, fit_calibration, normalize_map
-from cavga.engine.maps import PAPER_MAP, PAPER_SCORE, anomalous_probability, map_spec, residual_map
+from cavga.engine.calibration import (
+    MAP_PEAK_FRACTION,
+    MAP_QUANTILE,
+    Calibration,
+    CalibrationConstants,
+    fit_calibration,
+    normalize_map,
+)
+from cavga.engine.maps import PAPER_MAP, PAPER_SCORE, anomalous_probability, map_spec, residual_map, upsampled_blur
 from cavga.errors import ConfigError
 from cavga.metrics import THRESHOLD
+from cavga.model.gaussian import cross_fitted_scores
 from cavga.model.gradcam import has_closed_form
 from cavga.model.networks import CavgaNet
 
@@ -238,7 +246,42 @@ def fit_latent_gaussian(model: CavgaNet, normal_dataset: Dataset, batch_size: in
         model.train(was_training)
 
 
+GAUSSIAN_FOLDS = 5  # cross-fitting of the latent Gaussian's calibration scores (calibrate)
+CROSS_FITTED = MapChoice("latent_gaussian", "map_max")  # the choice whose scores calibrate cross-fitted
+
+
+@torch.no_grad()
+def cross_fitted_latent_scores(model: CavgaNet, normal_dataset: Dataset, batch_size: int = 32) -> np.ndarray:
+    """The ``latent_gaussian`` / ``map_max`` raw score of every image of ``normal_dataset``, each from a Gaussian
+    of mu fitted on the other folds (:func:`cavga.model.gaussian.cross_fitted_scores`), in eval mode, as
+    :func:`fit_latent_gaussian` fits the model's own."""
+    _require_normal(normal_dataset)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    loader = DataLoader(normal_dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_samples)
+    try:
+        batches = [(model(batch.images.to(device), sample=False).mu, batch.images.shape[-2:]) for batch in loader]
+    finally:
+        model.train(was_training)
+    size = tuple(batches[0][1])
+    mu = torch.cat([b[0] for b in batches])
+    scores = cross_fitted_scores(
+        mu, lambda d: upsampled_blur(d, size).flatten(1).amax(dim=1), GAUSSIAN_FOLDS, batch_size=batch_size
+    )
+    return scores.numpy()
+
+
+def can_cross_fit(*datasets: Dataset) -> bool:
+    """Enough normal images for two per fold; fewer calibrate on the held-out slice alone."""
+    return sum(len(d) for d in datasets) >= 2 * GAUSSIAN_FOLDS
+
+
 def _require_normal(dataset: Dataset) -> None:
+    if isinstance(dataset, ConcatDataset):
+        for part in dataset.datasets:
+            _require_normal(part)
+        return
     labels = getattr(dataset, "labels", None)
     if labels is None:  # a dataset without the labels attribute: read each sample's
         labels = [dataset[i].label for i in range(len(dataset))]
@@ -253,13 +296,17 @@ def calibrate(
     quantile: float = 0.95,
     batch_size: int = 32,
     choice: MapChoice | None = None,
+    training_normals: Dataset | None = None,
 ) -> Calibration:
     """Fit the calibration of ``choice`` (default: the model's own map and score) on NORMAL images only (a
     held-out slice of the training folder).
 
-    Scores: their smallest raw value -> 0, their ``quantile`` -> 0.5. A calibrated map: where the score is the
-    map's maximum ("map_max"), the same threshold, so that a pixel passes 0.5 exactly where it makes its image
-    pass (the mask is empty on every image called normal); otherwise the MAP_QUANTILE of the normal pixels."""
+    Scores: their smallest raw value -> 0, their ``quantile`` -> 0.5. For the latent Gaussian scored by its
+    maximum, given ``training_normals`` (the normal images the Gaussian was fitted on), the scores are instead
+    the cross-fitted ones of those images and ``normal_dataset`` together (:func:`cross_fitted_latent_scores`).
+    A calibrated map: where the score is the map's maximum ("map_max"), the same threshold, so that a pixel
+    passes 0.5 only where its image passes (the mask is empty on every image called normal), and only where it
+    reaches MAP_PEAK_FRACTION of its image's peak; otherwise the MAP_QUANTILE of the normal pixels."""
     choice = choice or MapChoice.of(model.config)
     outputs = infer_dataset(model, normal_dataset, batch_size, choice=choice)
     if (outputs.labels != NORMAL).any():
@@ -269,12 +316,17 @@ def calibrate(
     if choice.score == "probability":
         # C's probability is already in [0, 1] with THRESHOLD its decision boundary: keep it as it is.
         calibration = Calibration(0.0, THRESHOLD, quantile, len(outputs.paths), outputs.paths)
+    elif choice == CROSS_FITTED and training_normals is not None and can_cross_fit(training_normals, normal_dataset):
+        all_normals = ConcatDataset([training_normals, normal_dataset])
+        calibration = fit_calibration(cross_fitted_latent_scores(model, all_normals, batch_size), quantile)
+        calibration.paths = outputs.paths  # the held-out slice; the cross-fitted scores include the training images
     else:
         calibration = fit_calibration(outputs.raw_scores, quantile, outputs.paths)
     calibration.residual_threshold = residual_threshold
     if map_spec(choice.anomaly_map).calibrated:
         if choice.score == "map_max":
             calibration.map_threshold = calibration.score_threshold
+            calibration.map_peak_fraction = MAP_PEAK_FRACTION
         else:
             calibration.map_threshold = float(np.quantile(outputs.raw_maps, MAP_QUANTILE))
     elif choice.score != "probability":

@@ -16,7 +16,7 @@ The statistics are buffers: they are saved with the weights (safetensors) and tr
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -79,3 +79,31 @@ class PositionGaussian(nn.Module):
         d = features.flatten(2).transpose(1, 2) - self.mean  # (B, P, C)
         q = torch.einsum("bpc,pcd,bpd->bp", d, self.precision, d)
         return q.clamp_min(0.0).sqrt().view(-1, 1, self.height, self.width)
+
+
+def cross_fitted_scores(
+    features: torch.Tensor,
+    score: Callable[[torch.Tensor], torch.Tensor],
+    folds: int,
+    shrinkage: float = DEFAULT_SHRINKAGE,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """Out-of-fold image scores of normal images (N, C, h, w): image i is scored, ``score(distances)`` (B, 1, h, w)
+    -> (B,), by the Gaussian fitted on the images of the other ``folds - 1`` folds (fold = i mod ``folds``).
+
+    Scores of images a Gaussian has seen are biased low (it was fitted to them); these are not, and every normal
+    training image contributes one, so a threshold taken from them rests on many more images than a small
+    held-out slice (README, "What works and what does not")."""
+    n = features.shape[0]
+    if folds < 2 or n < 2 * folds:
+        raise ConfigError(f"cross-fitting over {folds} folds needs at least {2 * max(folds, 2)} images, got {n}")
+    fold = torch.arange(n) % folds
+    out = torch.empty(n, dtype=torch.float64)
+    for k in range(folds):
+        held, kept = (fold == k).nonzero()[:, 0], (fold != k).nonzero()[:, 0]
+        gaussian = PositionGaussian(*features.shape[1:]).to(features.device)
+        gaussian.fit((features[kept[i : i + batch_size]] for i in range(0, len(kept), batch_size)), shrinkage)
+        for i in range(0, len(held), batch_size):
+            idx = held[i : i + batch_size]
+            out[idx] = score(gaussian(features[idx])).detach().double().cpu()
+    return out
