@@ -33,6 +33,7 @@ from cavga.data.splits import split_calibration
 from cavga.data.synthetic import DEMO_CATEGORIES, write_demo_dataset
 from cavga.engine.infer import PAPER_CHOICE, MapChoice, calibrate, evaluate_outputs, infer_dataset
 from cavga.engine.maps import ANOMALY_MAPS
+from cavga.errors import ConfigError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DATASETS = {
@@ -104,10 +105,10 @@ def run_pair(dataset: str, model: str, out: Path, device: str, only: list[str] |
             continue
         try:
             calibration = calibrate(
-                detector.model_, calibration_set, detector.calibration_quantile, choice, training_normals=train_set
+                detector.model_, calibration_set, detector.calibration_quantile, choice=choice, training_normals=train_set
             )
             outputs = infer_dataset(detector.model_, splits.test, calibration=calibration, choice=choice)
-        except Exception as exc:  # a map this model cannot draw (e.g. ADVAE on another layer)
+        except ConfigError as exc:  # a map this model cannot draw (e.g. ADVAE on another layer)
             rows[label] = {"error": str(exc)}
             continue
         result = evaluate_outputs(outputs, calibration)
