@@ -105,7 +105,11 @@ def run_pair(dataset: str, model: str, out: Path, device: str, only: list[str] |
             continue
         try:
             calibration = calibrate(
-                detector.model_, calibration_set, detector.calibration_quantile, choice=choice, training_normals=train_set
+                detector.model_,
+                calibration_set,
+                detector.calibration_quantile,
+                choice=choice,
+                training_normals=train_set,
             )
             outputs = infer_dataset(detector.model_, splits.test, calibration=calibration, choice=choice)
         except ConfigError as exc:  # a map this model cannot draw (e.g. ADVAE on another layer)
