@@ -22,12 +22,11 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import ConcatDataset
 
-from cavga.api import load as load_model
 from cavga.data.splits import split_calibration
 from cavga.engine.infer import CROSS_FITTED, cross_fitted_latent_scores, infer_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from map_study import DATASETS, data_args  # noqa: E402
+from map_study import DATASETS, data_args, trained_model  # noqa: E402
 
 IMAGE_RULES = ("held-out q0.95", "held-out max", "cross-fitted q0.95 (default)", "cross-fitted q0.99")
 PEAK_FRACTIONS = (0.0, 0.4, 0.5, 0.6)  # 0: every pixel above the threshold; default 0.5
@@ -52,7 +51,7 @@ def mean_iou(maps: np.ndarray, masks: np.ndarray, threshold: float, fraction: fl
 
 def study(dataset: str, out: Path) -> dict:
     root, kwargs = data_args(dataset, out)
-    detector = load_model(out / "models" / dataset.replace("/", "_") / "L-frozen", device="cpu")
+    detector, _ = trained_model(dataset, "L-frozen", out, device="cpu")
     splits = detector._load(root, **kwargs)
     train, held_out = split_calibration(
         splits.train, detector.train_config.calibration_fraction, detector.train_config.seed

@@ -31,7 +31,7 @@ from cavga.api import Cavga
 from cavga.api import load as load_model
 from cavga.data.splits import split_calibration
 from cavga.data.synthetic import DEMO_CATEGORIES, write_demo_dataset
-from cavga.engine.infer import PAPER_CHOICE, MapChoice, calibrate, evaluate_outputs, infer_dataset
+from cavga.engine.infer import PAPER_CHOICE, MapChoice, calibrate, evaluate_outputs, fit_latent_gaussian, infer_dataset
 from cavga.engine.maps import ANOMALY_MAPS
 from cavga.errors import ConfigError
 
@@ -82,19 +82,34 @@ def data_args(name: str, out: Path) -> tuple[Path, dict]:
     return root, kwargs
 
 
-def run_pair(dataset: str, model: str, out: Path, device: str, only: list[str] | None = None) -> dict:
+def trained_model(dataset: str, model: str, out: Path, device: str = "auto") -> tuple[Cavga, bool]:
+    """The study's model of ``dataset``: loaded from OUT/models when a run saved it (second value True), else
+    trained and saved. A loaded model's latent Gaussian is refitted as this cavga fits it (the model may come
+    from a run before a change to that fit; training does not depend on it)."""
     root, kwargs = data_args(dataset, out)
     options = {**(L_OPTIONS if MODELS[model]["variant"] == "L" else {}), **MODELS[model]}
     options.setdefault("image_size", DATASETS[dataset]["size"])
     saved = out / "models" / dataset.replace("/", "_") / model
-    started = time.perf_counter()
-    reused = (saved / "config.json").exists()
-    if reused:
-        detector = load_model(saved, device=device)
-    else:
+    if not (saved / "config.json").exists():
         detector = Cavga(setting="u", seed=0, device=device, **options)
         detector.fit(root, progress=False, **kwargs)
         detector.save(saved)
+        return detector, False
+    detector = load_model(saved, device=device)
+    neighbourhood = Cavga(setting="u", **options).model_config.gaussian_neighbourhood
+    detector.model_config.gaussian_neighbourhood = neighbourhood
+    detector.model_.config.gaussian_neighbourhood = neighbourhood
+    splits = detector._load(root, **kwargs)
+    config = detector.train_config
+    train_set, _ = split_calibration(splits.train, config.calibration_fraction, config.seed)
+    fit_latent_gaussian(detector.model_, train_set)
+    return detector, True
+
+
+def run_pair(dataset: str, model: str, out: Path, device: str, only: list[str] | None = None) -> dict:
+    root, kwargs = data_args(dataset, out)
+    started = time.perf_counter()
+    detector, reused = trained_model(dataset, model, out, device)
     splits = detector._load(root, **kwargs)
     train_set, calibration_set = split_calibration(
         splits.train, detector.train_config.calibration_fraction, detector.train_config.seed
@@ -121,10 +136,11 @@ def run_pair(dataset: str, model: str, out: Path, device: str, only: list[str] |
     return {
         "dataset": dataset,
         "model": model,
-        "options": options,
+        "options": detector.params,
         "train_seconds": round(detector.train_seconds_, 1),
         "wall_seconds": round(time.perf_counter() - started, 1),
         "model_reused": reused,  # wall_seconds then leave out the training
+        "gaussian_neighbourhood": detector.model_.config.gaussian_neighbourhood,
         "n_train": detector.data_info_["n_train"],
         "n_calibration": detector.data_info_["n_calibration"],
         "n_test": len(splits.test),

@@ -79,3 +79,23 @@ def test_cross_fitted_scores_use_the_gaussian_of_the_other_folds():
 def test_cross_fitting_needs_enough_images():
     with pytest.raises(ConfigError, match="at least 10 images, got 9"):
         cross_fitted_scores(torch.zeros(9, 2, 1, 1), lambda d: d.flatten(1).amax(1), folds=5)
+
+
+def test_a_neighbourhood_fits_each_position_on_its_replicated_window():
+    rng = np.random.default_rng(3)
+    train = rng.normal(size=(6, 2, 3, 4))
+    test = rng.normal(size=(2, 2, 3, 4))
+    batches = [torch.from_numpy(train[:4]).float(), torch.from_numpy(train[4:]).float()]
+    g = PositionGaussian(2, 3, 4).fit(batches, neighbourhood=1)
+    padded = np.pad(train, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="edge")
+    got = g(torch.from_numpy(test).float())[:, 0].numpy()
+    for i in range(3):
+        for j in range(4):
+            window = padded[:, :, i : i + 3, j : j + 3].transpose(0, 2, 3, 1).reshape(-1, 2)  # 6 images x 9 cells
+            cov = np.cov(window, rowvar=False)
+            inv = np.linalg.inv(cov + 0.01 * np.trace(cov) / 2 * np.eye(2))
+            for b in range(2):
+                assert got[b, i, j] == pytest.approx(mahalanobis(test[b, :, i, j], window.mean(0), inv), rel=1e-4)
+    assert int(g.n_images) == 6  # images, not window samples
+    with pytest.raises(ConfigError, match="neighbourhood must be >= 0"):
+        PositionGaussian(2, 3, 4).fit([torch.zeros(2, 2, 3, 4)], neighbourhood=-1)

@@ -83,6 +83,10 @@ class ModelConfig:
         None, "CAVGA_u anomaly map: the paper's 1 - A ('attention') or another map of cavga.engine.maps; unset: "
         "D and R attention, L latent_gaussian",
     )  # fmt: skip
+    gaussian_neighbourhood: int = _option(
+        1, "latent_gaussian: each position's Gaussian is fitted on the mu vectors within this many cells of it "
+        "(1: a 3 x 3 window; 0: its own position only, as PaDiM)",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         # Unset fields take the variant's defaults (VARIANT_DEFAULTS); an unknown variant is validate()'s to name.
@@ -119,6 +123,8 @@ class ModelConfig:
         for name in ("latent_channels", "latent_stride", "width", "flat_latent_dim"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.gaussian_neighbourhood < 0:
+            raise ConfigError(f"gaussian_neighbourhood must be >= 0 cells, got {self.gaussian_neighbourhood}")
 
 
 @dataclass
@@ -181,8 +187,11 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
 
 def upgrade_sections(model: dict[str, Any], train: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The ``model`` / ``train`` sections of a config file written before the setting moved into ModelConfig
-    (``model.weakly_supervised`` and ``train.setting``), in today's form; newer sections come back unchanged."""
+    (``model.weakly_supervised`` and ``train.setting``) or before ``gaussian_neighbourhood``, in today's form;
+    newer sections come back unchanged."""
     model, train = dict(model), dict(train)
+    # Written before the neighbourhood existed: the latent Gaussian was fitted on each position alone.
+    model.setdefault("gaussian_neighbourhood", 0)
     weak = model.pop("weakly_supervised", None)
     old_setting = train.pop("setting", None)
     if "setting" not in model and (old_setting is not None or weak is not None):

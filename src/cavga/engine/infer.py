@@ -241,7 +241,8 @@ def fit_latent_gaussian(model: CavgaNet, normal_dataset: Dataset, batch_size: in
     device = next(model.parameters()).device
     loader = DataLoader(normal_dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_samples)
     try:
-        model.latent_gaussian.fit(model(batch.images.to(device), sample=False).mu for batch in loader)
+        mus = (model(batch.images.to(device), sample=False).mu for batch in loader)
+        model.latent_gaussian.fit(mus, neighbourhood=model.config.gaussian_neighbourhood)
     finally:
         model.train(was_training)
 
@@ -267,7 +268,11 @@ def cross_fitted_latent_scores(model: CavgaNet, normal_dataset: Dataset, batch_s
     size = tuple(batches[0][1])
     mu = torch.cat([b[0] for b in batches])
     scores = cross_fitted_scores(
-        mu, lambda d: upsampled_blur(d, size).flatten(1).amax(dim=1), GAUSSIAN_FOLDS, batch_size=batch_size
+        mu,
+        lambda d: upsampled_blur(d, size).flatten(1).amax(dim=1),
+        GAUSSIAN_FOLDS,
+        batch_size=batch_size,
+        neighbourhood=model.config.gaussian_neighbourhood,
     )
     return scores.numpy()
 

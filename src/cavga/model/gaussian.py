@@ -47,20 +47,30 @@ class PositionGaussian(nn.Module):
             raise ConfigError(f"PositionGaussian expects features (B, {expected}), got {tuple(features.shape)}")
 
     @torch.no_grad()
-    def fit(self, batches: Iterable[torch.Tensor], shrinkage: float = DEFAULT_SHRINKAGE) -> PositionGaussian:
-        """Fit the mean and the shrunk inverse covariance of every position from batches (B, C, h, w)."""
+    def fit(
+        self, batches: Iterable[torch.Tensor], shrinkage: float = DEFAULT_SHRINKAGE, neighbourhood: int = 0
+    ) -> PositionGaussian:
+        """Fit the mean and the shrunk inverse covariance of every position from batches (B, C, h, w).
+
+        ``neighbourhood`` r > 0 fits position p on the feature vectors of every position within r cells of p
+        (a (2r + 1)^2 window, edges replicated) of every image: a part that sits a cell off in another image
+        still counts as normal there, and each Gaussian rests on (2r + 1)^2 times more vectors."""
         if shrinkage <= 0:
             raise ConfigError(f"shrinkage must be positive, got {shrinkage}")
+        if neighbourhood < 0:
+            raise ConfigError(f"neighbourhood must be >= 0 cells, got {neighbourhood}")
         total = outer = None
-        n = 0
+        n = images = 0
         for features in batches:
             self._check(features)
-            f = features.detach().to(torch.float64).flatten(2)  # (B, C, P); float64: sums of squares cancel
-            s, o = f.sum(0), torch.einsum("bcp,bdp->pcd", f, f)
-            total, outer = (s, o) if total is None else (total + s, outer + o)
-            n += f.shape[0]
-        if n < 2:
-            raise ConfigError(f"a per-position Gaussian needs at least 2 normal images, got {n}")
+            images += features.shape[0]
+            for f in _window(features.detach().to(torch.float64), neighbourhood):  # float64: sums of squares cancel
+                f = f.flatten(2)  # (B, C, P)
+                s, o = f.sum(0), torch.einsum("bcp,bdp->pcd", f, f)
+                total, outer = (s, o) if total is None else (total + s, outer + o)
+                n += f.shape[0]
+        if images < 2:
+            raise ConfigError(f"a per-position Gaussian needs at least 2 normal images, got {images}")
         mean = (total / n).T  # (P, C)
         cov = (outer - n * mean[:, :, None] * mean[:, None, :]) / (n - 1)
         scale = torch.diagonal(cov, dim1=1, dim2=2).mean(1).clamp_min(1e-12)  # trace / C per position
@@ -70,7 +80,7 @@ class PositionGaussian(nn.Module):
         # Cholesky, not a batched LU: the covariance is symmetric positive definite after shrinkage (and MKL's
         # batched float64 LU fails on large batches).
         self.precision.copy_(torch.cholesky_inverse(torch.linalg.cholesky(cov)).to(self.precision))
-        self.n_images.fill_(n)
+        self.n_images.fill_(images)
         return self
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -81,12 +91,25 @@ class PositionGaussian(nn.Module):
         return q.clamp_min(0.0).sqrt().view(-1, 1, self.height, self.width)
 
 
+def _window(features: torch.Tensor, radius: int) -> Iterable[torch.Tensor]:
+    """``features`` (B, C, h, w) shifted by every offset of a (2 radius + 1)^2 window, edges replicated."""
+    if radius == 0:
+        yield features
+        return
+    h, w = features.shape[-2:]
+    padded = torch.nn.functional.pad(features, (radius,) * 4, mode="replicate")
+    for dy in range(2 * radius + 1):
+        for dx in range(2 * radius + 1):
+            yield padded[..., dy : dy + h, dx : dx + w]
+
+
 def cross_fitted_scores(
     features: torch.Tensor,
     score: Callable[[torch.Tensor], torch.Tensor],
     folds: int,
     shrinkage: float = DEFAULT_SHRINKAGE,
     batch_size: int = 32,
+    neighbourhood: int = 0,
 ) -> torch.Tensor:
     """Out-of-fold image scores of normal images (N, C, h, w): image i is scored, ``score(distances)`` (B, 1, h, w)
     -> (B,), by the Gaussian fitted on the images of the other ``folds - 1`` folds (fold = i mod ``folds``).
@@ -102,7 +125,8 @@ def cross_fitted_scores(
     for k in range(folds):
         held, kept = (fold == k).nonzero()[:, 0], (fold != k).nonzero()[:, 0]
         gaussian = PositionGaussian(*features.shape[1:]).to(features.device)
-        gaussian.fit((features[kept[i : i + batch_size]] for i in range(0, len(kept), batch_size)), shrinkage)
+        batches = (features[kept[i : i + batch_size]] for i in range(0, len(kept), batch_size))
+        gaussian.fit(batches, shrinkage, neighbourhood)
         for i in range(0, len(held), batch_size):
             idx = held[i : i + batch_size]
             out[idx] = score(gaussian(features[idx])).detach().double().cpu()
