@@ -159,7 +159,8 @@ def machine_limits(threads: int, quick: bool) -> dict:
         "cores": threads,
     }
     for dtype, name in ((torch.float32, "float32"), (torch.bfloat16, "bfloat16")):
-        kernels = kernel_rates(dtype, quick)
+        # Emulated bf16 runs near 1 GFLOP/s: the small sizes tell its rate as well, in seconds instead of minutes.
+        kernels = kernel_rates(dtype, quick or (name == "bfloat16" and not width["bf16_native"]))
         theoretical = None
         if width[name] is not None and clock["ghz"] is not None:
             theoretical = width[name] * clock["ghz"] * threads
