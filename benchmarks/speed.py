@@ -19,7 +19,8 @@ x measured clock; float32 and bfloat16). bfloat16 autocast variants run only whe
 (elsewhere bf16 is emulated and the kernel rates show it). Variants are timed interleaved (one call of each per
 round), so their ratios share the machine's state. Untrained models, random images.
 
-    python benchmarks/speed.py [--quick] [--threads N] [--anomalib-python PATH] [--compile] [--out FILE.json]
+    python benchmarks/speed.py [--quick] [--threads N] [--anomalib-python PATH] [--out FILE.json]
+    python benchmarks/speed.py --report FILE.json   # recompute peaks, fractions, ratios of a written run
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the sibling modules, also when this file is loaded by path (the tests)
 
-from speed_limits import count_flops, machine_limits  # noqa: E402
+from speed_limits import count_flops, machine_limits, with_peaks  # noqa: E402
 from speed_paths import _batch, _inferrer, _onnx_runner, _trainer, build, padim_paths  # noqa: E402
 from speed_paths import before_optimizations as before_optimizations  # noqa: E402  (the tests use it)
 
@@ -306,6 +307,38 @@ def targets(record: dict) -> list[dict]:
     return out
 
 
+def comparisons(record: dict) -> list[dict]:
+    """The default model at 256 px against PaDiM on the same Lite0 features and against anomalib's PaDiM: its
+    time over theirs (below 1: faster). These configurations ran one after another in the run, not interleaved."""
+    by_name = {c["name"]: c for c in record["configs"] if "error" not in c}
+    default, padim = by_name.get("CAVGA-L_u 256 px (default)"), by_name.get("PaDiM-style Lite0 256 px")
+    peer = record.get("anomalib", {})
+    out = []
+    if default and padim:
+        for mode in ("eager", "onnx"):
+            value = default["latency"][mode]["median_ms"] / padim["latency"][mode]["median_ms"]
+            out.append({"what": f"latency {mode}: default / PaDiM-style (Lite0)", "value": value})
+        value = padim["infer"]["eager"]["images_per_s"] / default["infer"]["eager"]["images_per_s"]
+        out.append({"what": "inference batch 16 eager: default time / PaDiM-style time", "value": value})
+    if default and "latency_ms" in peer:
+        for mode in ("eager", "onnx"):
+            value = default["latency"][mode]["median_ms"] / peer["latency_ms"]["median"]
+            out.append({"what": f"latency: default {mode} / anomalib PaDiM eager", "value": value})
+    return out
+
+
+def finish(record: dict) -> None:
+    """Peaks, GFLOP/s and fractions, ratios, targets and comparisons, from the measured fields of ``record``."""
+    with_peaks(record["limits"])
+    for c in record["configs"]:
+        if "error" not in c:
+            if c["kind"] == "cavga":
+                c["ratios"] = ratios(c)
+            add_rates(c, record["limits"])
+    record["targets"] = targets(record)
+    record["comparisons"] = comparisons(record)
+
+
 def _fmt(s: dict | None, digits: int = 1) -> str:
     return "-" if s is None else f"{s['images_per_s']:.{digits}f}"
 
@@ -321,10 +354,10 @@ def _x(value: float | None) -> str:
 def table(record: dict) -> str:
     lim = record["limits"]
     f32, b16 = lim["float32"], lim["bfloat16"]
-    clock = lim["clock"]["ghz"]
     lines = [
-        f"threads {record['threads']} (latency: 1); load average at start {record['load_average'][0]:.2f}; clock "
-        f"{clock:.2f} GHz measured; float32 peak {f32['peak_gflops']:.1f} GFLOP/s (kernels: "
+        f"threads {record['threads']} (latency: 1); load average at start / end {record['load_average'][0]:.2f} / "
+        f"{record['load_average_end'][0]:.2f}; clock {lim['clock']['ghz']:.2f} GHz measured, "
+        f"{lim['clock_used_ghz']:.2f} used; float32 peak {f32['peak_gflops']:.1f} GFLOP/s (kernels: "
         + ", ".join(f"{k} {v:.1f}" for k, v in f32["kernels_gflops"].items())
         + f"; FMA width x clock {f32['fma_width_x_clock_gflops'] or 0:.1f}); bfloat16 peak {b16['peak_gflops']:.1f} "
         f"({'native' if b16['native'] else 'emulated: no AVX-512 BF16'}; kernels "
@@ -374,6 +407,9 @@ def table(record: dict) -> str:
             f"{_x(q['train_vs_before'])} | {_x(q['infer_vs_naive'])} | {_x(q['train_channels_last'])} / "
             f"{_x(q['infer_channels_last'])} | {_x(q['train_bf16'])} / {_x(q['infer_bf16'])} |"
         )
+    if record["comparisons"]:
+        lines += ["", "| comparison (time / time) | value |", "|---|---|"]
+        lines += [f"| {c['what']} | {c['value']:.2f} |" for c in record["comparisons"]]
     if record["targets"]:
         lines += ["", "| target | value | target | met |", "|---|---|---|---|"]
         for t in record["targets"]:
@@ -392,10 +428,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads (default 1)")
     parser.add_argument("--anomalib-python", default=os.environ.get("CAVGA_ANOMALIB_PYTHON"),
                         help="an interpreter that imports anomalib (default $CAVGA_ANOMALIB_PYTHON)")  # fmt: skip
+    parser.add_argument("--report", type=Path, help="recompute the derived figures of a written JSON, print it")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
+        return
+    if args.report:
+        record = json.loads(args.report.read_text())
+        finish(record)
+        print(table(record))
+        args.report.write_text(json.dumps(record, indent=2) + "\n")
         return
     import onnxruntime as ort
 
@@ -410,12 +453,7 @@ def main() -> None:
         spec = {**spec, "threads": args.threads, "bf16": bf16, "latency_reps": 5 if args.quick else 15}
         print(f"{spec['name']} ...", file=sys.stderr, flush=True)
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-        result = {**spec, **_last_json(command, 120 if args.quick else 1800)}
-        if "error" not in result:
-            if spec["kind"] == "cavga":
-                result["ratios"] = ratios(result)
-            add_rates(result, limits)
-        results.append(result)
+        results.append({**spec, **_last_json(command, 120 if args.quick else 1800)})
     if args.quick:
         peer = {"skipped": "not with --quick (CI)"}
     else:
@@ -435,7 +473,7 @@ def main() -> None:
         "configs": results,
         "anomalib": peer,
     }
-    record["targets"] = targets(record)
+    finish(record)
     record["wall_s"] = time.perf_counter() - start
     print(table(record))
     args.out.parent.mkdir(parents=True, exist_ok=True)

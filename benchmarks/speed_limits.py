@@ -161,16 +161,28 @@ def machine_limits(threads: int, quick: bool) -> dict:
     for dtype, name in ((torch.float32, "float32"), (torch.bfloat16, "bfloat16")):
         # Emulated bf16 runs near 1 GFLOP/s: the small sizes tell its rate as well, in seconds instead of minutes.
         kernels = kernel_rates(dtype, quick or (name == "bfloat16" and not width["bf16_native"]))
-        theoretical = None
-        if width[name] is not None and clock["ghz"] is not None:
-            theoretical = width[name] * clock["ghz"] * threads
-        best = max(kernels, key=kernels.get)
-        limits[name] = {
-            "kernels_gflops": kernels,
-            "best_kernel": best,
-            "flop_per_cycle_per_core": width[name],
-            "fma_width_x_clock_gflops": theoretical,
-            "peak_gflops": max(kernels[best], theoretical or 0.0),
-        }
+        limits[name] = {"kernels_gflops": kernels, "flop_per_cycle_per_core": width[name]}
     limits["bfloat16"]["native"] = width["bf16_native"]
+    return with_peaks(limits)
+
+
+def with_peaks(limits: dict) -> dict:
+    """Fill in the clock used, the FMA width x clock and the peak of each dtype from the measured fields.
+
+    The clock used is the larger of the measured one and the one the kernel reports: on a core shared with
+    other work the add loop gets only its share of the cycles, and a configuration timed when the load eased
+    would then run above a limit taken from that share."""
+    nominal = limits["cpu"].get("nominal_mhz")
+    measured = limits["clock"]["ghz"]
+    clocks = [c for c in (measured, nominal / 1000 if nominal else None) if c is not None]
+    limits["clock_used_ghz"] = max(clocks) if clocks else None
+    for name in ("float32", "bfloat16"):
+        entry = limits[name]
+        kernels, width = entry["kernels_gflops"], entry["flop_per_cycle_per_core"]
+        theoretical = None
+        if width is not None and limits["clock_used_ghz"] is not None:
+            theoretical = width * limits["clock_used_ghz"] * limits["cores"]
+        entry["best_kernel"] = max(kernels, key=kernels.get)
+        entry["fma_width_x_clock_gflops"] = theoretical
+        entry["peak_gflops"] = max(kernels[entry["best_kernel"]], theoretical or 0.0)
     return limits

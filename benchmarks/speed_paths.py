@@ -138,8 +138,6 @@ def build(spec: dict):
 def _trainer(model, setting: str, batch: Batch, mode: str):
     """A closure running one training step of ``mode`` on its own copy of the model and optimizers."""
     model = copy.deepcopy(model).train()
-    if mode == "compiled":
-        model.compile()  # after the copy: a deep copy of a compiled module runs eager
     config = TrainConfig()
     if mode == "no_cam":
         config.weights.w_ae = config.weights.w_cga = 0.0
@@ -163,8 +161,6 @@ def _trainer(model, setting: str, batch: Batch, mode: str):
 
 def _inferrer(model, setting: str, images: torch.Tensor, mode: str):
     model = copy.deepcopy(model).eval()
-    if mode == "compiled":
-        model.compile()  # after the copy: a deep copy of a compiled module runs eager
     if mode == "naive":
         return lambda: naive_infer(model, images, setting)
     if mode == "plain":  # the VAE alone: encoder, heads and decoder, no map and no score
