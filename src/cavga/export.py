@@ -149,7 +149,10 @@ def export(model: Any, out: str | os.PathLike | None = None, format: str = "onnx
 
 def load_exported(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     """A ``pt2`` file written by :func:`export`: (module, config). ``module(image)`` on a preprocessed batch
-    (B, C, H, W) returns (score, anomaly_map, mask) as the ONNX graph does; config is the model's config.json."""
+    (B, C, H, W) returns (score, anomaly_map, mask) as the ONNX graph does; config is the model's config.json.
+
+    ``torch.export.load`` unpickles parts of the archive (weights and constants): load only files you trust,
+    e.g. ones you exported; ONNX files carry no code."""
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such pt2 file")
