@@ -1,31 +1,31 @@
-"""How fast CAVGA trains and infers on this machine, and how close that is to the machine's own float32 limit.
+"""How fast cavga trains and infers on this machine, held against the machine's own limit, beside PaDiM.
 
-For CAVGA-D (32, 64 px) and CAVGA-R (128, 256 px), settings u and w, each configuration in its own subprocess
-(so its peak RSS is its own): training images/s of the full ``training_step`` (encoder, decoder, discriminator,
-attention loss, both optimizers), inference images/s of ``infer_batch`` (score + anomaly map) and of the exported
-ONNX graph, FLOPs per image counted with ``torch.utils.flop_counter.FlopCounterMode``, achieved GFLOP/s beside
-a float32 matmul peak timed in the same run. Variants are timed interleaved (one call of each per repetition) so
-that their ratios share the machine's state:
+Configurations (each in its own subprocess, so that its peak RSS is its own):
 
-* train: ``full`` (the library as it is), ``no_cam`` (attention weight 0 and the attention map not computed),
-  ``before`` (autograd Grad-CAM with its double backward, D weight gradients in the generator's backward: the
-  code before the closed-form optimization), ``channels_last``, ``bf16`` (CPU autocast).
-* infer: ``eager`` (``infer_batch``), ``before`` (autograd Grad-CAM), ``naive`` (the public re-implementations'
-  way, written here: a forward hook keeps the feature map, a tensor hook its gradient, one backward per image),
-  ``channels_last``, ``bf16``, ``onnx`` (onnxruntime, closed-form graph from ``cavga.export``).
-* ``torch.compile`` of the model's forward for CAVGA-D_u 64 px (full mode only; its own subprocess with a time
-  limit; skipped with a note when it fails or takes too long).
+* the default model, CAVGA-L_u (frozen ImageNet EfficientNet-Lite0 trunk, latent Gaussian map, width 16) at 128 and
+  256 px; the same recipe on the ResNet-18 trunk (frozen, random weights) at 256 px;
+* the paper's CAVGA-D_u / D_w at 64 px and CAVGA-R_u at 128 px (map 1 - A), with the code paths the Grad-CAM
+  optimizations replaced (``before``, ``naive`` hooks) and ``channels_last``;
+* the PaDiM-style baseline of ``cavga.baselines`` (the same Lite0 features) at 256 px;
+* anomalib's PaDiM (ResNet-18) at 256 px when an interpreter with anomalib is given (``benchmarks/anomalib_padim.py``
+  says how to make one); skipped with a message otherwise, and always with ``--quick``.
 
-Untrained models (speed does not depend on the weights), random images. Prints a Markdown table, writes JSON.
+For each: training images/s of the full ``training_step`` and of the plain VAE-GAN step (attention weights 0, no
+attention maps); inference images/s at the inference batch of ``infer_batch`` (what ``Cavga.predict`` runs: map,
+score and calibration), of a plain VAE forward (encoder, heads, decoder) and of the exported ONNX graph; per-image
+latency at batch 1 on one thread (eager, plain, encoder alone, ONNX); FLOPs per image and GFLOP/s as a fraction of
+the machine's peak (``speed_limits.py``: the best of a matmul, a 3x3 and a depthwise conv, and the cores' FMA width
+x measured clock; float32 and bfloat16). bfloat16 autocast variants run only where the cores have AVX-512 BF16
+(elsewhere bf16 is emulated and the kernel rates show it). Variants are timed interleaved (one call of each per
+round), so their ratios share the machine's state. Untrained models, random images.
 
-    python benchmarks/speed.py [--quick] [--out benchmarks/results/speed.json] [--threads N]
+    python benchmarks/speed.py [--quick] [--threads N] [--anomalib-python PATH] [--out FILE.json]
+    python benchmarks/speed.py --report FILE.json   # recompute peaks, fractions, ratios of a written run
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
 import json
 import os
 import platform
@@ -38,102 +38,43 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-
-from cavga.config import ModelConfig, TrainConfig
-from cavga.data.types import Batch
-from cavga.engine import infer, train
-from cavga.engine.infer import aggregate_score, infer_batch, residual_map
-from cavga.model import gradcam
-from cavga.model.networks import build_model
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # the sibling modules, also when this file is loaded by path (the tests)
+
+from speed_limits import count_flops, machine_limits, with_peaks  # noqa: E402
+from speed_paths import _batch, _inferrer, _onnx_runner, _trainer, build, padim_paths  # noqa: E402
+from speed_paths import before_optimizations as before_optimizations  # noqa: E402  (the tests use it)
+
 DEFAULT_OUT = HERE / "results" / "speed.json"
-
-# (variant, image size, width, train batch, infer batch, repetitions)
-FULL = [("D", 32, 64, 16, 16, 7), ("D", 64, 64, 16, 16, 7), ("R", 128, 64, 8, 8, 5), ("R", 256, 64, 4, 4, 3)]
-QUICK = [("D", 32, 8, 4, 4, 3), ("R", 64, 8, 2, 2, 2)]  # CAVGA-R_w is left out of --quick (CI time)
-TRAIN_VARIANTS = ("full", "no_cam", "before", "channels_last", "bf16")
-INFER_VARIANTS = ("eager", "before", "naive", "channels_last", "bf16", "onnx")
-COMPILE_LIMIT_S = 300
+PAPER_TRAIN, PAPER_INFER = ("before", "channels_last"), ("before", "naive", "channels_last")
+RECIPE_L = {"anomaly_map": "latent_gaussian", "score": "map_max", "freeze_encoder": True}
 
 
-# --------------------------------------------------------------------------- code paths compared
+def _cavga(name, variant, size, width, setting="u", train=8, infer=16, reps=3, paper=False, options=None) -> dict:
+    return {
+        "kind": "cavga", "name": name, "variant": variant, "size": size, "width": width, "setting": setting,
+        "train_batch": train, "infer_batch": infer, "reps": reps, "paper": paper, "options": options or {},
+    }  # fmt: skip
 
 
-@contextlib.contextmanager
-def before_optimizations():
-    """The code paths the optimizations replaced: autograd Grad-CAM everywhere (double backward in training,
-    a backward at inference) and D weight gradients computed in the generator's backward."""
-    saved = gradcam.closed_form_weights, gradcam.has_closed_form, infer.has_closed_form, train._frozen
-    gradcam.closed_form_weights = lambda *a, **k: None
-    gradcam.has_closed_form = infer.has_closed_form = lambda *a, **k: False
-    train._frozen = lambda module: contextlib.nullcontext()
-    try:
-        yield
-    finally:
-        gradcam.closed_form_weights, gradcam.has_closed_form, infer.has_closed_form, train._frozen = saved
-
-
-@contextlib.contextmanager
-def without_attention():
-    """Attention maps replaced by zeros (no Grad-CAM work); used with attention weights 0."""
-    saved = train.output_attention, train.class_attention
-
-    def zeros(model, out, *args, **kwargs):
-        return torch.zeros(out.x_hat_logits.shape[0], 1, *out.x_hat_logits.shape[-2:])
-
-    train.output_attention = train.class_attention = zeros
-    try:
-        yield
-    finally:
-        train.output_attention, train.class_attention = saved
-
-
-def naive_infer(model, images: torch.Tensor, setting: str) -> tuple[np.ndarray, np.ndarray]:
-    """Inference as public re-implementations write it: per image, hooks capture the feature map and its
-    gradient, a full backward (into the parameters too) gives Grad-CAM's weights. Returns (scores, maps)."""
-    model.eval()
-    store: dict[str, torch.Tensor] = {}
-
-    def keep(module, inputs, output):
-        features = output[0] if isinstance(output, tuple) else output
-        store["features"] = features
-        features.register_hook(lambda grad: store.__setitem__("grad", grad))
-
-    handle = model.encoder.register_forward_hook(keep)
-    scores, maps = [], []
-    try:
-        for i in range(images.shape[0]):
-            x = images[i : i + 1]
-            model.zero_grad()
-            with torch.enable_grad():
-                out = model(x, sample=False)
-                if setting == "u":
-                    features = store["features"]
-                    out.mu.sum().backward()
-                    grad = store["grad"]
-                else:
-                    z = out.z
-                    z.retain_grad()
-                    logits = model.classify(z)
-                    logits[0, 1].backward()
-                    features, grad = z, z.grad
-            alpha = grad.mean(dim=(2, 3), keepdim=True)
-            cam = F.relu((alpha * features).sum(1, keepdim=True)).detach()
-            cam = cam / (cam.max() + 1e-8)
-            cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
-            x_hat = torch.sigmoid(out.x_hat_logits.detach())
-            if setting == "u":
-                scores.append(float(aggregate_score(x, x_hat, residual_map(x, x_hat), model.config)[0]))
-                maps.append((1 - cam)[0, 0].numpy())
-            else:
-                scores.append(float(torch.softmax(logits.detach(), 1)[0, 1]))
-                maps.append(cam[0, 0].numpy())
-    finally:
-        handle.remove()
-        model.zero_grad(set_to_none=True)
-    return np.array(scores), np.stack(maps)
+def configs(quick: bool) -> list[dict]:
+    if quick:
+        return [
+            _cavga("CAVGA-D_u 32 px", "D", 32, 8, train=4, infer=4, reps=2, paper=True),
+            _cavga("CAVGA-L_u 64 px", "L", 64, 4, train=2, infer=4, reps=2),
+            {"kind": "padim", "name": "PaDiM-style 64 px", "size": 64, "train_batch": 4, "infer_batch": 4, "reps": 2},
+        ]
+    return [
+        _cavga("CAVGA-D_u 64 px", "D", 64, 64, train=16, reps=5, paper=True),
+        _cavga("CAVGA-D_w 64 px", "D", 64, 64, setting="w", train=16, reps=5, paper=True),
+        _cavga("CAVGA-R_u 128 px", "R", 128, 64, train=8, reps=3),
+        _cavga("CAVGA-L_u 128 px (default)", "L", 128, 16, train=16, reps=3),
+        _cavga("CAVGA-L_u 256 px (default)", "L", 256, 16, train=8, reps=3),
+        _cavga("CAVGA-R_u 256 px, L's recipe", "R", 256, 16, train=8, reps=3, options=RECIPE_L),
+        {"kind": "padim", "name": "PaDiM-style Lite0 256 px", "size": 256, "train_batch": 16, "infer_batch": 16,
+         "reps": 3},
+    ]  # fmt: skip
 
 
 # --------------------------------------------------------------------------- measuring
@@ -144,8 +85,13 @@ def summary(rates: list[float]) -> dict:
     return {"images_per_s": float(median), "q1": float(q1), "q3": float(q3), "n": len(rates)}
 
 
-def interleaved(fns: dict, images: int, reps: int, warmup: int = 1) -> tuple[dict, dict]:
-    """Time each callable ``reps`` times, one call of each per round; images/s summaries and failures."""
+def latency_summary(ms: list[float]) -> dict:
+    q1, median, q3 = np.percentile(ms, [25, 50, 75])
+    return {"median_ms": float(median), "q1_ms": float(q1), "q3_ms": float(q3), "n": len(ms)}
+
+
+def interleaved(fns: dict, images: int, reps: int, warmup: int = 1) -> tuple[dict, dict, dict]:
+    """Time each callable ``reps`` times, one call of each per round: images/s, seconds per call, failures."""
     failed: dict[str, str] = {}
     for name, fn in list(fns.items()):
         try:
@@ -154,194 +100,104 @@ def interleaved(fns: dict, images: int, reps: int, warmup: int = 1) -> tuple[dic
         except Exception as exc:  # a variant the machine or torch does not support: note it, go on
             failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
             del fns[name]
-    rates: dict[str, list[float]] = {name: [] for name in fns}
+    seconds: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
             start = time.perf_counter()
             fn()
-            rates[name].append(images / (time.perf_counter() - start))
-    return {name: summary(r) for name, r in rates.items()}, failed
+            seconds[name].append(time.perf_counter() - start)
+    rates = {name: summary([images / s for s in t]) for name, t in seconds.items()}
+    return rates, seconds, failed
 
 
-def matmul_peak(n: int, reps: int) -> dict:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    rates = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        rates.append(2 * n**3 / (time.perf_counter() - start) / 1e9)
-    q1, median, q3 = np.percentile(rates, [25, 50, 75])
-    return {"n": n, "gflops": float(median), "q1": float(q1), "q3": float(q3), "reps": reps}
-
-
-def count_flops(fn) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return int(counter.get_total_flops())
-
-
-def _batch(images: torch.Tensor, setting: str) -> Batch:
-    b = images.shape[0]
-    labels = torch.zeros(b, dtype=torch.long)
-    if setting == "w":
-        labels[-1] = 1  # one labelled anomalous image per batch (CAVGA_w)
-    masks = torch.zeros(b, 1, *images.shape[-2:])
-    return Batch(images, masks, torch.zeros(b, dtype=torch.bool), labels, ["good"] * b, [""] * b)
-
-
-def _model_config(variant: str, size: int, width: int, setting: str) -> ModelConfig:
-    return ModelConfig(variant=variant, image_size=size, width=width, setting=setting)
-
-
-def _trainer(model, setting: str, batch: Batch, mode: str):
-    """A closure running one training step of ``mode`` on its own copy of the model and optimizers."""
-    model = copy.deepcopy(model).train()
-    if mode == "compiled":
-        model.compile()  # after the copy: a deep copy of a compiled module runs eager
-    config = TrainConfig()
-    if mode == "no_cam":
-        config.weights.w_ae = config.weights.w_cga = 0.0
-    weights = torch.tensor([0.6, 2.0]) if setting == "w" else None
-    if mode == "channels_last":
-        model = model.to(memory_format=torch.channels_last)
-        batch = _batch(batch.images.contiguous(memory_format=torch.channels_last), setting)
-    opt_g, opt_d = train.make_optimizers(model, config)
-    context = {
-        "no_cam": without_attention,
-        "before": before_optimizations,
-        "bf16": lambda: torch.autocast("cpu", dtype=torch.bfloat16),
-    }.get(mode, contextlib.nullcontext)
-
-    def step() -> None:
-        with context():
-            train.training_step(model, batch, opt_g, opt_d, config, weights)
-
-    return step
-
-
-def _inferrer(model, setting: str, images: torch.Tensor, mode: str):
-    model = copy.deepcopy(model).eval()
-    if mode == "compiled":
-        model.compile()  # after the copy: a deep copy of a compiled module runs eager
-    if mode == "naive":
-        return lambda: naive_infer(model, images, setting)
-    if mode == "channels_last":
-        model = model.to(memory_format=torch.channels_last)
-        images = images.contiguous(memory_format=torch.channels_last)
-    context = {
-        "before": before_optimizations,
-        "bf16": lambda: torch.autocast("cpu", dtype=torch.bfloat16),
-    }.get(mode, contextlib.nullcontext)
-
-    def run() -> None:
-        with context():
-            infer_batch(model, images)
-
-    return run
-
-
-def _onnx_runner(model, setting: str, images: torch.Tensor, threads: int, tmp: Path):
-    import onnxruntime as ort
-
-    from cavga.export import export
-
-    sys.path.insert(0, str(HERE))
-    from latency import _detector  # the eager-vs-ONNX latency script's untrained detector
-
-    cfg = model.config
-    detector = _detector({"variant": cfg.variant, "image_size": cfg.image_size, "width": cfg.width})
-    detector.model_config = cfg
-    detector.model_ = copy.deepcopy(model).eval()
-    detector.train_config = TrainConfig()
-    path = export(detector, tmp / "model.onnx", "onnx")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    feed = {"image": images.numpy()}
-    return lambda: session.run(None, feed)
-
-
-def worker(spec: dict) -> dict:
-    """One configuration, measured in this process (its own peak RSS)."""
-    torch.set_num_threads(spec["threads"])
-    torch.manual_seed(0)
-    variant, size, width, setting = spec["variant"], spec["size"], spec["width"], spec["setting"]
-    model = build_model(_model_config(variant, size, width, setting))
-    train_images = torch.rand(spec["train_batch"], 3, size, size)
-    infer_images = torch.rand(spec["infer_batch"], 3, size, size)
+def _cavga_worker(spec: dict, bf16: bool, tmp: Path) -> dict:
+    threads, setting = spec["threads"], spec["setting"]
+    model = build(spec)
+    size = spec["size"]
+    train_images, infer_images = (
+        torch.rand(spec["train_batch"], 3, size, size),
+        torch.rand(spec["infer_batch"], 3, size, size),
+    )
     batch = _batch(train_images, setting)
     result: dict = {"notes": []}
-
     # Peak RSS of one model's training and inference (the process's peak before the variants' copies exist).
     step, run = _trainer(model, setting, batch, "full"), _inferrer(model, setting, infer_images, "eager")
     for _ in range(2):
         step()
         run()
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    del step, run
-
     result["flops_per_image"] = {
-        "train": count_flops(_trainer(model, setting, batch, "full")) / spec["train_batch"],
-        "infer": count_flops(_inferrer(model, setting, infer_images, "eager")) / spec["infer_batch"],
-        "train_before": count_flops(_trainer(model, setting, batch, "before")) / spec["train_batch"],
+        "train": count_flops(step) / spec["train_batch"],
+        "train_plain": count_flops(_trainer(model, setting, batch, "no_cam")) / spec["train_batch"],
+        "infer": count_flops(run) / spec["infer_batch"],
     }
-
-    trainers = {mode: _trainer(model, setting, batch, mode) for mode in TRAIN_VARIANTS}
-    result["train"], failed = interleaved(trainers, spec["train_batch"], spec["reps"])
+    del step, run
+    modes = ["full", "no_cam", *(PAPER_TRAIN if spec["paper"] else ()), *(("bf16",) if bf16 else ())]
+    trainers = {mode: _trainer(model, setting, batch, mode) for mode in modes}
+    result["train"], _, failed = interleaved(trainers, spec["train_batch"], spec["reps"])
     result["notes"] += [f"train {name} skipped: {why}" for name, why in failed.items()]
-
-    with tempfile.TemporaryDirectory() as tmp:
-        inferrers = {mode: _inferrer(model, setting, infer_images, mode) for mode in INFER_VARIANTS if mode != "onnx"}
-        try:
-            inferrers["onnx"] = _onnx_runner(model, setting, infer_images, spec["threads"], Path(tmp))
-        except Exception as exc:
-            result["notes"].append(f"onnx skipped: {type(exc).__name__}: {exc}")
-        result["infer"], failed = interleaved(inferrers, spec["infer_batch"], spec["reps"] + 2)
+    del trainers
+    modes = ["eager", "plain", *(PAPER_INFER if spec["paper"] else ()), *(("bf16",) if bf16 else ())]
+    inferrers = {mode: _inferrer(model, setting, infer_images, mode) for mode in modes}
+    try:
+        inferrers["onnx"] = _onnx_runner(model, infer_images, threads, tmp)
+    except Exception as exc:
+        result["notes"].append(f"onnx skipped: {type(exc).__name__}: {exc}")
+    result["infer"], _, failed = interleaved(inferrers, spec["infer_batch"], spec["reps"] + 2)
     result["notes"] += [f"infer {name} skipped: {why}" for name, why in failed.items()]
+    del inferrers
+    # Per-image latency: batch 1, one thread (a line PC's view), eager, plain VAE, encoder alone, ONNX.
+    torch.set_num_threads(1)
+    one = infer_images[:1].clone()
+    singles = {mode: _inferrer(model, setting, one, mode) for mode in ("eager", "plain", "encoder")}
+    if "onnx" in result["infer"]:
+        singles["onnx"] = _onnx_runner(model, one, 1, tmp)
+    _, seconds, failed = interleaved(singles, 1, spec["latency_reps"], warmup=2)
+    result["latency"] = {name: latency_summary([1000 * s for s in t]) for name, t in seconds.items()}
+    torch.set_num_threads(threads)
     return result
 
 
-def compile_worker(spec: dict) -> dict:
-    """torch.compile of the model (its forward; D and the optimizers stay eager) vs eager, inference and training."""
+def _padim_worker(spec: dict, tmp: Path) -> dict:
+    threads, size = spec["threads"], spec["size"]
+    fit_images, infer_images = (
+        torch.rand(spec["train_batch"], 3, size, size),
+        torch.rand(spec["infer_batch"], 3, size, size),
+    )
+    fits, runners = padim_paths(spec, fit_images, threads, tmp)
+    run = runners["eager"](infer_images)
+    fits["full"]()
+    run()
+    result: dict = {"notes": ["train = PaDiM's fit: features and the Gaussian's sums, per image (no gradients)"]}
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["flops_per_image"] = {
+        "train": count_flops(fits["full"]) / spec["train_batch"],
+        "infer": count_flops(run) / spec["infer_batch"],
+    }
+    result["train"], _, _ = interleaved(fits, spec["train_batch"], spec["reps"])
+    inferrers = {"eager": run, "onnx": runners["onnx"](infer_images, threads)}
+    result["infer"], _, failed = interleaved(inferrers, spec["infer_batch"], spec["reps"] + 2)
+    result["notes"] += [f"infer {name} skipped: {why}" for name, why in failed.items()]
+    torch.set_num_threads(1)
+    one = infer_images[:1].clone()
+    singles = {"eager": runners["eager"](one), "onnx": runners["onnx"](one, 1)}
+    _, seconds, _ = interleaved(singles, 1, spec["latency_reps"], warmup=2)
+    result["latency"] = {name: latency_summary([1000 * s for s in t]) for name, t in seconds.items()}
+    torch.set_num_threads(threads)
+    return result
+
+
+def worker(spec: dict) -> dict:
+    """One configuration, measured in this process (its own peak RSS)."""
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
-    setting, size = spec["setting"], spec["size"]
-    model = build_model(_model_config(spec["variant"], size, spec["width"], setting))
-    images = torch.rand(spec["infer_batch"], 3, size, size)
-    batch = _batch(torch.rand(spec["train_batch"], 3, size, size), setting)
-    compiled_infer = _inferrer(model, setting, images, "compiled")
-    start = time.perf_counter()
-    compiled_infer()  # the first call compiles
-    infer_compile_s = time.perf_counter() - start
-    infer_rates, failed = interleaved(
-        {
-            "eager": _inferrer(model, setting, images, "eager"),
-            "compiled": compiled_infer,
-        },
-        spec["infer_batch"],
-        spec["reps"],
-    )
-    compiled_step = _trainer(model, setting, batch, "compiled")
-    start = time.perf_counter()
-    compiled_step()
-    train_compile_s = time.perf_counter() - start
-    train_rates, failed_t = interleaved(
-        {"eager": _trainer(model, setting, batch, "full"), "compiled": compiled_step}, spec["train_batch"], spec["reps"]
-    )
-    return {
-        "infer": infer_rates,
-        "train": train_rates,
-        "compile_s": {"infer": infer_compile_s, "train": train_compile_s},
-        "notes": [f"{k}: {v}" for k, v in {**failed, **failed_t}.items()],
-    }
+    with tempfile.TemporaryDirectory() as tmp:
+        if spec["kind"] == "padim":
+            return _padim_worker(spec, Path(tmp))
+        return _cavga_worker(spec, spec["bf16"], Path(tmp))
 
 
-def _run_worker(spec: dict, timeout: float) -> dict:
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+def _last_json(command: list[str], timeout: float) -> dict:
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
@@ -349,6 +205,18 @@ def _run_worker(spec: dict, timeout: float) -> dict:
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1][:300]}
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def anomalib_peer(python: str | None, threads: int, reps: int, latency_reps: int) -> dict:
+    """anomalib's PaDiM timed by ``anomalib_padim.py`` under ``python`` (an interpreter that imports anomalib)."""
+    if python is None:
+        return {"skipped": "no interpreter with anomalib given (--anomalib-python; see benchmarks/anomalib_padim.py)"}
+    check = subprocess.run([python, "-c", "import anomalib"], capture_output=True, text=True, check=False)
+    if check.returncode != 0:
+        return {"skipped": f"{python} cannot import anomalib"}
+    command = [python, str(HERE / "anomalib_padim.py"), "--size", "256", "--threads", str(threads), "--batch", "16"]
+    command += ["--reps", str(reps), "--latency-reps", str(latency_reps)]
+    return {"name": "anomalib PaDiM ResNet-18 256 px", **_last_json(command, 1200)}
 
 
 # --------------------------------------------------------------------------- report
@@ -361,26 +229,122 @@ def _ratio(results: dict, a: str, b: str) -> float | None:
     return None
 
 
+def _ms_ratio(latency: dict, a: str, b: str) -> float | None:
+    """Latency of ``a`` over latency of ``b`` (batch 1 medians): above 1, ``a`` is slower."""
+    if a in latency and b in latency:
+        return latency[a]["median_ms"] / latency[b]["median_ms"]
+    return None
+
+
 def ratios(r: dict) -> dict:
-    t, i = r["train"], r["infer"]
+    t, i, lat = r["train"], r["infer"], r["latency"]
     return {
-        "gradcam_overhead": _ratio(t, "no_cam", "full"),  # full step time / step without attention
-        "gradcam_overhead_before": _ratio(t, "no_cam", "before"),
-        "train_speedup_vs_before": _ratio(t, "full", "before"),
-        "train_channels_last": _ratio(t, "channels_last", "full"),
-        "train_bf16": _ratio(t, "bf16", "full"),
-        "infer_vs_naive": _ratio(i, "eager", "naive"),
-        "infer_speedup_vs_before": _ratio(i, "eager", "before"),
-        "infer_channels_last": _ratio(i, "channels_last", "eager"),
-        "infer_bf16": _ratio(i, "bf16", "eager"),
+        "train_map_overhead": _ratio(t, "no_cam", "full"),  # full step time / plain VAE-GAN step time
+        "infer_map_overhead": _ratio(i, "plain", "eager"),  # infer_batch time / plain VAE forward time
+        "latency_map_overhead": _ms_ratio(lat, "eager", "plain"),
         "onnx_vs_eager": _ratio(i, "onnx", "eager"),
+        "onnx_vs_eager_batch1": _ms_ratio(lat, "eager", "onnx"),  # how many times faster ONNX is at batch 1
+        "train_vs_before": _ratio(t, "full", "before"),
+        "infer_vs_naive": _ratio(i, "eager", "naive"),
+        "infer_vs_before": _ratio(i, "eager", "before"),
+        "train_channels_last": _ratio(t, "channels_last", "full"),
+        "infer_channels_last": _ratio(i, "channels_last", "eager"),
+        "train_bf16": _ratio(t, "bf16", "full"),
+        "infer_bf16": _ratio(i, "bf16", "eager"),
     }
 
 
-def _fmt(summary_: dict | None) -> str:
-    if summary_ is None:
-        return "-"
-    return f"{summary_['images_per_s']:.1f} ({summary_['q1']:.1f}-{summary_['q3']:.1f})"
+def add_rates(c: dict, limits: dict) -> None:
+    """GFLOP/s of training and inference and their fractions of the float32 (and bfloat16) peak."""
+    peak32, peak16 = limits["float32"]["peak_gflops"], limits["bfloat16"]["peak_gflops"]
+    for phase, variant in (("train", "full"), ("infer", "eager")):
+        gflops = c[phase][variant]["images_per_s"] * c["flops_per_image"][phase] / 1e9
+        c[f"{phase}_gflops"] = gflops
+        c[f"{phase}_peak_fraction"] = gflops / peak32
+        if "bf16" in c[phase]:
+            c[f"{phase}_bf16_peak_fraction"] = (
+                c[phase]["bf16"]["images_per_s"] * c["flops_per_image"][phase] / 1e9 / peak16
+            )
+
+
+TARGETS = (  # (key, what, the figure's direction, target): the speed targets, as ratios measured in one run
+    ("latency_vs_anomalib_padim", "default model's per-image latency at 256 px / anomalib PaDiM's", "<", 1.0),
+    ("infer_map_overhead", "default model's inference (map + score) / plain VAE forward, batch 16", "<=", 1.3),
+    ("onnx_vs_eager_batch1", "default model: ONNX speed-up over eager at batch 1", ">=", 1.5),
+    ("train_map_overhead", "default model's training step / plain VAE-GAN step", "<=", 1.3),
+)
+
+
+def targets(record: dict) -> list[dict]:
+    by_name = {c["name"]: c for c in record["configs"] if "error" not in c}
+    default = by_name.get("CAVGA-L_u 256 px (default)") or next(
+        (c for c in record["configs"] if c.get("variant") == "L" and "error" not in c), None
+    )
+    if default is None:
+        return []
+    values = dict(default["ratios"])
+    peer = record.get("anomalib", {})
+    if "latency_ms" in peer and default["size"] == peer.get("size"):
+        values["latency_vs_anomalib_padim"] = default["latency"]["eager"]["median_ms"] / peer["latency_ms"]["median"]
+    out = []
+    for key, what, direction, target in TARGETS:
+        value = values.get(key)
+        met = (
+            None
+            if value is None
+            else (value < target if direction == "<" else value <= target if direction == "<=" else value >= target)
+        )
+        out.append(
+            {
+                "key": key,
+                "what": what,
+                "config": default["name"],
+                "value": value,
+                "target": f"{direction} {target}",
+                "met": met,
+            }
+        )
+    return out
+
+
+def comparisons(record: dict) -> list[dict]:
+    """The default model at 256 px against PaDiM on the same Lite0 features and against anomalib's PaDiM: its
+    time over theirs (below 1: faster). These configurations ran one after another in the run, not interleaved."""
+    by_name = {c["name"]: c for c in record["configs"] if "error" not in c}
+    default, padim = by_name.get("CAVGA-L_u 256 px (default)"), by_name.get("PaDiM-style Lite0 256 px")
+    peer = record.get("anomalib", {})
+    out = []
+    if default and padim:
+        for mode in ("eager", "onnx"):
+            value = default["latency"][mode]["median_ms"] / padim["latency"][mode]["median_ms"]
+            out.append({"what": f"latency {mode}: default / PaDiM-style (Lite0)", "value": value})
+        value = padim["infer"]["eager"]["images_per_s"] / default["infer"]["eager"]["images_per_s"]
+        out.append({"what": "inference batch 16 eager: default time / PaDiM-style time", "value": value})
+    if default and "latency_ms" in peer:
+        for mode in ("eager", "onnx"):
+            value = default["latency"][mode]["median_ms"] / peer["latency_ms"]["median"]
+            out.append({"what": f"latency: default {mode} / anomalib PaDiM eager", "value": value})
+    return out
+
+
+def finish(record: dict) -> None:
+    """Peaks, GFLOP/s and fractions, ratios, targets and comparisons, from the measured fields of ``record``."""
+    with_peaks(record["limits"])
+    for c in record["configs"]:
+        if "error" not in c:
+            if c["kind"] == "cavga":
+                c["ratios"] = ratios(c)
+            add_rates(c, record["limits"])
+    record["targets"] = targets(record)
+    record["comparisons"] = comparisons(record)
+
+
+def _fmt(s: dict | None, digits: int = 1) -> str:
+    return "-" if s is None else f"{s['images_per_s']:.{digits}f}"
+
+
+def _ms(s: dict | None) -> str:
+    return "-" if s is None else f"{s['median_ms']:.1f}"
 
 
 def _x(value: float | None) -> str:
@@ -388,54 +352,70 @@ def _x(value: float | None) -> str:
 
 
 def table(record: dict) -> str:
-    peak = record["matmul_peak"]["gflops"]
+    lim = record["limits"]
+    f32, b16 = lim["float32"], lim["bfloat16"]
     lines = [
-        f"threads: {record['threads']}; float32 matmul peak {peak:.1f} GFLOP/s "
-        f"(n={record['matmul_peak']['n']}); images/s median (IQR)",
+        f"threads {record['threads']} (latency: 1); load average at start / end {record['load_average'][0]:.2f} / "
+        f"{record['load_average_end'][0]:.2f}; clock {lim['clock']['ghz']:.2f} GHz measured, "
+        f"{lim['clock_used_ghz']:.2f} used; float32 peak {f32['peak_gflops']:.1f} GFLOP/s (kernels: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in f32["kernels_gflops"].items())
+        + f"; FMA width x clock {f32['fma_width_x_clock_gflops'] or 0:.1f}); bfloat16 peak {b16['peak_gflops']:.1f} "
+        f"({'native' if b16['native'] else 'emulated: no AVX-512 BF16'}; kernels "
+        + ", ".join(f"{k} {v:.1f}" for k, v in b16["kernels_gflops"].items())
+        + ")",
         "",
-        "| config | train img/s | infer img/s eager | infer img/s ONNX | train GFLOP/img | infer GFLOP/img "
-        "| train GFLOP/s (% peak) | peak RSS MiB |",
+        "| config | train img/s (plain) | infer img/s eager / plain / ONNX | latency ms eager / plain / encoder / ONNX "
+        "| train GFLOP/img | train % peak | infer % peak | peak RSS MiB |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for c in record["configs"]:
         if "error" in c:
             lines.append(f"| {c['name']} | error: {c['error']} | | | | | | |")
             continue
+        t, i, lat = c["train"], c["infer"], c["latency"]
         lines.append(
-            f"| {c['name']} | {_fmt(c['train'].get('full'))} | {_fmt(c['infer'].get('eager'))} | "
-            f"{_fmt(c['infer'].get('onnx'))} | {c['flops_per_image']['train'] / 1e9:.3f} | "
-            f"{c['flops_per_image']['infer'] / 1e9:.3f} | {c['train_gflops']:.1f} "
-            f"({100 * c['train_peak_fraction']:.0f} %) | {c['peak_rss_mib']:.0f} |"
+            f"| {c['name']} | {_fmt(t.get('full'))} ({_fmt(t.get('no_cam'))}) | {_fmt(i.get('eager'))} / "
+            f"{_fmt(i.get('plain'))} / {_fmt(i.get('onnx'))} | {_ms(lat.get('eager'))} / {_ms(lat.get('plain'))} / "
+            f"{_ms(lat.get('encoder'))} / {_ms(lat.get('onnx'))} | {c['flops_per_image']['train'] / 1e9:.2f} | "
+            f"{100 * c['train_peak_fraction']:.0f} % | {100 * c['infer_peak_fraction']:.0f} % | "
+            f"{c['peak_rss_mib']:.0f} |"
         )
+    peer = record.get("anomalib", {})
+    if "latency_ms" in peer:
+        lines.append(
+            f"| {peer['name']} (anomalib {peer['anomalib']}) | {peer['fit_images_per_s']:.1f} (fit) | "
+            f"{peer['infer_images_per_s']:.1f} / - / - | {peer['latency_ms']['median']:.1f} / - / - / - | - | - | - | "
+            f"{peer['peak_rss_mib']:.0f} |"
+        )
+    else:
+        lines += ["", f"anomalib PaDiM: {peer.get('skipped') or peer.get('error')}"]
     lines += [
         "",
-        "Ratios (x = times faster; Grad-CAM overhead = full step time / step without attention):",
+        "Ratios in this run (map overhead = time with the map / time of the plain VAE; x = times faster):",
         "",
-        "| config | Grad-CAM overhead (before) | train vs before | infer vs naive | infer vs before "
-        "| ONNX vs eager | channels_last train / infer | bf16 train / infer |",
+        "| config | train map overhead | infer map overhead batch / batch 1 | ONNX vs eager batch / batch 1 "
+        "| train vs before | infer vs naive | channels_last train / infer | bf16 train / infer |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for c in record["configs"]:
-        if "error" in c:
+        if "error" in c or "ratios" not in c:
             continue
         q = c["ratios"]
         lines.append(
-            f"| {c['name']} | {_x(q['gradcam_overhead'])} ({_x(q['gradcam_overhead_before'])}) | "
-            f"{_x(q['train_speedup_vs_before'])} | {_x(q['infer_vs_naive'])} | {_x(q['infer_speedup_vs_before'])} | "
-            f"{_x(q['onnx_vs_eager'])} | {_x(q['train_channels_last'])} / {_x(q['infer_channels_last'])} | "
-            f"{_x(q['train_bf16'])} / {_x(q['infer_bf16'])} |"
+            f"| {c['name']} | {_x(q['train_map_overhead'])} | {_x(q['infer_map_overhead'])} / "
+            f"{_x(q['latency_map_overhead'])} | {_x(q['onnx_vs_eager'])} / {_x(q['onnx_vs_eager_batch1'])} | "
+            f"{_x(q['train_vs_before'])} | {_x(q['infer_vs_naive'])} | {_x(q['train_channels_last'])} / "
+            f"{_x(q['infer_channels_last'])} | {_x(q['train_bf16'])} / {_x(q['infer_bf16'])} |"
         )
-    comp = record.get("compile")
-    if comp:
-        if "error" in comp:
-            lines += ["", f"torch.compile: skipped ({comp['error']})"]
-        else:
-            lines += [
-                "",
-                f"torch.compile ({comp['name']}): inference {_x(_ratio(comp['infer'], 'compiled', 'eager'))}, "
-                f"training {_x(_ratio(comp['train'], 'compiled', 'eager'))} vs eager; compile took "
-                f"{comp['compile_s']['infer']:.0f} s + {comp['compile_s']['train']:.0f} s",
-            ]
+    if record["comparisons"]:
+        lines += ["", "| comparison (time / time) | value |", "|---|---|"]
+        lines += [f"| {c['what']} | {c['value']:.2f} |" for c in record["comparisons"]]
+    if record["targets"]:
+        lines += ["", "| target | value | target | met |", "|---|---|---|---|"]
+        for t in record["targets"]:
+            value = "-" if t["value"] is None else f"{t['value']:.2f}"
+            met = "not measured" if t["met"] is None else ("yes" if t["met"] else "no")
+            lines.append(f"| {t['what']} | {value} | {t['target']} | {met} |")
     return "\n".join(lines)
 
 
@@ -446,73 +426,59 @@ def main() -> None:
     # One thread by default: on a 2-core machine shared with other work, two OpenMP threads spin-wait on each
     # other and a tiny training step measured 5 ms with one thread and 40 ms to 2 s with two.
     parser.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads (default 1)")
+    parser.add_argument("--anomalib-python", default=os.environ.get("CAVGA_ANOMALIB_PYTHON"),
+                        help="an interpreter that imports anomalib (default $CAVGA_ANOMALIB_PYTHON)")  # fmt: skip
+    parser.add_argument("--report", type=Path, help="recompute the derived figures of a written JSON, print it")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--compile-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
-    if args.compile_worker:
-        print(json.dumps(compile_worker(json.loads(args.compile_worker))))
+    if args.report:
+        record = json.loads(args.report.read_text())
+        finish(record)
+        print(table(record))
+        args.report.write_text(json.dumps(record, indent=2) + "\n")
         return
-
     import onnxruntime as ort
 
+    start = time.perf_counter()
+    load = os.getloadavg()
     torch.set_num_threads(args.threads)
-    peak = matmul_peak(512 if args.quick else 2048, 5 if args.quick else 10)
-    configs = []
-    for variant, size, width, train_batch, infer_batch_size, reps in QUICK if args.quick else FULL:
-        for setting in ("u", "w") if not (args.quick and variant == "R") else ("u",):
-            name = f"CAVGA-{variant}_{setting} {size} px"
-            spec = {
-                "variant": variant,
-                "size": size,
-                "width": width,
-                "setting": setting,
-                "train_batch": train_batch,
-                "infer_batch": infer_batch_size,
-                "reps": reps,
-                "threads": args.threads,
-            }
-            print(f"{name} ...", file=sys.stderr, flush=True)
-            result = {"name": name, **spec, **_run_worker(spec, 120 if args.quick else 1800)}
-            if "error" not in result:
-                result["ratios"] = ratios(result)
-                full = result["train"]["full"]["images_per_s"]
-                result["train_gflops"] = full * result["flops_per_image"]["train"] / 1e9
-                result["train_peak_fraction"] = result["train_gflops"] / peak["gflops"]
-                result["infer_gflops"] = (
-                    result["infer"]["eager"]["images_per_s"] * result["flops_per_image"]["infer"] / 1e9
-                )
-            configs.append(result)
+    print("limits ...", file=sys.stderr, flush=True)
+    limits = machine_limits(args.threads, args.quick)
+    bf16 = limits["bfloat16"]["native"]
+    results = []
+    for spec in configs(args.quick):
+        spec = {**spec, "threads": args.threads, "bf16": bf16, "latency_reps": 5 if args.quick else 15}
+        print(f"{spec['name']} ...", file=sys.stderr, flush=True)
+        command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+        results.append({**spec, **_last_json(command, 120 if args.quick else 1800)})
+    if args.quick:
+        peer = {"skipped": "not with --quick (CI)"}
+    else:
+        print("anomalib PaDiM ...", file=sys.stderr, flush=True)
+        peer = anomalib_peer(args.anomalib_python, args.threads, 3, 15)
     record = {
-        "what": "CPU training and inference speed of untrained CAVGA models on random images (benchmarks/speed.py)",
+        "what": "CPU training and inference speed of untrained cavga models on random images (benchmarks/speed.py)",
         "quick": args.quick,
         "threads": args.threads,
         "torch": torch.__version__,
         "onnxruntime": ort.__version__,
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
-        "matmul_peak": peak,
-        "configs": configs,
+        "load_average": list(load),
+        "load_average_end": list(os.getloadavg()),
+        "limits": limits,
+        "configs": results,
+        "anomalib": peer,
     }
-    if not args.quick:
-        spec = {**{k: configs[2][k] for k in ("variant", "size", "width", "setting", "train_batch", "infer_batch")}}
-        spec.update(reps=5, threads=args.threads)
-        print("torch.compile ...", file=sys.stderr, flush=True)
-        command = [sys.executable, str(Path(__file__).resolve()), "--compile-worker", json.dumps(spec)]
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_LIMIT_S, check=False)
-            if done.returncode == 0:
-                record["compile"] = {"name": configs[2]["name"], **json.loads(done.stdout.strip().splitlines()[-1])}
-            else:
-                record["compile"] = {"error": (done.stderr.strip().splitlines() or ["failed"])[-1][:300]}
-        except subprocess.TimeoutExpired:
-            record["compile"] = {"error": f"compiling and timing took longer than {COMPILE_LIMIT_S} s"}
+    finish(record)
+    record["wall_s"] = time.perf_counter() - start
     print(table(record))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    print(f"\nwrote {args.out} ({record['wall_s']:.0f} s)")
 
 
 if __name__ == "__main__":

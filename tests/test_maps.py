@@ -181,7 +181,7 @@ def test_calibrate_refuses_anomalous_images(tiny_root):
 
 def test_default_model_exports_with_eager_parity(tiny_root, tmp_path):
     pytest.importorskip("onnxruntime")
-    from cavga.export import OnnxInferencer, export
+    from cavga.export import OnnxInferencer, export, load_exported
 
     detector = cavga.Cavga(image_size=64, width=4, latent_channels=4, batch_size=4)
     detector.fit(tiny_root, category="bottle", progress=False)
@@ -192,6 +192,11 @@ def test_default_model_exports_with_eager_parity(tiny_root, tmp_path):
     for a, b in zip(eager, onnx, strict=True):
         assert abs(a.score - b.score) < 1e-4
         np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, atol=1e-4)
+    program, _ = load_exported(export(detector, tmp_path / "m.pt2", "pt2"))  # torch.export's ExportedProgram
+    with torch.no_grad():
+        score, amap, _ = program(torch.stack([torch.from_numpy(detector.preprocess(p)) for p in images]))
+    np.testing.assert_allclose(score.numpy(), [p.score for p in eager], atol=1e-4)
+    np.testing.assert_allclose(amap.numpy(), np.stack([p.anomaly_map for p in eager]), atol=1e-4)
     with pytest.raises(ConfigError, match="cannot be exported"):
         detector.model_config.anomaly_map = "feature_residual"
         detector.model_.config = dataclasses.replace(detector.model_.config, anomaly_map="feature_residual")

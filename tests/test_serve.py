@@ -93,6 +93,7 @@ def assert_matches(answer: dict, expected: cavga.Prediction) -> None:
     assert answer["score"] == pytest.approx(expected.score, abs=1e-6)
     assert answer["raw_score"] == pytest.approx(expected.raw_score, abs=1e-6)
     assert answer["label"] == ("anomalous" if expected.label else "normal")
+    assert answer["pred_score"] == answer["score"] and answer["pred_label"] == expected.label
     assert answer["image_size"] == list(expected.original_size)
 
 

@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cavga.report.visualize import PRED_CONTOUR, TRUE_CONTOUR, colorize, contour, overlay_image
+from cavga.report.visualize import PRED_CONTOUR, TRUE_CONTOUR, colorize, contour, map_image, overlay_image
+
+
+def test_map_image_is_the_map_in_255_steps():
+    values = np.array([[0.0, 0.5, 1.0], [-0.2, 1.7, 0.25]], dtype=np.float32)
+    image = map_image(values)
+    assert image.mode == "L" and image.size == (3, 2)
+    assert np.asarray(image).tolist() == [[0, 128, 255], [0, 255, 64]]  # clipped to [0, 1], rounded
+    assert map_image(values, size=(6, 4)).size == (6, 4)
 
 
 def test_contour_of_a_square_is_its_one_pixel_ring():
@@ -93,6 +101,17 @@ def test_write_predictions_writes_overlays_at_image_size(tiny_model, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     assert len(lines) == 3
     for line, pred in zip(lines, detector.predict(files), strict=True):
+        # anomalib's field names beside the earlier ones (kept one release), on the file and on Prediction.
+        assert (pred.pred_score, pred.pred_label, pred.pred_mask) == (pred.score, pred.label, pred.mask)
+        assert line["pred_score"] == line["score"] == pytest.approx(pred.score, abs=1e-12)
+        assert line["pred_label"] == pred.label and line["label"] == ("anomalous" if pred.label else "normal")
+        assert line["pred_mask"] == line["mask"]
+        mask = np.asarray(Image.open(tmp_path / "out" / line["pred_mask"])) > 0
+        amap = np.asarray(Image.open(tmp_path / "out" / line["anomaly_map"]))
+        assert amap.shape == mask.shape == (40, 40) and amap.dtype == np.uint8
+        # The grayscale map is the (resized) map in 1/255 steps: where it clearly passes 0.5, so does the mask.
+        assert (mask == (amap > 127.5))[np.abs(amap.astype(float) - 127.5) > 2].all()
+        np.testing.assert_allclose(amap.mean() / 255, pred.anomaly_map.mean(), atol=0.02)
         overlay = Image.open(tmp_path / "out" / line["overlay"])
         assert overlay.size == (40, 40) and overlay.mode == "RGB"  # the image's own size, not the model's 32
         pixels = np.asarray(overlay)
@@ -114,6 +133,8 @@ def test_write_evaluation_files_and_curves(tiny_model, tmp_path):
     assert {x["defect_type"] for x in lines} == {"good", "spot"}
     for x in lines:
         assert x["correct"] == (x["label"] == x["true_label"])
+        assert x["pred_label"] == (x["label"] == "anomalous") and x["pred_score"] == x["score"]
+        assert (tmp_path / x["anomaly_map"]).is_file() and x["pred_mask"] == x["mask"]
         overlay = np.asarray(Image.open(tmp_path / x["overlay"]))
         has_truth_ring = (overlay == np.array(TRUE_CONTOUR, np.uint8)).all(axis=2).any()
         assert has_truth_ring == (x["true_label"] == "anomalous")  # normal images have an empty mask

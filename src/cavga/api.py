@@ -9,7 +9,6 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,44 +54,14 @@ from cavga.engine.infer import (
 from cavga.engine.runlog import RUN_FILE, read_run_file
 from cavga.engine.train import resolve_device, seed_everything, train
 from cavga.errors import ConfigError, DataError, ModelFileError
-from cavga.metrics import THRESHOLD
 from cavga.model.networks import build_model
+from cavga.prediction import Prediction, predictions_from
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-
-
-@dataclass
-class Prediction:
-    """What cavga says about one image. ``anomaly_map`` and ``mask`` are at the model's input size."""
-
-    score: float  # normalized anomaly score in [0, 1]
-    label: int  # 1 anomalous (score > 0.5), 0 normal
-    anomaly_map: np.ndarray  # (H, W) float32 in [0, 1]
-    mask: np.ndarray  # (H, W) bool, anomaly_map > 0.5
-    raw_score: float
-    path: str | None = None
-    original_size: tuple[int, int] | None = None  # (width, height) of the input image
-
-
-def predictions_from(outputs, original_sizes: Sequence, paths: Sequence | None = None) -> list[Prediction]:
-    """One :class:`Prediction` per image of a calibrated ``infer_batch`` result (``Cavga.predict``, the service)."""
-    paths = paths if paths is not None else [None] * len(original_sizes)
-    return [
-        Prediction(
-            score=float(outputs.scores[i]),
-            label=int(outputs.scores[i] > THRESHOLD),
-            anomaly_map=outputs.anomaly_maps[i].astype(np.float32),
-            mask=outputs.masks[i],
-            raw_score=float(outputs.raw_scores[i]),
-            path=paths[i],
-            original_size=size,
-        )
-        for i, size in enumerate(original_sizes)
-    ]
 
 
 def _split_options(options: dict[str, Any]) -> tuple[dict, dict, dict]:

@@ -217,9 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--embed", dest="embed", action="store_true", default=None, help="images as data URIs")
     embed.add_argument("--link", dest="embed", action="store_false", help="link the image files beside the page")
 
-    p = sub.add_parser("export", help="export a saved model to ONNX or TorchScript (attention map in the graph)")
+    p = sub.add_parser("export", help="export a saved model to ONNX or torch.export pt2 (anomaly map in the graph)")
     p.add_argument("model", type=Path)
-    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    p.add_argument(
+        "--format", choices=("onnx", "pt2", "torchscript"), default="onnx", help="torchscript: deprecated, one release"
+    )
     p.add_argument("--out", type=Path, default=None, help="file to write (default MODEL/model.onnx or model.pt)")
 
     p = sub.add_parser("benchmark", help="run a suite of the paper's experiments (Tables 3, 6, 7, 8); resumable")

@@ -1,4 +1,5 @@
-"""Export a saved model to ONNX or TorchScript with the attention map inside the graph, and run the ONNX file.
+"""Export a saved model to ONNX or a ``torch.export`` program (``pt2``) with the anomaly map inside the graph, and
+run the files. TorchScript (``torch.jit``, deprecated by torch) stays for one release and says so.
 
 The exported graph takes a preprocessed batch ``image`` (B, C, H, W) in [0, 1] (what ``Cavga.preprocess``
 returns, stacked) and returns ``score`` (B,) normalized with the model's calibration (constants baked in),
@@ -48,11 +49,16 @@ from cavga.metrics import THRESHOLD
 from cavga.model.gradcam import has_closed_form
 from cavga.model.networks import CavgaNet
 
-FORMATS = ("onnx", "torchscript")
-SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
+FORMATS = ("onnx", "pt2", "torchscript")
+SUFFIXES = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".pt"}
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("score", "anomaly_map", "mask")
-METADATA_KEY = "cavga_config"  # the model's config.json, in the ONNX metadata and TorchScript extra files
+METADATA_KEY = "cavga_config"  # the model's config.json, in the ONNX metadata
+CONFIG_EXTRA_FILE = "config.json"  # ... and as an extra file of a pt2 or TorchScript archive
+TORCHSCRIPT_DEPRECATION = (
+    "export format 'torchscript' is deprecated (torch.jit is deprecated in torch) and will be removed in the next "
+    "release; use format 'pt2' (torch.export), loaded with torch.export.load(path).module()"
+)
 OPSET = 17
 
 
@@ -96,10 +102,12 @@ def exported_module(detector) -> ExportedCavga:
 
 
 def export(model: Any, out: str | os.PathLike | None = None, format: str = "onnx", batch_size: int = 1) -> Path:
-    """Export ``model`` (a model directory or a fitted ``Cavga``) to ``out`` (default MODEL_DIR/model.onnx or .pt).
+    """Export ``model`` (a model directory or a fitted ``Cavga``) to ``out`` (default MODEL_DIR/model.onnx, .pt2
+    or .pt).
 
     The file carries the model's config.json (preprocessing, calibration, architecture) as ONNX metadata
-    ``cavga_config`` or a TorchScript extra file ``config.json``. The batch dimension is dynamic.
+    ``cavga_config`` or an extra file ``config.json`` of the pt2 / TorchScript archive. The batch dimension is
+    dynamic. ``pt2`` is a ``torch.export`` ExportedProgram (:func:`load_exported` runs it).
     """
     from cavga.api import load
 
@@ -120,14 +128,40 @@ def export(model: Any, out: str | os.PathLike | None = None, format: str = "onnx
     cfg = detector.model_config
     example = torch.rand(batch_size, cfg.channels, cfg.image_size, cfg.image_size)
     config_text = json.dumps(detector.config_dict())
+    if format == "pt2":
+        # An example batch of 2: torch.export specializes a dimension whose example size is 0 or 1.
+        example = example.expand(max(batch_size, 2), *example.shape[1:])
+        with torch.no_grad():
+            module(example)  # eagerly once: the checks on tensor values (a fitted Gaussian) that the trace skips
+        program = torch.export.export(module, (example,), dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+        torch.export.save(program, str(out), extra_files={CONFIG_EXTRA_FILE: config_text})
+        return out
     if format == "torchscript":
+        warnings.warn(TORCHSCRIPT_DEPRECATION, FutureWarning, stacklevel=2)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+            warnings.simplefilter("ignore")  # torch.jit's own deprecation and tracer warnings
             traced = torch.jit.trace(module, example, check_trace=False)
-        torch.jit.save(traced, str(out), _extra_files={"config.json": config_text})
+            torch.jit.save(traced, str(out), _extra_files={CONFIG_EXTRA_FILE: config_text})
         return out
     _export_onnx(module, example, out, config_text)
     return out
+
+
+def load_exported(path: str | os.PathLike) -> tuple[nn.Module, dict]:
+    """A ``pt2`` file written by :func:`export`: (module, config). ``module(image)`` on a preprocessed batch
+    (B, C, H, W) returns (score, anomaly_map, mask) as the ONNX graph does; config is the model's config.json.
+
+    ``torch.export.load`` unpickles parts of the archive (weights and constants): load only files you trust,
+    e.g. ones you exported; ONNX files carry no code."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such pt2 file")
+    extra = {CONFIG_EXTRA_FILE: ""}
+    try:
+        program = torch.export.load(str(path), extra_files=extra)
+    except Exception as exc:  # torch raises several types for a file that is not an ExportedProgram archive
+        raise ModelFileError(f"{path}: not a loadable torch.export program ({exc})") from exc
+    return program.module(), json.loads(extra[CONFIG_EXTRA_FILE] or "{}")
 
 
 def _export_onnx(module: nn.Module, example: torch.Tensor, out: Path, config_text: str) -> None:
@@ -156,7 +190,7 @@ class OnnxInferencer:
 
     ``path``: an ``.onnx`` file written by :func:`export` (its config is in the file), or a model directory
     holding ``model.onnx`` (then that directory's config.json is used). ``predict`` takes what
-    ``Cavga.predict`` takes and returns the same :class:`cavga.api.Prediction` objects; ``raw_score`` is NaN
+    ``Cavga.predict`` takes and returns the same :class:`cavga.prediction.Prediction` objects; ``raw_score`` is NaN
     because the graph returns only the calibrated score.
     """
 
@@ -200,7 +234,7 @@ class OnnxInferencer:
         """Score and localize one image or a list of them, like ``Cavga.predict``."""
         from PIL import Image
 
-        from cavga.api import Prediction
+        from cavga.prediction import Prediction
 
         single = isinstance(images, (str, os.PathLike, np.ndarray, Image.Image))
         items = [images] if single else list(images)

@@ -106,7 +106,8 @@ def latent_gaussian(model: CavgaNet, out: CavgaOutput, images: torch.Tensor, x_h
     """Mahalanobis distance of mu at every latent position from the normal training images' Gaussian there
     (fitted after training, :func:`cavga.engine.infer.fit_latent_gaussian`), upsampled and blurred."""
     gaussian = model.latent_gaussian
-    if gaussian is None or not gaussian.fitted:
+    # torch.export cannot trace a check on a buffer's value; cavga.export runs the module eagerly first.
+    if gaussian is None or (not torch.compiler.is_exporting() and not gaussian.fitted):
         raise ConfigError("the latent_gaussian map needs the latent Gaussian fitted on normal images (fit() does it)")
     return upsampled_blur(gaussian(out.mu), _size(images))
 

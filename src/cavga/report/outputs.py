@@ -15,13 +15,13 @@ import numpy as np
 from PIL import Image
 
 from cavga.metrics import THRESHOLD, roc_curve, thin_curve
-from cavga.report.visualize import heatmap_image, mask_image, overlay_image
+from cavga.report.visualize import heatmap_image, map_image, mask_image, overlay_image
 
 log = logging.getLogger(__name__)
 PREDICTIONS_FILE = "predictions.jsonl"
 ERRORS_FILE = "errors.jsonl"
 CURVES_FILE = "curves.json"
-OUTPUT_DIRS = ("heatmaps", "masks", "overlays")
+OUTPUT_DIRS = ("heatmaps", "anomaly_maps", "masks", "overlays")
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "iou", "iou_pooled", "aupro", "balanced_accuracy", "n_images")
 
@@ -145,6 +145,7 @@ def stream_predictions(
                 if str(path) in finished:
                     continue
                 heatmap_image(pred.anomaly_map, image.size).save(out / "heatmaps" / f"{name}.png")
+                map_image(pred.anomaly_map, image.size).save(out / "anomaly_maps" / f"{name}.png")
                 mask_image(pred.anomaly_map, size=image.size).save(out / "masks" / f"{name}.png")
                 overlay_image(image, pred.anomaly_map, None).save(out / "overlays" / f"{name}.png")
                 lines.append(_prediction_line(path, name, pred))
@@ -181,13 +182,26 @@ def _predict_each(detector, readable: list, images: list, errors):
 def _prediction_line(path: Path, name: str, pred) -> dict:
     return {
         "path": str(path),
-        "score": pred.score,
-        "label": "anomalous" if pred.label else "normal",
+        **prediction_fields(pred.score, pred.label, name),
         "raw_score": pred.raw_score,
         "heatmap": f"heatmaps/{name}.png",
-        "mask": f"masks/{name}.png",
         "overlay": f"overlays/{name}.png",
         "anomalous_pixel_fraction": float(pred.mask.mean()),
+    }
+
+
+def prediction_fields(score: float, label: int, name: str) -> dict:
+    """The decision fields of a predictions.jsonl line under anomalib's names (``pred_score``, ``pred_label``
+    0/1, ``pred_mask`` and ``anomaly_map``: paths of the mask PNG and the 8-bit grayscale map PNG), and under
+    the earlier names ``score``, ``label`` ("normal"/"anomalous") and ``mask``, kept for one release."""
+    return {
+        "pred_score": float(score),
+        "pred_label": int(label),
+        "pred_mask": f"masks/{name}.png",
+        "anomaly_map": f"anomaly_maps/{name}.png",
+        "score": float(score),
+        "label": "anomalous" if label else "normal",
+        "mask": f"masks/{name}.png",
     }
 
 
@@ -214,7 +228,7 @@ def write_evaluation(outputs, calibration, out: str | Path, threshold: float = T
     needs no model. Images that are not files (array datasets) get their overlay on a grey background.
     """
     out = Path(out)
-    for sub in ("heatmaps", "masks", "overlays"):
+    for sub in OUTPUT_DIRS:
         (out / sub).mkdir(parents=True, exist_ok=True)
     scores = calibration.normalize(outputs.raw_scores)
     lines = []
@@ -226,21 +240,20 @@ def write_evaluation(outputs, calibration, out: str | Path, threshold: float = T
         true_mask = outputs.masks[i] if outputs.has_mask[i] else None
         overlay = _overlay_for(path, amap, true_mask)
         heatmap_image(amap, overlay.size).save(out / "heatmaps" / f"{name}.png")
+        map_image(amap, overlay.size).save(out / "anomaly_maps" / f"{name}.png")
         mask_image(amap, threshold, size=overlay.size).save(out / "masks" / f"{name}.png")
         overlay.save(out / "overlays" / f"{name}.png")
         predicted, truth = int(scores[i] > threshold), int(outputs.labels[i])
         lines.append(
             {
                 "path": path_text,
-                "score": float(scores[i]),
-                "label": "anomalous" if predicted else "normal",
+                **prediction_fields(scores[i], predicted, name),
                 "raw_score": float(outputs.raw_scores[i]),
                 "true_label": "anomalous" if truth else "normal",
                 "defect_type": outputs.defect_types[i],
                 "correct": predicted == truth,
                 "has_mask": bool(outputs.has_mask[i]),
                 "heatmap": f"heatmaps/{name}.png",
-                "mask": f"masks/{name}.png",
                 "overlay": f"overlays/{name}.png",
                 "anomalous_pixel_fraction": float((amap > threshold).mean()),
             }

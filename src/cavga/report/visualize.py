@@ -45,6 +45,12 @@ def heatmap_image(anomaly_map: np.ndarray, size: tuple[int, int] | None = None) 
     return Image.fromarray(colorize(resize_map(anomaly_map, size)))
 
 
+def map_image(anomaly_map: np.ndarray, size: tuple[int, int] | None = None) -> Image.Image:
+    """The map as an 8-bit grayscale image, round(255 * clip(map, 0, 1)), as the service's ``anomaly_map_png``."""
+    values = np.clip(np.nan_to_num(resize_map(anomaly_map, size)), 0.0, 1.0)
+    return Image.fromarray(np.round(values * 255).astype(np.uint8))  # 2-D uint8: mode L
+
+
 def mask_image(
     anomaly_map: np.ndarray, threshold: float = THRESHOLD, size: tuple[int, int] | None = None
 ) -> Image.Image:

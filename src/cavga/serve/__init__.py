@@ -158,8 +158,8 @@ class Service:
         """``Cavga.predict`` on already preprocessed images: one forward pass for the batch."""
         import torch
 
-        from cavga.api import predictions_from
         from cavga.engine.infer import infer_batch
+        from cavga.prediction import predictions_from
 
         detector = self.detector
         batch = torch.from_numpy(np.stack(arrays)).to(detector.device)
@@ -207,6 +207,8 @@ class Service:
         from cavga.metrics import THRESHOLD
 
         body: dict[str, Any] = {
+            "pred_score": prediction.pred_score,  # anomalib's names; score and label kept for one release
+            "pred_label": prediction.pred_label,
             "score": prediction.score,
             "label": "anomalous" if prediction.label else "normal",
             "raw_score": prediction.raw_score,
