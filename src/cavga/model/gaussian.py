@@ -93,7 +93,7 @@ class PositionGaussian(nn.Module):
 
 def _window(features: torch.Tensor, radius: int) -> Iterable[torch.Tensor]:
     """``features`` (B, C, h, w) shifted by every offset of a (2 radius + 1)^2 window, edges replicated."""
-    if radius == 0:
+    if radius == 0 or features.shape[-2:] == (1, 1):  # a single position is its own whole window
         yield features
         return
     h, w = features.shape[-2:]
