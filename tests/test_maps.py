@@ -16,7 +16,7 @@ from cavga.config import ModelConfig
 from cavga.data import Preprocess, load_dataset
 from cavga.engine import maps
 from cavga.engine.calibration import CalibrationConstants
-from cavga.engine.infer import PAPER_CHOICE, MapChoice, calibrate, fit_latent_gaussian, infer_tensors
+from cavga.engine.infer import PAPER_CHOICE, MapChoice, calibrate, fit_latent_gaussian, infer_batch, infer_tensors
 from cavga.errors import ConfigError
 from cavga.model.efficientnet_lite import EfficientNetLite0, load_imagenet_weights
 from cavga.model.encoders import Lite0Encoder
@@ -221,3 +221,20 @@ def test_padim_baseline_map_is_the_blurred_distance_of_the_frozen_features(tiny_
     np.testing.assert_allclose(padim.last_outputs_.residual_maps[:2], want[:, 0].numpy(), rtol=1e-5, atol=1e-6)
     # The red spot is far from the normal images: PaDiM ranks the spotted images above the good ones.
     assert result["image_auroc"] > 0.8
+
+
+def test_predict_skips_the_decoder_only_where_map_and_score_need_no_reconstruction():
+    model, out, x, _ = _model_and_output()
+    model.latent_gaussian.fit([out.mu])
+    calls: list[int] = []
+    model.decoder.register_forward_hook(lambda *_: calls.append(1))
+    full = infer_batch(model, x, choice=MapChoice("latent_gaussian", "map_max"))
+    assert calls and full.reconstructions is not None
+    calls.clear()
+    fast = infer_batch(model, x, choice=MapChoice("latent_gaussian", "map_max"), reconstruct=False)
+    assert not calls and fast.reconstructions is None and fast.residual_maps is None
+    np.testing.assert_array_equal(fast.anomaly_maps, full.anomaly_maps)
+    np.testing.assert_array_equal(fast.raw_scores, full.raw_scores)
+    # a score of the residual needs the decoder whatever is asked
+    slow = infer_batch(model, x, choice=MapChoice("latent_gaussian", "top_mean"), reconstruct=False)
+    assert calls and slow.reconstructions is not None

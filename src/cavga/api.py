@@ -305,7 +305,8 @@ class Cavga:
             chunk = items[start : start + batch_size]
             pils = [to_pil(item) for item in chunk]
             batch = torch.stack([self.preprocess_(p) for p in pils]).to(self.device)
-            outputs = infer_batch(self.model_, batch, self.calibration_)
+            # A Prediction holds no reconstruction: the decoder runs only where the map or the score needs it.
+            outputs = infer_batch(self.model_, batch, self.calibration_, reconstruct=False)
             paths = [str(item) if isinstance(item, (str, os.PathLike)) else None for item in chunk]
             results.extend(predictions_from(outputs, [p.size for p in pils], paths))
         return results

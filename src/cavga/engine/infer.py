@@ -84,13 +84,20 @@ class Inference:
     score: torch.Tensor  # (B,) float64, normalized with the calibration; > THRESHOLD is anomalous
     anomaly_map: torch.Tensor  # (B, H, W) in [0, 1]
     mask: torch.Tensor  # (B, H, W) bool, anomaly_map > THRESHOLD
-    x_hat: torch.Tensor  # (B, C, H, W) reconstruction in [0, 1]
-    residual: torch.Tensor  # (B, H, W) blurred |x - x_hat|, not normalized
+    x_hat: torch.Tensor | None  # (B, C, H, W) reconstruction in [0, 1] (None: not reconstructed)
+    residual: torch.Tensor | None  # (B, H, W) blurred |x - x_hat|, not normalized (None: not reconstructed)
     raw_map: torch.Tensor  # (B, H, W) the anomaly map before calibration (its own units)
 
 
+SCORES_WITHOUT_RECONSTRUCTION = ("map_max", "probability")
+
+
 def infer_tensors(
-    model: CavgaNet, images: torch.Tensor, calibration: CalibrationConstants, choice: MapChoice | None = None
+    model: CavgaNet,
+    images: torch.Tensor,
+    calibration: CalibrationConstants,
+    choice: MapChoice | None = None,
+    reconstruct: bool = True,
 ) -> Inference:
     """Score and localize a preprocessed batch (B, C, H, W) in [0, 1] with ``model`` (in eval mode).
 
@@ -99,18 +106,22 @@ def infer_tensors(
     form (``gradcam_layer="encoder_mid"``) gradients are enabled locally (SPEC 1.4: Grad-CAM needs them at
     inference too), so this also works inside ``torch.no_grad()``; otherwise no backward pass is taken and the
     computation traces as a plain graph.
+
+    ``reconstruct=False`` skips the decoder where neither the map nor the score needs ``x_hat`` (the latent
+    Gaussian scored by its maximum: ``Cavga.predict``'s default path); ``x_hat`` and ``residual`` are then None.
     """
     cfg = model.config
     choice = choice or MapChoice.of(cfg)
     spec = map_spec(choice.anomaly_map)
     autograd = not has_closed_form(model)
+    decode = reconstruct or spec.needs_reconstruction or choice.score not in SCORES_WITHOUT_RECONSTRUCTION
     with torch.enable_grad() if autograd else nullcontext():
-        out = model(images, sample=False)
+        out = model(images, sample=False, decode=decode)
         if autograd and cfg.setting == "u" and not out.features.requires_grad:
             # Frozen parameters: make the input a leaf so the features are part of a graph again.
-            out = model(images.detach().requires_grad_(True), sample=False)
-        x_hat = torch.sigmoid(out.x_hat_logits.detach())
-        residual = residual_map(images, x_hat)
+            out = model(images.detach().requires_grad_(True), sample=False, decode=decode)
+        x_hat = torch.sigmoid(out.x_hat_logits.detach()) if decode else None
+        residual = residual_map(images, x_hat) if decode else None
         raw_map = spec.function(model, out, images, x_hat).detach()
         if choice.score == "probability":
             raw = anomalous_probability(model, out)
@@ -127,7 +138,7 @@ def infer_tensors(
         anomaly_map=anomaly,
         mask=anomaly > THRESHOLD,
         x_hat=x_hat,
-        residual=residual.detach()[:, 0],
+        residual=None if residual is None else residual.detach()[:, 0],
         raw_map=raw_map[:, 0],
     )
 
@@ -141,15 +152,19 @@ class BatchOutputs:
 
     raw_scores: np.ndarray  # (B,) aggregated |x - x_hat| (u) or P(anomalous) from C (w)
     anomaly_maps: np.ndarray  # (B, H, W) in [0, 1]
-    reconstructions: np.ndarray  # (B, C, H, W) in [0, 1]
-    residual_maps: np.ndarray  # (B, H, W) blurred |x - x_hat|, not normalized
+    reconstructions: np.ndarray | None  # (B, C, H, W) in [0, 1] (None: infer_batch(reconstruct=False))
+    residual_maps: np.ndarray | None  # (B, H, W) blurred |x - x_hat|, not normalized (None: the same)
     scores: np.ndarray | None = None  # (B,) normalized with the calibration given to infer_batch
     masks: np.ndarray | None = None  # (B, H, W) bool, anomaly_maps > THRESHOLD
     raw_maps: np.ndarray | None = None  # (B, H, W) the anomaly maps before calibration (None: the same)
 
 
 def infer_batch(
-    model: CavgaNet, images: torch.Tensor, calibration: Calibration | None = None, choice: MapChoice | None = None
+    model: CavgaNet,
+    images: torch.Tensor,
+    calibration: Calibration | None = None,
+    choice: MapChoice | None = None,
+    reconstruct: bool = True,
 ) -> BatchOutputs:
     """:func:`infer_tensors` on a preprocessed batch, as numpy. With closed-form Grad-CAM weights (the default
     layer) the whole batch runs in inference mode.
@@ -159,12 +174,12 @@ def infer_batch(
     device = next(model.parameters()).device
     constants = CalibrationConstants(calibration).to(device)
     with torch.inference_mode() if has_closed_form(model) else nullcontext():
-        result = infer_tensors(model, images, constants, choice)
+        result = infer_tensors(model, images, constants, choice, reconstruct)
     return BatchOutputs(
         raw_scores=result.raw_score.cpu().double().numpy(),
         anomaly_maps=result.anomaly_map.cpu().float().numpy(),
-        reconstructions=result.x_hat.cpu().float().numpy(),
-        residual_maps=result.residual.cpu().float().numpy(),
+        reconstructions=None if result.x_hat is None else result.x_hat.cpu().float().numpy(),
+        residual_maps=None if result.residual is None else result.residual.cpu().float().numpy(),
         scores=result.score.cpu().numpy(),
         masks=result.mask.cpu().numpy(),
         raw_maps=result.raw_map.cpu().float().numpy(),

@@ -155,6 +155,7 @@ class MapSpec:
     function: MapFunction
     calibrated: bool  # raw units, put on the 0.5 scale by a threshold fitted on normal images
     exportable: bool = True  # computable inside the exported graph from the model's own tensors
+    needs_reconstruction: bool = True  # False: drawn from the encoder's outputs alone (no decoder pass needed)
 
 
 ANOMALY_MAPS: dict[str, MapSpec] = {
@@ -162,7 +163,7 @@ ANOMALY_MAPS: dict[str, MapSpec] = {
     "attention_flip": MapSpec(attention_flip, calibrated=False),
     "attention_advae": MapSpec(attention_advae, calibrated=False),
     "residual": MapSpec(pixel_residual, calibrated=True),
-    "latent_gaussian": MapSpec(latent_gaussian, calibrated=True),
+    "latent_gaussian": MapSpec(latent_gaussian, calibrated=True, needs_reconstruction=False),
     "feature_residual": MapSpec(feature_residual, calibrated=True, exportable=False),
     "fusion": MapSpec(fusion, calibrated=True),
 }

@@ -42,7 +42,7 @@ class CavgaOutput:
     mu: torch.Tensor  # (B, C_z, h, w); (B, flat_latent_dim) for flatten_latent
     logvar: torch.Tensor
     z: torch.Tensor  # reparameterized sample when sampling, else mu
-    x_hat_logits: torch.Tensor  # (B, C, H, W), before the sigmoid
+    x_hat_logits: torch.Tensor | None  # (B, C, H, W), before the sigmoid; None where not decoded
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -247,8 +247,9 @@ class CavgaNet(nn.Module):
         # they are saved with the weights). The flattened latent has no positions to fit them at.
         self.latent_gaussian = None if config.flatten_latent else PositionGaussian(config.latent_channels, h, w)
 
-    def forward(self, x: torch.Tensor, sample: bool | None = None) -> CavgaOutput:
-        """Encode, sample ``z`` (``sample`` None: when training) and decode to logits."""
+    def forward(self, x: torch.Tensor, sample: bool | None = None, decode: bool = True) -> CavgaOutput:
+        """Encode, sample ``z`` (``sample`` None: when training) and decode to logits (``decode=False``: not, for
+        inference whose map and score need no reconstruction)."""
         if sample is None:
             sample = self.training
         encoded, mid = self.encoder(x)
@@ -256,7 +257,8 @@ class CavgaNet(nn.Module):
         mu = self.mu_head(encoded)
         logvar = self.logvar_head(encoded)
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu) if sample else mu
-        return CavgaOutput(features=features, mu=mu, logvar=logvar, z=z, x_hat_logits=self.decoder(z))
+        x_hat_logits = self.decoder(z) if decode else None
+        return CavgaOutput(features=features, mu=mu, logvar=logvar, z=z, x_hat_logits=x_hat_logits)
 
     def classify(self, z: torch.Tensor) -> torch.Tensor:
         """Class logits (B, 2) of ``z``: class 0 normal, 1 anomalous (CAVGA_w only)."""

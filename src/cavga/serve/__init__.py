@@ -164,7 +164,7 @@ class Service:
         detector = self.detector
         batch = torch.from_numpy(np.stack(arrays)).to(detector.device)
         # The same core and the same post-processing as Cavga.predict (the setting is model.config's).
-        outputs = infer_batch(detector.model_, batch, detector.calibration_)
+        outputs = infer_batch(detector.model_, batch, detector.calibration_, reconstruct=False)
         return predictions_from(outputs, original_sizes)
 
     def _next_batch(self) -> tuple[list[_Job], bool]:
