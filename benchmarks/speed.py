@@ -429,6 +429,8 @@ def main() -> None:
     parser.add_argument("--anomalib-python", default=os.environ.get("CAVGA_ANOMALIB_PYTHON"),
                         help="an interpreter that imports anomalib (default $CAVGA_ANOMALIB_PYTHON)")  # fmt: skip
     parser.add_argument("--report", type=Path, help="recompute the derived figures of a written JSON, print it")
+    parser.add_argument("--configs", nargs="+", metavar="TEXT",
+                        help="only the configurations whose name contains one of these (e.g. 'L_u 256')")  # fmt: skip
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -449,7 +451,8 @@ def main() -> None:
     limits = machine_limits(args.threads, args.quick)
     bf16 = limits["bfloat16"]["native"]
     results = []
-    for spec in configs(args.quick):
+    chosen = [s for s in configs(args.quick) if not args.configs or any(t in s["name"] for t in args.configs)]
+    for spec in chosen:
         spec = {**spec, "threads": args.threads, "bf16": bf16, "latency_reps": 5 if args.quick else 15}
         print(f"{spec['name']} ...", file=sys.stderr, flush=True)
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]

@@ -185,9 +185,9 @@ def _inferrer(model, setting: str, images: torch.Tensor, mode: str):
         "bf16": lambda: torch.autocast("cpu", dtype=torch.bfloat16),
     }.get(mode, contextlib.nullcontext)
 
-    def run() -> None:
+    def run() -> None:  # what Cavga.predict computes (no decoder where map and score need none)
         with context():
-            infer_batch(model, images, CALIBRATION)
+            infer_batch(model, images, CALIBRATION, reconstruct=False)
 
     return run
 
