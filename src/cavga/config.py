@@ -12,7 +12,11 @@ SETTINGS = ("u", "w")
 VARIANTS = ("D", "R", "L")
 # The encoder of each variant, by the name `--encoder` takes (timm's names where one exists).
 ENCODER_VARIANTS = {"dcgan": "D", "resnet18": "R", "efficientnet_lite0": "L"}
-SCORES = ("top_mean", "mean", "map_max")
+# The image scores: "top_mean" and "map_max" in cavga.engine.infer, the others in cavga.engine.scores.
+SCORES = (
+    "top_mean", "mean", "map_max", "squared", "ssim", "elbo", "kl", "latent_mahalanobis", "discriminator",
+    "feature_matching", "attention_mass",
+)  # fmt: skip
 # What a field left unset (None) means for each variant. D and R keep the paper's DCGAN widths and the sizes the
 # paper trains them at; L is the measured default of `cavga train` (README, "What works and what does not"): its
 # frozen ImageNet trunk makes the latent Gaussian map work after one epoch, and a width of 16 keeps a 256 px
@@ -24,8 +28,6 @@ VARIANT_DEFAULTS = {
     "R": {"image_size": 128, "width": 64, "epochs": 30, **_PAPER},
     "L": {"image_size": 256, "width": 16, "epochs": 1, "anomaly_map": "latent_gaussian", "score": "map_max"},
 }
-
-
 def _option(default: Any, help: str, choices: tuple | None = None) -> Any:
     """A config field with its default and the help line (and choices) its ``cavga train`` flag shows."""
     return field(default=default, metadata={"help": help, "choices": choices})

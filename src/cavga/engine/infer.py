@@ -23,8 +23,10 @@ from cavga import metrics
 from cavga.data.types import NORMAL, collate_samples
 from cavga.engine.calibration import MAP_QUANTILE, Calibration, CalibrationConstants, fit_calibration, normalize_map
 from cavga.engine.maps import PAPER_MAP, PAPER_SCORE, anomalous_probability, map_spec, residual_map
+from cavga.engine.scores import image_score
 from cavga.errors import ConfigError
 from cavga.metrics import THRESHOLD
+from cavga.model.gaussian import latent_positions
 from cavga.model.gradcam import has_closed_form
 from cavga.model.networks import CavgaNet
 
@@ -108,8 +110,10 @@ def infer_tensors(
             raw = anomalous_probability(model, out)
         elif choice.score == "map_max":
             raw = raw_map.flatten(1).amax(dim=1)
-        else:
+        elif choice.score == "top_mean":
             raw = aggregate_score(images, x_hat, residual, dataclasses.replace(cfg, score=choice.score))
+        else:
+            raw = image_score(choice.score)(model, out, images, x_hat)
         anomaly = calibration.normalize_map(raw_map) if spec.calibrated else raw_map
     raw = raw.detach()
     anomaly = anomaly.detach()[:, 0]
@@ -233,7 +237,7 @@ def fit_latent_gaussian(model: CavgaNet, normal_dataset: Dataset, batch_size: in
     device = next(model.parameters()).device
     loader = DataLoader(normal_dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_samples)
     try:
-        model.latent_gaussian.fit(model(batch.images.to(device), sample=False).mu for batch in loader)
+        model.latent_gaussian.fit(latent_positions(model(batch.images.to(device), sample=False).mu) for batch in loader)
     finally:
         model.train(was_training)
 
