@@ -136,7 +136,7 @@ SUITE_LAYOUT = {
     # suite: (models, categories, a table heading, its mean-row paper number for the first model or None)
     "mvtec": ([*DEFAULT_AND_PAPER, "AE-SSIM", "AE-L2", "PaDiM"], ["weave"], "IoU", "(0.41)"),
     "pairs": ([*DEFAULT_AND_PAPER, "AE-SSIM", "AE-L2", "PaDiM"], ["tiles"], "IoU", None),
-    "oneclass": (["CAVGA-D_u"], ["0", "1", "2"], "image AuROC", None),
+    "oneclass": (["CAVGA-D_u-oneclass", "AE-SSIM", "AE-L2", "PaDiM"], ["0", "1", "2"], "image AuROC", None),
     "ablation": ([m.name for m in ABLATION_MODELS], ["weave"], "IoU", "(0.24)"),
 }
 
@@ -165,12 +165,14 @@ def test_quick_suite_files_layout_and_resume(suite, tmp_path):
         assert len({r["metrics"]["n_images"] for r in data["results"]}) == 1
     text = (out / "results.md").read_text()
     table = _table(text, heading)
-    assert table[0].startswith("| category | ") and table[0].count("|") == len(models) + 2
-    for model in models:
-        assert model in table[0]
+    # One-class: the default's paper-literal score (the same model) is a column right after it.
+    columns = [models[0], models[0] + " (paper score)", *models[1:]] if suite == "oneclass" else models
+    assert table[0].startswith("| category | ") and table[0].count("|") == len(columns) + 2
+    header = [c.strip() for c in table[0].split("|")[2:-1]]
+    assert [h.split(":")[0] for h in header] == columns
     assert [line.split("|")[1].strip() for line in table[2:]] == [*categories, "**mean**"]
     mean_cells = [c.strip() for c in table[-1].split("|")[2:-1]]
-    assert len(mean_cells) == len(models)
+    assert len(mean_cells) == len(columns)
     if paper_mean:  # on the first of the paper's models (the default CAVGA-L_u has no paper row)
         first = 1 if models[0] == "CAVGA-L_u" else 0
         assert mean_cells[first].endswith(paper_mean) and not any("(" in c for c in mean_cells[:first])
@@ -191,11 +193,12 @@ def test_quick_suite_files_layout_and_resume(suite, tmp_path):
 @pytest.mark.slow
 def test_changed_budget_retrains_only_the_changed_jobs(tmp_path):
     out = tmp_path / "o"
-    run_suite("oneclass", out, quick=True, categories=["0"], log=lambda _: None)
+    one = {"quick": True, "categories": ["0"], "models": ["CAVGA-D_u-oneclass"], "log": lambda _: None}
+    run_suite("oneclass", out, **one)
     budget = Budget(**(vars(QUICK_BUDGET) | {"epochs": 2}))
-    run = run_suite("oneclass", out, quick=True, categories=["0"], budget=budget, log=lambda _: None)
+    run = run_suite("oneclass", out, budget=budget, **one)
     assert run.trained == 1
-    run = run_suite("oneclass", out, quick=True, categories=["0"], seeds=[0, 1], budget=budget, log=lambda _: None)
+    run = run_suite("oneclass", out, seeds=[0, 1], budget=budget, **one)
     assert run.trained == 1 and [r["cached"] for r in run.records] == [True, False]
     assert len(list((out / "cache").rglob("*.json"))) == 3
 

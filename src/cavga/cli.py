@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cavga._version import __version__
-from cavga.config import ENCODER_VARIANTS
+from cavga.config import ENCODER_VARIANTS, oneclass_options
 from cavga.errors import CavgaError, ConfigError
 
 DATA_FORMATS = ("mvtec", "pairs", "magnetic_tile", "folders", "folder", "oneclass", "video")
@@ -291,6 +291,7 @@ def _command_args(args: argparse.Namespace) -> dict:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from cavga.api import Cavga, read_run_file
+    from cavga.data.loader import is_oneclass
 
     parser = train_options()
     start = time.perf_counter()
@@ -312,13 +313,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError("train needs DATA and --out (or --resume RUN_DIR)")
         run_dir = args.run_dir if args.run_dir is not None else default_run_dir(args.out)
         args.run_dir = run_dir
+        options = _config_options(args, parser)
+        if is_oneclass(args.data, args.format):
+            options = oneclass_options(options)  # the one-class protocol's measured defaults (README)
         detector = Cavga(
-            image_size=args.image_size,
-            channels=args.channels,
+            image_size=options.pop("image_size", args.image_size),
+            channels=options.pop("channels", args.channels),
             anomalous_fraction=args.anomalous_fraction,
             anomalous_count=args.anomalous_count,
             anomalous_dir=args.anomalous_dir,
-            **{k: v for k, v in _config_options(args, parser).items() if k not in ("image_size", "channels")},
+            **options,
         )
         detector.fit(
             args.data,
@@ -449,15 +453,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from cavga import benchmark
 
-    budget = benchmark.QUICK_BUDGET if args.quick else benchmark.Budget()
-    changes = {
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "width": args.width,
-        "max_train": args.max_train,
-        "max_test": args.max_test,
-        "device": args.device,
-    }
+    budget = benchmark.default_budget(args.suite, args.quick)
+    changes = {k: getattr(args, k) for k in ("epochs", "batch_size", "width", "max_train", "max_test", "device")}
     if args.image_size is not None:
         changes.update(image_size_d=args.image_size, image_size_r=args.image_size, image_size_ae=args.image_size)
     budget = dataclasses.replace(budget, **{k: v for k, v in changes.items() if v is not None})

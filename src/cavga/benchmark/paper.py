@@ -75,6 +75,14 @@ def _grid(text: str, rows: Sequence[str], columns: Sequence[str]) -> dict[str, d
     return {col: {row: float(line[j]) for row, line in zip(rows, lines, strict=True)} for j, col in enumerate(columns)}
 
 
+# CIFAR-10's classes in label order (0 airplane ... 9 truck): class folders name them, batches number them.
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def _by_name_too(rows: dict[str, float]) -> dict[str, float]:
+    return {**rows, **{name: rows[str(i)] for i, name in enumerate(CIFAR10_CLASSES)}}
+
+
 def _paper() -> dict[str, dict[str, dict[str, dict[str, float]]]]:
     rows = (*MVTEC_CATEGORIES, "mean")
     auroc = dict(zip(_T36_MODELS, map(float, _TABLE3_MEAN_AUROC.split()), strict=True))
@@ -87,7 +95,11 @@ def _paper() -> dict[str, dict[str, dict[str, dict[str, float]]]]:
             "balanced_accuracy": _grid(_TABLE6_BALANCED_ACCURACY, rows, _T36_MODELS),
         },
         "mnist": {"image_auroc": {"CAVGA-D_u": dict(zip(digits, map(float, _TABLE7_MNIST.split()), strict=True))}},
-        "cifar10": {"image_auroc": {"CAVGA-D_u": dict(zip(digits, map(float, _TABLE7_CIFAR10.split()), strict=True))}},
+        "cifar10": {
+            "image_auroc": {
+                "CAVGA-D_u": _by_name_too(dict(zip(digits, map(float, _TABLE7_CIFAR10.split()), strict=True)))
+            }
+        },
         "fashion-mnist": {"image_auroc": {"CAVGA-D_u": {"mean": _TABLE7_FASHION_MEAN}}},
         "ablation": {"iou": _grid(_TABLE8_IOU, _TABLE8_CATEGORIES, [m.name for m in ABLATION_MODELS])},
     }

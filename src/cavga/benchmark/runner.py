@@ -28,8 +28,8 @@ from cavga._version import __version__
 from cavga.api import Cavga
 from cavga.baselines import AutoencoderBaseline, PadimBaseline
 from cavga.benchmark.paper import paper_table
-from cavga.benchmark.specs import QUICK_BUDGET, SUITES, Budget, ModelSpec, suite_models
-from cavga.benchmark.tables import fmt, markdown_report, suite_metrics, summarize
+from cavga.benchmark.specs import SUITES, Budget, ModelSpec, default_budget, suite_models
+from cavga.benchmark.tables import fmt, markdown_report, suite_metrics, summarize, with_paper_score_columns
 from cavga.data import (
     ANOMALOUS,
     AnomalyDataset,
@@ -256,7 +256,7 @@ def run_suite(
         raise ConfigError(f"unknown suite {suite!r}; suites: {', '.join(SUITES)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    budget = budget or (dataclasses.replace(QUICK_BUDGET) if quick else Budget())
+    budget = budget or default_budget(suite, quick)
     if data is None:
         if not quick:
             raise ConfigError("--data is required (or --quick, which generates tiny data)")
@@ -336,10 +336,13 @@ def write_results(
     out: Path, meta: dict, specs: Sequence[ModelSpec], categories: Sequence[str], records: Sequence[dict]
 ) -> tuple[Path, Path]:
     """Write ``results.json`` (meta, every record, the summary) and ``results.md`` (the tables)."""
-    summary = summarize(meta["suite"], meta.get("paper_table"), specs, categories, records)
+    columns, column_records = list(specs), list(records)
+    if meta["suite"] == "oneclass":  # the one-class defaults' paper-literal score beside them
+        columns, column_records = with_paper_score_columns(specs, records)
+    summary = summarize(meta["suite"], meta.get("paper_table"), columns, categories, column_records)
     results_json, results_md = out / "results.json", out / "results.md"
     _write_json(results_json, {**meta, "results": list(records), "summary": summary})
-    results_md.write_text(markdown_report(meta, specs, categories, records, summary))
+    results_md.write_text(markdown_report(meta, columns, categories, records, summary))
     return results_json, results_md
 
 

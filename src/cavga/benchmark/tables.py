@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,6 +33,7 @@ def summarize(
     for metric in METRICS:
         per_model: dict[str, dict[str, dict]] = {}
         for spec in specs:
+            paper_name = spec.paper_name or spec.name
             rows: dict[str, dict] = {}
             by_seed: dict[int, list[float]] = {}
             for category in categories:
@@ -39,17 +41,37 @@ def summarize(
                 values = [r["metrics"].get(metric) for r in hits]
                 mean, std = _mean_std(values)
                 rows[category] = {"mean": mean, "std": std, "n": len(hits), "values": values,
-                                  "paper": paper_value(table, metric, spec.name, category)}  # fmt: skip
+                                  "paper": paper_value(table, metric, paper_name, category)}  # fmt: skip
                 for r in hits:
                     if r["metrics"].get(metric) is not None:
                         by_seed.setdefault(r["seed"], []).append(r["metrics"][metric])
             seed_means = [float(np.mean(v)) for _, v in sorted(by_seed.items())]
             mean, std = _mean_std(seed_means)
             rows["mean"] = {"mean": mean, "std": std, "n": len(seed_means), "values": seed_means,
-                            "paper": paper_value(table, metric, spec.name, "mean")}  # fmt: skip
+                            "paper": paper_value(table, metric, paper_name, "mean")}  # fmt: skip
             per_model[spec.name] = rows
         summary[metric] = per_model
     return summary
+
+
+PAPER_SCORE_COLUMN = " (paper score)"
+
+
+def with_paper_score_columns(specs: Sequence[ModelSpec], records: Sequence[dict]) -> tuple[list[ModelSpec], list[dict]]:
+    """The columns and records of a table, with the paper-literal map and score of a model (its records'
+    ``paper_map``, from the same trained model) as a column of its own right after that model's."""
+    columns: list[ModelSpec] = []
+    out = list(records)
+    for spec in specs:
+        columns.append(spec)
+        hits = [r for r in records if r["model"] == spec.name and r.get("paper_map")]
+        if not hits:
+            continue
+        name = spec.name + PAPER_SCORE_COLUMN
+        title = "the same model, the paper's map 1 - A and top_mean score" if spec.title else ""
+        columns.append(dataclasses.replace(spec, name=name, title=title, paper_name="-"))
+        out += [{**r, "model": name, "metrics": r["paper_map"]} for r in hits]
+    return columns, out
 
 
 def fmt(value: float | None, digits: int = 3) -> str:

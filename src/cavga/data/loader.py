@@ -12,7 +12,7 @@ from cavga.data.mvtec import GOOD, is_mvtec_category, list_mvtec_categories, rea
 from cavga.data.oneclass import find_cifar10, find_idx_files, is_class_folders, read_oneclass
 from cavga.data.transforms import Preprocess
 from cavga.data.video import read_video_frames
-from cavga.errors import ConfigError, DataError
+from cavga.errors import CavgaError, ConfigError, DataError
 
 FORMATS = ("mvtec", "magnetic_tile", "folders", "oneclass", "video")
 ALIASES = ("pairs",)
@@ -48,6 +48,15 @@ def _is_video(root: Path) -> bool:
     if not train or not test:
         return False
     return _first_dir(root, VIDEO_MASK_DIRS) is not None or not is_class_folders(root)
+
+
+def is_oneclass(root: str | Path, format: str | None = None) -> bool:
+    """Whether ``root`` (read as ``format``, or as detected) is one-class data; False where it cannot be read
+    (the loader names the problem when it reads the folder)."""
+    try:
+        return (format or detect_format(root)) == "oneclass"
+    except CavgaError:
+        return False
 
 
 def detect_format(root: str | Path) -> str:

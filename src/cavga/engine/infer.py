@@ -30,9 +30,10 @@ from cavga.engine.calibration import (
     normalize_map,
 )
 from cavga.engine.maps import PAPER_MAP, PAPER_SCORE, anomalous_probability, map_spec, residual_map, upsampled_blur
+from cavga.engine.scores import image_score
 from cavga.errors import ConfigError
 from cavga.metrics import THRESHOLD
-from cavga.model.gaussian import cross_fitted_scores
+from cavga.model.gaussian import cross_fitted_scores, latent_positions
 from cavga.model.gradcam import has_closed_form
 from cavga.model.networks import CavgaNet
 
@@ -127,8 +128,10 @@ def infer_tensors(
             raw = anomalous_probability(model, out)
         elif choice.score == "map_max":
             raw = raw_map.flatten(1).amax(dim=1)
-        else:
+        elif choice.score == "top_mean":
             raw = aggregate_score(images, x_hat, residual, dataclasses.replace(cfg, score=choice.score))
+        else:
+            raw = image_score(choice.score)(model, out, images, x_hat)
         anomaly = calibration.normalize_map(raw_map) if spec.calibrated else raw_map
     raw = raw.detach()
     anomaly = anomaly.detach()[:, 0]
@@ -256,7 +259,7 @@ def fit_latent_gaussian(model: CavgaNet, normal_dataset: Dataset, batch_size: in
     device = next(model.parameters()).device
     loader = DataLoader(normal_dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_samples)
     try:
-        mus = (model(batch.images.to(device), sample=False).mu for batch in loader)
+        mus = (latent_positions(model(batch.images.to(device), sample=False).mu) for batch in loader)
         model.latent_gaussian.fit(mus, neighbourhood=model.config.gaussian_neighbourhood)
     finally:
         model.train(was_training)
@@ -277,7 +280,10 @@ def cross_fitted_latent_scores(model: CavgaNet, normal_dataset: Dataset, batch_s
     device = next(model.parameters()).device
     loader = DataLoader(normal_dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_samples)
     try:
-        batches = [(model(batch.images.to(device), sample=False).mu, batch.images.shape[-2:]) for batch in loader]
+        batches = [
+            (latent_positions(model(batch.images.to(device), sample=False).mu), batch.images.shape[-2:])
+            for batch in loader
+        ]
     finally:
         model.train(was_training)
     size = tuple(batches[0][1])

@@ -26,6 +26,7 @@ from cavga.data.types import ANOMALOUS
 from cavga.errors import ConfigError
 from cavga.metrics import THRESHOLD
 from cavga.model.efficientnet_lite import EfficientNetLite0, load_imagenet_weights
+from cavga.model.gaussian import latent_positions
 from cavga.model.gradcam import class_attention, output_attention
 from cavga.model.networks import CavgaNet, CavgaOutput
 
@@ -109,7 +110,7 @@ def latent_gaussian(model: CavgaNet, out: CavgaOutput, images: torch.Tensor, x_h
     # torch.export cannot trace a check on a buffer's value; cavga.export runs the module eagerly first.
     if gaussian is None or (not torch.compiler.is_exporting() and not gaussian.fitted):
         raise ConfigError("the latent_gaussian map needs the latent Gaussian fitted on normal images (fit() does it)")
-    return upsampled_blur(gaussian(out.mu), _size(images))
+    return upsampled_blur(gaussian(latent_positions(out.mu)), _size(images))
 
 
 _REFERENCES: dict[tuple[int, str], EfficientNetLite0] = {}

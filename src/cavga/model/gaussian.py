@@ -26,6 +26,11 @@ from cavga.errors import ConfigError
 DEFAULT_SHRINKAGE = 0.01
 
 
+def latent_positions(mu: torch.Tensor) -> torch.Tensor:
+    """mu as a feature map (B, C, h, w): the flattened latent (B, D) is one position with D channels."""
+    return mu if mu.dim() == 4 else mu[:, :, None, None]
+
+
 class PositionGaussian(nn.Module):
     """N(mean_p, cov_p) per position p of a (C, h, w) feature map; ``forward`` returns distances (B, 1, h, w)."""
 

@@ -244,8 +244,11 @@ class CavgaNet(nn.Module):
         # Paper 3.2: C reads the flattened z itself (shared values, no second latent) into a 2-way output.
         self.classifier = nn.Linear(z_numel, 2) if config.setting == "w" else None
         # The latent Gaussian map's statistics (fitted on the normal training images after training; buffers, so
-        # they are saved with the weights). The flattened latent has no positions to fit them at.
-        self.latent_gaussian = None if config.flatten_latent else PositionGaussian(config.latent_channels, h, w)
+        # they are saved with the weights). The flattened latent is one position of flat_latent_dim channels.
+        if config.flatten_latent:
+            self.latent_gaussian = PositionGaussian(config.flat_latent_dim, 1, 1)
+        else:
+            self.latent_gaussian = PositionGaussian(config.latent_channels, h, w)
 
     def forward(self, x: torch.Tensor, sample: bool | None = None, decode: bool = True) -> CavgaOutput:
         """Encode, sample ``z`` (``sample`` None: when training) and decode to logits (``decode=False``: not, for
