@@ -245,16 +245,18 @@ class PadimBaseline:
         self.gaussian_.fit([features["train"]], cfg.shrinkage)
         self.train_seconds_ = time.perf_counter() - start
         # Calibrated as CAVGA's latent Gaussian (cavga.engine.infer.calibrate): cross-fitted scores of every
-        # normal training image; a pixel passes 0.5 only where its image passes, near the image's peak.
+        # normal training image (too few: the held-out slice's); a pixel passes 0.5 only where its image passes,
+        # near the image's peak.
         size = (cfg.image_size, cfg.image_size)
-        if not can_cross_fit(train_set, calibration_set):
-            raise ConfigError(f"PaDiM needs at least {2 * GAUSSIAN_FOLDS} normal training images to calibrate")
-        scores = cross_fitted_scores(
-            torch.cat([features["train"], features["calibration"]]),
-            lambda d: upsampled_blur(d, size).flatten(1).amax(dim=1),
-            GAUSSIAN_FOLDS,
-            cfg.shrinkage,
-        )
+
+        def peak(distances: torch.Tensor) -> torch.Tensor:
+            return upsampled_blur(distances, size).flatten(1).amax(dim=1)
+
+        if can_cross_fit(train_set, calibration_set):
+            everything = torch.cat([features["train"], features["calibration"]])
+            scores = cross_fitted_scores(everything, peak, GAUSSIAN_FOLDS, cfg.shrinkage)
+        else:
+            scores = peak(self.gaussian_(features["calibration"])).double().cpu()
         self.calibration_ = fit_calibration(scores.numpy(), cfg.calibration_quantile, calibration_set.paths)
         self.calibration_.map_threshold = self.calibration_.score_threshold
         self.calibration_.map_peak_fraction = MAP_PEAK_FRACTION
