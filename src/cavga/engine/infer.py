@@ -248,48 +248,44 @@ def infer_dataset(
 
 
 @torch.no_grad()
-def fit_latent_gaussian(model: CavgaNet, normal_dataset: Dataset, batch_size: int = 32) -> None:
-    """Fit the model's per-position Gaussian of ``mu`` (the ``latent_gaussian`` map) on NORMAL images, in eval
-    mode and without sampling, as inference computes mu."""
-    if model.latent_gaussian is None:
-        return
+def _normal_latents(
+    model: CavgaNet, normal_dataset: Dataset, batch_size: int
+) -> tuple[list[torch.Tensor], tuple[int, int]]:
+    """``mu`` (as positions, :func:`cavga.model.gaussian.latent_positions`) of every batch of NORMAL images, in
+    eval mode and without sampling, as inference computes it; and the images' size."""
     _require_normal(normal_dataset)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    loader = DataLoader(normal_dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_samples)
+    mus, size = [], (0, 0)
     try:
-        mus = (latent_positions(model(batch.images.to(device), sample=False).mu) for batch in loader)
-        model.latent_gaussian.fit(mus, neighbourhood=model.config.gaussian_neighbourhood)
+        for batch in DataLoader(normal_dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_samples):
+            mus.append(latent_positions(model(batch.images.to(device), sample=False, decode=False).mu))
+            size = tuple(batch.images.shape[-2:])
     finally:
         model.train(was_training)
+    return mus, size
+
+
+def fit_latent_gaussian(model: CavgaNet, normal_dataset: Dataset, batch_size: int = 32) -> None:
+    """Fit the model's per-position Gaussian of ``mu`` (the ``latent_gaussian`` map) on NORMAL images."""
+    if model.latent_gaussian is None:
+        return
+    mus, _ = _normal_latents(model, normal_dataset, batch_size)
+    model.latent_gaussian.fit(mus, neighbourhood=model.config.gaussian_neighbourhood)
 
 
 GAUSSIAN_FOLDS = 5  # cross-fitting of the latent Gaussian's calibration scores (calibrate)
 CROSS_FITTED = MapChoice("latent_gaussian", "map_max")  # the choice whose scores calibrate cross-fitted
 
 
-@torch.no_grad()
 def cross_fitted_latent_scores(model: CavgaNet, normal_dataset: Dataset, batch_size: int = 32) -> np.ndarray:
     """The ``latent_gaussian`` / ``map_max`` raw score of every image of ``normal_dataset``, each from a Gaussian
-    of mu fitted on the other folds (:func:`cavga.model.gaussian.cross_fitted_scores`), in eval mode, as
+    of mu fitted on the other folds (:func:`cavga.model.gaussian.cross_fitted_scores`), as
     :func:`fit_latent_gaussian` fits the model's own."""
-    _require_normal(normal_dataset)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    loader = DataLoader(normal_dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_samples)
-    try:
-        batches = [
-            (latent_positions(model(batch.images.to(device), sample=False).mu), batch.images.shape[-2:])
-            for batch in loader
-        ]
-    finally:
-        model.train(was_training)
-    size = tuple(batches[0][1])
-    mu = torch.cat([b[0] for b in batches])
+    mus, size = _normal_latents(model, normal_dataset, batch_size)
     scores = cross_fitted_scores(
-        mu,
+        torch.cat(mus),
         lambda d: upsampled_blur(d, size).flatten(1).amax(dim=1),
         GAUSSIAN_FOLDS,
         batch_size=batch_size,
