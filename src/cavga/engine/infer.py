@@ -299,17 +299,20 @@ def can_cross_fit(*datasets: Dataset) -> bool:
     return sum(len(d) for d in datasets) >= 2 * GAUSSIAN_FOLDS
 
 
-def _require_normal(dataset: Dataset) -> None:
+def _require_normal(dataset: Dataset, what: str = "the normal-image statistics") -> None:
+    """Refuse a dataset with an anomalous image before any work is done on it, naming the image."""
     if isinstance(dataset, ConcatDataset):
         for part in dataset.datasets:
-            _require_normal(part)
+            _require_normal(part, what)
         return
     labels = getattr(dataset, "labels", None)
     if labels is None:  # a dataset without the labels attribute: read each sample's
         labels = [dataset[i].label for i in range(len(dataset))]
     bad = [i for i, label in enumerate(labels) if label != NORMAL]
     if bad:
-        raise ConfigError(f"the normal-image statistics must use normal images only; image {bad[0]} is not normal")
+        paths = getattr(dataset, "paths", None)
+        name = paths[bad[0]] if paths is not None else f"image {bad[0]}"
+        raise ConfigError(f"{what} must use normal images only; got anomalous ones such as {name}")
 
 
 def calibrate(
@@ -330,20 +333,18 @@ def calibrate(
     passes 0.5 only where its image passes (the mask is empty on every image called normal), and only where it
     reaches MAP_PEAK_FRACTION of its image's peak; otherwise the MAP_QUANTILE of the normal pixels."""
     choice = choice or MapChoice.of(model.config)
+    _require_normal(normal_dataset, "calibration")
     outputs = infer_dataset(model, normal_dataset, batch_size, choice=choice)
-    if (outputs.labels != NORMAL).any():
-        bad = [p for p, label in zip(outputs.paths, outputs.labels, strict=True) if label != NORMAL]
-        raise ConfigError(f"calibration must use normal images only; got anomalous ones such as {bad[0]}")
     residual_threshold = float(np.quantile(outputs.residual_maps, MAP_QUANTILE))
     if choice.score == "probability":
         # C's probability is already in [0, 1] with THRESHOLD its decision boundary: keep it as it is.
         calibration = Calibration(0.0, THRESHOLD, quantile, len(outputs.paths), outputs.paths)
-    elif choice == CROSS_FITTED and training_normals is not None and can_cross_fit(training_normals, normal_dataset):
-        all_normals = ConcatDataset([training_normals, normal_dataset])
-        calibration = fit_calibration(cross_fitted_latent_scores(model, all_normals, batch_size), quantile)
-        calibration.paths = outputs.paths  # the held-out slice; the cross-fitted scores include the training images
     else:
-        calibration = fit_calibration(outputs.raw_scores, quantile, outputs.paths)
+        raw = outputs.raw_scores
+        if choice == CROSS_FITTED and training_normals is not None and can_cross_fit(training_normals, normal_dataset):
+            # The cross-fitted scores (and n_images) include the training images; paths name the held-out slice.
+            raw = cross_fitted_latent_scores(model, ConcatDataset([training_normals, normal_dataset]), batch_size)
+        calibration = fit_calibration(raw, quantile, outputs.paths)
     calibration.residual_threshold = residual_threshold
     if map_spec(choice.anomaly_map).calibrated:
         if choice.score == "map_max":
