@@ -19,9 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import cavga
 from cavga.report.outputs import read_jsonl
-from tiny_data import write_tiny_mvtec
+from tiny_data import write_tiny_model
 
 N_IMAGES, N_CORRUPT = 200, 5
 CAVGA = [sys.executable, "-m", "cavga.cli"]
@@ -29,12 +28,7 @@ CAVGA = [sys.executable, "-m", "cavga.cli"]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("stream")
-    write_tiny_mvtec(root / "data")
-    detector = cavga.Cavga(
-        "D", "u", image_size=32, width=8, latent_channels=8, epochs=1, batch_size=4, device="cpu"
-    ).fit(root / "data", progress=False)
-    return detector.save(root / "model")
+    return write_tiny_model(tmp_path_factory.mktemp("stream"))
 
 
 def _huge_png_header(width: int, height: int) -> bytes:

@@ -21,7 +21,7 @@ from PIL import Image
 
 import cavga
 from cavga.serve import ServeOptions, Service, start_server
-from tiny_data import write_tiny_mvtec
+from tiny_data import write_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_BODY = 256 * 1024
@@ -40,12 +40,7 @@ bench = _load_benchmark()
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("serve")
-    write_tiny_mvtec(root / "data")
-    detector = cavga.Cavga(
-        "D", "u", image_size=32, width=8, latent_channels=8, epochs=1, batch_size=4, device="cpu"
-    ).fit(root / "data", progress=False)
-    return detector.save(root / "model")
+    return write_tiny_model(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")

@@ -46,3 +46,15 @@ class ListDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.samples[i]
+
+
+def write_tiny_model(root: Path) -> Path:
+    """A tiny CAVGA-D_u (32 px, one epoch) fitted on :func:`write_tiny_mvtec` data under ``root / "data"`` and
+    saved to ``root / "model"``, whose path is returned (the data stays beside it)."""
+    import cavga
+
+    write_tiny_mvtec(root / "data")
+    detector = cavga.Cavga(
+        "D", "u", image_size=32, width=8, latent_channels=8, epochs=1, batch_size=4, device="cpu"
+    ).fit(root / "data", progress=False)
+    return detector.save(root / "model")
