@@ -76,7 +76,7 @@ def choices() -> dict[str, MapChoice]:
 def data_args(name: str, out: Path) -> tuple[Path, dict]:
     spec = DATASETS[name]
     root = spec["root"] or out / "demo"
-    if spec["root"] is None and not (root / "manifest.json").exists():
+    if spec["root"] is None and not (root / "README.txt").exists():  # written once, read by every later run
         write_demo_dataset(root, seed=0)
     kwargs = {k: spec[k] for k in ("format", "category", "seed") if k in spec}
     return root, kwargs

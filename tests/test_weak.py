@@ -19,11 +19,12 @@ from cavga.config import LossWeights, ModelConfig, TrainConfig
 from cavga.data import AnomalyDataset, Record, load_dataset
 from cavga.data.splits import sample_weak_labels, weak_training_set
 from cavga.data.types import ANOMALOUS, NORMAL, Sample, collate_samples
+from cavga.engine.classifier import fold_standardization, refit_classifier
 from cavga.engine.infer import infer_batch
 from cavga.engine.train import class_weights_for, make_optimizers, training_step
 from cavga.errors import ConfigError, DataError
 from cavga.model import losses
-from cavga.model.gradcam import class_attention
+from cavga.model.gradcam import class_attention, grad_cam, signed_class_maps
 from cavga.model.networks import CavgaOutput, build_model
 from tiny_data import write_tiny_mvtec
 
@@ -90,35 +91,74 @@ def test_cga_loss_matches_a_hand_computed_case_through_class_attention():
     assert grad.abs().sum() > 0
 
 
+def test_signed_class_maps_keep_a_gradient_where_the_paper_maps_meet_l_cga_trivially():
+    # The collapse issue 14 measured: the anomalous class's evidence negative everywhere (0 after the ReLU) and
+    # the normal class's flat (1 after max-normalization). The paper's L_cga is then exactly 0; the signed maps
+    # keep the anomalous evidence's shape, so the loss stays above its bound (-1) and still moves z.
+    weight = torch.tensor([[1.0] * 4 + [0.0] * 4, [0.0] * 4 + [1.0] * 4])  # normal: channel 0; anomalous: channel 1
+    model = SimpleNamespace(
+        classify=lambda z: z.flatten(1) @ weight.T, config=SimpleNamespace(gradcam_normalization="max")
+    )
+    z = torch.tensor([[[[1.0, 1.0], [1.0, 1.0]], [[-1.0, -1.0], [-1.0, -0.5]]]], requires_grad=True)
+    out = CavgaOutput(features=z, mu=z, logvar=torch.zeros_like(z), z=z, x_hat_logits=torch.zeros(1, 1, 2, 2))
+    labels = torch.tensor([NORMAL])
+    paper = losses.complementary_guided_attention_loss(
+        class_attention(model, out, NORMAL, create_graph=True),
+        class_attention(model, out, ANOMALOUS, create_graph=True),
+        labels,
+        labels,
+    )
+    assert paper.item() == pytest.approx(0.0, abs=1e-6)
+    a_n, a_a = signed_class_maps(model, out, NORMAL), signed_class_maps(model, out, ANOMALOUS)
+    # by hand: A_n = 1 everywhere, A_a = cam_a / 1 = z's channel 1; per image mean(1 - 1 + A_a) = -3.5 / 4
+    np.testing.assert_allclose(a_a[0, 0].detach(), [[-1.0, -1.0], [-1.0, -0.5]], rtol=1e-6)
+    signed = losses.complementary_guided_attention_loss(a_n, a_a, labels, labels)
+    assert signed.item() == pytest.approx(-3.5 / 4, rel=1e-6)
+    (grad,) = torch.autograd.grad(signed, z)
+    assert grad[0, 1].abs().sum() > 0
+
+
 # ------------------------------------------------------------------ the indicator through the training step
 
 
-def expected_cga(model, batch, seed: int) -> float:
+def hand_signed_maps(model, z: torch.Tensor, cls: int) -> torch.Tensor:
+    """Pre-ReLU Grad-CAM of class ``cls`` on z by hand: alpha_k = spatial mean of C's weights for channel k,
+    cam = sum_k alpha_k z_k, divided by its largest magnitude per image."""
+    alpha = model.classifier.weight[cls].detach().view(z.shape[1:]).mean(dim=(1, 2))
+    cam = torch.einsum("k,bkhw->bhw", alpha, z.detach())
+    return cam / cam.abs().flatten(1).amax(1).view(-1, 1, 1)
+
+
+def expected_cga(model, batch, seed: int, cga_maps: str = "paper") -> float:
     """L_cga recomputed on a copy of the model with the same sampled z the step will draw."""
     twin = copy.deepcopy(model).train()
     torch.manual_seed(seed)
     out = twin(batch.images, sample=True)
     predictions = twin.classify(out.z).argmax(1)
-    a_n = class_attention(twin, out, NORMAL, create_graph=False)
-    a_a = class_attention(twin, out, ANOMALOUS, create_graph=False)
+    if cga_maps == "paper":
+        a_n = class_attention(twin, out, NORMAL, create_graph=False)
+        a_a = class_attention(twin, out, ANOMALOUS, create_graph=False)
+    else:
+        a_n, a_a = hand_signed_maps(twin, out.z, NORMAL), hand_signed_maps(twin, out.z, ANOMALOUS)
     per_image = (1 - a_n + a_a).flatten(1).mean(1)
     keep = (predictions == NORMAL) & (batch.labels == NORMAL)
     return float(per_image[keep].sum()) / len(batch.labels)
 
 
+@pytest.mark.parametrize("cga_maps", ["paper", "signed"])
 @pytest.mark.parametrize("predicted", [NORMAL, ANOMALOUS])
-def test_training_step_counts_only_correctly_classified_normal_images_in_cga(predicted):
+def test_training_step_counts_only_correctly_classified_normal_images_in_cga(predicted, cga_maps):
     model = tiny_w_model().train()
     force_prediction(model, predicted)
     batch = batch_of([NORMAL, NORMAL, ANOMALOUS, ANOMALOUS])
-    config = TrainConfig(batch_size=4)
+    config = TrainConfig(batch_size=4, cga_maps=cga_maps)
     opt_g, opt_d = make_optimizers(model, config)
-    expected = expected_cga(model, batch, seed=123)
+    expected = expected_cga(model, batch, seed=123, cga_maps=cga_maps)
     torch.manual_seed(123)
     terms = training_step(model, batch, opt_g, opt_d, config, class_weights_for(batch.labels.tolist()))
     if predicted == NORMAL:
         # the two normal images only, divided by all four
-        assert expected > 0
+        assert expected != 0
         assert terms["L_cga"] == pytest.approx(expected, rel=1e-5)
     else:
         assert terms["L_cga"] == 0.0  # every normal image misclassified, every anomalous one excluded
@@ -249,8 +289,12 @@ def test_sampled_test_images_train_the_model_and_never_count_in_evaluation(fitte
     excluded = set(detector.excluded_paths_)
     assert len(excluded) == 2 and excluded <= spots
     assert detector.data_info_["weak_labels"]["n_anomalous"] == 2
-    # 12 normal training images minus the calibration slice, plus the 2 labelled anomalous ones
-    assert detector.data_info_["n_train"] == 12 - detector.data_info_["n_calibration"] + 2
+    # 12 normal training images minus the calibration slice, the 2 labelled anomalous ones (augmented copies to
+    # about 10 % of the normal count: round(11 / 9 / 2) = 1 copy each) and round(0.1 * 11) = 1 synthesized
+    weak = detector.data_info_["weak_labels"]
+    assert detector.data_info_["n_calibration"] == 1
+    assert (weak["n_labelled_examples"], weak["n_synthetic"]) == (2, 1)
+    assert detector.data_info_["n_train"] == 12 - 1 + 2 + 1
     result = detector.evaluate(root, category="bottle")
     assert result["n_images"] == 4 and result["n_excluded"] == 2  # 3 good + 3 spot - 2 used for training
     evaluated = {os.path.realpath(p) for p in detector.last_outputs_.paths}
@@ -288,7 +332,8 @@ def test_predict_and_evaluate_read_the_same_for_both_settings(which, fitted_u, f
     for p in predictions:
         np.testing.assert_array_equal(p.mask, p.anomaly_map > 0.5)
         if which == "w":
-            assert p.score == pytest.approx(p.raw_score)  # C's probability is the score
+            # C's probability, calibrated on held-out normal images as every score is
+            assert p.score == pytest.approx(detector.calibration_.normalize(np.array([p.raw_score]))[0])
             if p.label == NORMAL:
                 assert not p.mask.any()  # C says normal: no anomalous pixel either
 
@@ -341,3 +386,46 @@ def test_cli_trains_evaluates_and_predicts_with_weak_labels(tmp_path, capsys):
     assert "setting 'w' only" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*args, "--anomalous-count", "2", "--anomalous-fraction", "0.1"])
+
+
+# ------------------------------------------------------------------ the classifier refit (beyond the paper)
+
+
+def test_fold_standardization_gives_the_same_logits():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(5, 3, 2, 2, generator=g)
+    shift, scale = torch.randn(1, 3, 1, 1, generator=g), torch.rand(1, 3, 1, 1, generator=g) + 0.5
+    weight, bias = torch.randn(2, 12, generator=g), torch.randn(2, generator=g)
+    expected = ((z - shift) / scale).flatten(1) @ weight.T + bias
+    folded_w, folded_b = fold_standardization(weight, bias, shift.expand(1, 3, 2, 2), scale.expand(1, 3, 2, 2))
+    torch.testing.assert_close(z.flatten(1) @ folded_w.T + folded_b, expected)
+
+
+def test_refit_classifier_separates_the_training_examples_and_keeps_the_closed_form_cam():
+    model = tiny_w_model().eval()
+    # Normal examples dark, anomalous ones with a bright square: separable in z for a linear C.
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(24, 3, 32, 32, generator=g) * 0.3
+    labels = [NORMAL] * 16 + [ANOMALOUS] * 8
+    for i in range(16, 24):
+        images[i, :, 8:20, 8:20] = 1.0
+    samples = [Sample(img, None, y, "x", f"{i}.png") for i, (img, y) in enumerate(zip(images, labels, strict=True))]
+    before = model.classify(model(images, sample=False).mu).argmax(1)
+    info = refit_classifier(model, samples, steps=200, seed=0)
+    assert info["n_normal"] == 16 and info["n_anomalous"] == 8
+    with torch.no_grad():
+        out = model(images, sample=False)
+        predicted = model.classify(out.z).argmax(1)
+    assert predicted.tolist() == labels and before.tolist() != labels
+    # The refit changes only C's weights: its Grad-CAM's closed form still equals autograd's.
+    closed = class_attention(model, out, ANOMALOUS, create_graph=False)
+    z = out.z.detach().requires_grad_(True)
+    auto = grad_cam(model.classify(z)[:, ANOMALOUS], z, output_size=(32, 32), create_graph=False)
+    torch.testing.assert_close(closed, auto, atol=1e-5, rtol=1e-4)
+
+
+def test_refit_classifier_refuses_examples_of_one_class():
+    model = tiny_w_model()
+    samples = [Sample(torch.rand(3, 32, 32), None, NORMAL, "good", f"{i}.png") for i in range(4)]
+    with pytest.raises(ConfigError, match="normal and anomalous"):
+        refit_classifier(model, samples, steps=5, seed=0)

@@ -41,8 +41,8 @@ from cavga.data.types import ANOMALOUS
 from cavga.engine import distributed
 from cavga.engine.calibration import Calibration
 from cavga.engine.checkpoint import atomic_write
+from cavga.engine.classifier import refit_classifier
 from cavga.engine.infer import (
-    PAPER_CHOICE,
     MapChoice,
     calibrate,
     check_anomaly_map,
@@ -50,6 +50,7 @@ from cavga.engine.infer import (
     fit_latent_gaussian,
     infer_batch,
     infer_dataset,
+    paper_choice,
 )
 from cavga.engine.runlog import RUN_FILE, read_run_file
 from cavga.engine.train import resolve_device, seed_everything, train
@@ -183,7 +184,12 @@ class Cavga:
             # spelling of the folder still matches; anomalous_dir images are listed too, in case the folder
             # given is part of a test split.
             self.excluded_paths_ = [path_key(p) for p in anomalous.paths]
-            train_set = weak_training_set(train_set, anomalous)
+            tc = self.train_config
+            train_set = weak_training_set(train_set, anomalous, tc.anomalous_share, tc.synthetic_share, tc.seed)
+            # What one epoch holds beside the normal images: the labelled ones (with augmented copies) and
+            # the synthesized anomalies.
+            extra = [len(part) for part in train_set.datasets[1:]]
+            weak_info |= {"n_labelled_examples": extra[0], "n_synthetic": extra[1] if len(extra) > 1 else 0}
         run_info = None
         if run_dir is not None:
             # In-memory splits cannot be recorded: such a run resumes through fit(..., resume=True) only.
@@ -213,6 +219,9 @@ class Cavga:
                 run_info=_jsonable(run_info) if run_info is not None else None,
                 ctx=ctx,
             )
+            tc = self.train_config
+            if self.model_config.setting == "w" and tc.classifier_steps > 0:
+                weak_info["classifier_refit"] = refit_classifier(self.model_, train_set, tc.classifier_steps, tc.seed)
             self.train_seconds_ = time.perf_counter() - start
             fit_latent_gaussian(self.model_, normal_train_set)
             self.calibration_ = calibrate(
@@ -220,9 +229,10 @@ class Cavga:
             )
             # The paper-literal map and score of the same model, reported beside the model's own (README).
             self.paper_calibration_ = None
-            if self.model_config.setting == "u" and MapChoice.of(self.model_config) != PAPER_CHOICE:
+            paper = paper_choice(self.model_config.setting)
+            if MapChoice.of(self.model_config) != paper:
                 self.paper_calibration_ = calibrate(
-                    self.model_, calibration_set, self.calibration_quantile, choice=PAPER_CHOICE
+                    self.model_, calibration_set, self.calibration_quantile, choice=paper
                 )
         finally:
             distributed.cleanup()
@@ -333,7 +343,8 @@ class Cavga:
         result = evaluate_outputs(outputs, self.calibration_)
         paper = getattr(self, "paper_calibration_", None)
         if paper is not None:
-            paper_outputs = infer_dataset(self.model_, test, calibration=paper, choice=PAPER_CHOICE)
+            choice = paper_choice(self.model_config.setting)
+            paper_outputs = infer_dataset(self.model_, test, calibration=paper, choice=choice)
             result["paper_map"] = evaluate_outputs(paper_outputs, paper)
         if excluded:
             result["n_excluded"] = n_removed

@@ -15,8 +15,9 @@ ENCODER_VARIANTS = {"dcgan": "D", "resnet18": "R", "efficientnet_lite0": "L"}
 # The image scores: "top_mean" and "map_max" in cavga.engine.infer, the others in cavga.engine.scores.
 SCORES = (
     "top_mean", "mean", "map_max", "squared", "ssim", "elbo", "kl", "latent_mahalanobis", "discriminator",
-    "feature_matching", "attention_mass",
+    "feature_matching", "attention_mass", "probability",
 )  # fmt: skip
+WEAK_SCORES = ("probability", "map_max")  # CAVGA_w: C's probability (the paper) or the map's maximum
 # What a field left unset (None) means for each variant. D and R keep the paper's DCGAN widths and the sizes the
 # paper trains them at; L is the measured default of `cavga train` (README, "What works and what does not"): its
 # frozen ImageNet trunk makes the latent Gaussian map work after one epoch, and a width of 16 keeps a 256 px
@@ -28,6 +29,10 @@ VARIANT_DEFAULTS = {
     "R": {"image_size": 128, "width": 64, "epochs": 30, **_PAPER},
     "L": {"image_size": 256, "width": 16, "epochs": 1, "anomaly_map": "latent_gaussian", "score": "map_max"},
 }
+# CAVGA_w's map and score where unset. D and R: the paper's (the anomalous class's Grad-CAM on z, C's
+# probability); L: chosen on the demo categories by benchmarks/weak_study.py (README, "Weak supervision").
+_PAPER_WEAK = {"anomaly_map": "attention", "score": "probability"}
+WEAK_DEFAULTS = {"D": _PAPER_WEAK, "R": _PAPER_WEAK, "L": {"anomaly_map": "latent_gaussian", "score": "probability"}}
 # The one-class protocol's defaults (`cavga train --format oneclass`, `cavga benchmark oneclass`): CAVGA-D_u at
 # 32 px with Table 8's flattened 100-d latent, scored by the Mahalanobis distance of mu from the normal training
 # images' Gaussian. Chosen on development data made from the training split only (benchmarks/oneclass_study.py,
@@ -121,6 +126,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         # Unset fields take the variant's defaults (VARIANT_DEFAULTS); an unknown variant is validate()'s to name.
         defaults = VARIANT_DEFAULTS.get(self.variant, VARIANT_DEFAULTS["D"])
+        if self.setting == "w":
+            defaults = {**defaults, **WEAK_DEFAULTS.get(self.variant, _PAPER_WEAK)}
         for name in ("image_size", "width", "anomaly_map", "score"):
             if getattr(self, name) is None:
                 setattr(self, name, defaults[name])
@@ -148,6 +155,10 @@ class ModelConfig:
             raise ConfigError(f"gradcam_normalization must be 'max' or 'minmax', got {self.gradcam_normalization!r}")
         if self.score not in SCORES:
             raise ConfigError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
+        if self.setting == "w" and self.score not in WEAK_SCORES:
+            raise ConfigError(f"setting w scores an image by one of {', '.join(WEAK_SCORES)}, got {self.score!r}")
+        if self.setting == "u" and self.score == "probability":
+            raise ConfigError("score 'probability' is C's, which setting u has no classifier for")
         if not 0.0 < self.score_top_fraction <= 1.0:
             raise ConfigError(f"score_top_fraction must lie in (0, 1], got {self.score_top_fraction}")
         for name in ("latent_channels", "latent_stride", "width", "flat_latent_dim"):
@@ -180,6 +191,24 @@ class TrainConfig:
     seed: int = _option(0, "seed of the weights, the data order and the calibration slice")
     calibration_fraction: float = _option(0.1, "seeded held-out share of the normal training images for calibration")
     checkpoint_every: int = _option(0, "epochs between checkpoints in the run directory (0: only at the end)")
+    # CAVGA_w's few labelled anomalous images (README, "Weak supervision"; chosen by benchmarks/weak_study.py).
+    anomalous_share: float = _option(
+        0.1, "setting w: the labelled anomalous images are repeated, augmented (flips, turns, shifts, brightness), "
+        "until they make about this share of an epoch; 0: each once, as it is (the paper)",
+    )  # fmt: skip
+    synthetic_share: float = _option(
+        0.1, "setting w, beyond the paper: add this share (of the normal images' count) of anomalies synthesized on "
+        "normal training images (cut-and-paste patches, noise blobs); 0: none",
+    )  # fmt: skip
+    classifier_steps: int = _option(
+        300, "setting w, beyond the paper: after training, refit the classifier C on the latent of the training "
+        "examples (encoder fixed) for this many Adam steps; 0: C as the joint training of eq. 6 left it",
+    )  # fmt: skip
+    cga_maps: str = _option(
+        "signed", "setting w: L_cga on the class maps before the ReLU, scaled by their largest magnitude ('signed'), "
+        "or on the paper's ReLU'd, max-normalized Grad-CAMs ('paper', which a vanishing map meets trivially)",
+        choices=("signed", "paper"),
+    )  # fmt: skip
     device: str = _option("auto", "auto, cpu, cuda, cuda:1 ...")
     num_workers: int = _option(0, "data loader worker processes")
     weights: LossWeights = field(default_factory=LossWeights)
@@ -193,6 +222,13 @@ class TrainConfig:
             raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        for name in ("anomalous_share", "synthetic_share"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
+        if self.classifier_steps < 0:
+            raise ConfigError(f"classifier_steps must be >= 0, got {self.classifier_steps}")
+        if self.cga_maps not in ("signed", "paper"):
+            raise ConfigError(f"cga_maps must be 'signed' or 'paper', got {self.cga_maps!r}")
         if not 0.0 < self.calibration_fraction < 1.0:
             raise ConfigError(f"calibration_fraction must lie in (0, 1), got {self.calibration_fraction}")
 
@@ -226,4 +262,7 @@ def upgrade_sections(model: dict[str, Any], train: dict[str, Any]) -> tuple[dict
     old_setting = train.pop("setting", None)
     if "setting" not in model and (old_setting is not None or weak is not None):
         model["setting"] = old_setting if old_setting is not None else ("w" if weak else "u")
+    # Written before CAVGA_w's map and score were options: they were the paper's, whatever the file said.
+    if model.get("setting") == "w" and model.get("score") not in WEAK_SCORES:
+        model |= _PAPER_WEAK
     return model, train

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 from torch.utils.data import ConcatDataset
 
+from cavga.data.augment import AugmentedCopies, SyntheticAnomalies
 from cavga.data.dataset import AnomalyDataset
 from cavga.data.types import ANOMALOUS, NORMAL
 from cavga.errors import ConfigError, DataError
@@ -66,14 +67,35 @@ class LabelledConcat(ConcatDataset):
         return [path for part in self.datasets for path in part.paths]
 
 
-def weak_training_set(normal: AnomalyDataset, anomalous: AnomalyDataset) -> LabelledConcat:
+def weak_training_set(
+    normal: AnomalyDataset,
+    anomalous: AnomalyDataset,
+    anomalous_share: float = 0.0,
+    synthetic_share: float = 0.0,
+    seed: int = 0,
+) -> LabelledConcat:
     """CAVGA_w's training set: the normal training images, then the anomalous ones as labels only.
 
     The anomalous records lose their masks (weak supervision never sees pixel ground truth) and are read with
-    the normal images' preprocessing.
+    the normal images' preprocessing. ``anomalous_share`` > 0 repeats them, augmented
+    (:class:`~cavga.data.augment.AugmentedCopies`), until they make about that share of the set (each at least
+    once); ``synthetic_share`` > 0 adds that share (of the normal images' count) of anomalies synthesized on the
+    normal images (:class:`~cavga.data.augment.SyntheticAnomalies`). Both 0: the paper's set.
     """
     labels_only = [dataclasses.replace(r, label=ANOMALOUS, mask=None, zero_mask=False) for r in anomalous.records]
-    return LabelledConcat([normal, AnomalyDataset(labels_only, normal.preprocess, anomalous.array)])
+    labelled = AnomalyDataset(labels_only, normal.preprocess, anomalous.array)
+    for name, share in (("anomalous_share", anomalous_share), ("synthetic_share", synthetic_share)):
+        if not 0.0 <= share < 1.0:
+            raise ConfigError(f"{name} must lie in [0, 1), got {share}")
+    parts = [normal]
+    if anomalous_share > 0.0:
+        wanted = anomalous_share * len(normal) / (1.0 - anomalous_share)
+        parts.append(AugmentedCopies(labelled, max(1, round(wanted / max(1, len(labelled)))), seed))
+    else:
+        parts.append(labelled)
+    if synthetic_share > 0.0:
+        parts.append(SyntheticAnomalies(normal, max(1, round(synthetic_share * len(normal))), seed))
+    return LabelledConcat(parts)
 
 
 def path_key(path: str) -> str:

@@ -61,13 +61,16 @@ class MapChoice:
 
     @classmethod
     def of(cls, config) -> MapChoice:
-        # CAVGA_w's map is always C's class attention and its score C's probability (paper 3.2).
-        if config.setting == "w":
-            return cls(PAPER_MAP, "probability")
         return cls(config.anomaly_map, config.score)
 
 
 PAPER_CHOICE = MapChoice(PAPER_MAP, PAPER_SCORE)  # the paper-literal map 1 - A and its residual score
+WEAK_PAPER_CHOICE = MapChoice(PAPER_MAP, "probability")  # CAVGA_w's: the anomalous class's Grad-CAM, C's probability
+
+
+def paper_choice(setting: str) -> MapChoice:
+    """The paper-literal map and score of ``setting`` "u" or "w"."""
+    return WEAK_PAPER_CHOICE if setting == "w" else PAPER_CHOICE
 
 
 def check_anomaly_map(name: str) -> None:
@@ -134,10 +137,16 @@ def infer_tensors(
             raw = image_score(choice.score)(model, out, images, x_hat)
         anomaly = calibration.normalize_map(raw_map) if spec.calibrated else raw_map
     raw = raw.detach()
+    score = calibration.normalize(raw)
+    if cfg.setting == "w":
+        # Paper 3.2: the decision comes first and the anomalous map "is computed when y = c_a". Where the image is
+        # called normal the map is scaled by its score (< 0.5): the mask is empty, the pixel ranking kept.
+        gate = score.to(anomaly.dtype).view(-1, 1, 1, 1)
+        anomaly = torch.where(gate > THRESHOLD, anomaly, anomaly * gate)
     anomaly = anomaly.detach()[:, 0]
     return Inference(
         raw_score=raw,
-        score=calibration.normalize(raw),
+        score=score,
         anomaly_map=anomaly,
         mask=anomaly > THRESHOLD,
         x_hat=x_hat,
@@ -336,15 +345,13 @@ def calibrate(
     _require_normal(normal_dataset, "calibration")
     outputs = infer_dataset(model, normal_dataset, batch_size, choice=choice)
     residual_threshold = float(np.quantile(outputs.residual_maps, MAP_QUANTILE))
-    if choice.score == "probability":
-        # C's probability is already in [0, 1] with THRESHOLD its decision boundary: keep it as it is.
-        calibration = Calibration(0.0, THRESHOLD, quantile, len(outputs.paths), outputs.paths)
-    else:
-        raw = outputs.raw_scores
-        if choice == CROSS_FITTED and training_normals is not None and can_cross_fit(training_normals, normal_dataset):
-            # The cross-fitted scores (and n_images) include the training images; paths name the held-out slice.
-            raw = cross_fitted_latent_scores(model, ConcatDataset([training_normals, normal_dataset]), batch_size)
-        calibration = fit_calibration(raw, quantile, outputs.paths)
+    # C's probability too: its 0.5 would mean whatever few labels made it mean; the normal quantile means what it
+    # means in setting u (the share of held-out normal images called anomalous).
+    raw = outputs.raw_scores
+    if choice == CROSS_FITTED and training_normals is not None and can_cross_fit(training_normals, normal_dataset):
+        # The cross-fitted scores (and n_images) include the training images; paths name the held-out slice.
+        raw = cross_fitted_latent_scores(model, ConcatDataset([training_normals, normal_dataset]), batch_size)
+    calibration = fit_calibration(raw, quantile, outputs.paths)
     calibration.residual_threshold = residual_threshold
     if map_spec(choice.anomaly_map).calibrated:
         if choice.score == "map_max":

@@ -4,7 +4,8 @@ A map is a function of (model, forward output, images, x_hat) giving a raw map (
 anomalous. Two kinds (:attr:`MapSpec.calibrated`):
 
 * **Attention maps**, the paper's family: on [0, 1] by Grad-CAM's per-image normalization, thresholded at 0.5 as
-  the paper says. ``attention`` is the paper's 1 - A (CAVGA_w: the anomalous class's Grad-CAM on z, gated by C).
+  the paper says. ``attention`` is the paper's 1 - A (CAVGA_w: the anomalous class's Grad-CAM on z; the core gates
+  every CAVGA_w map by the image's decision).
 * **Deviation maps**: how far an image is from what the normal training images produce, in units of their own
   (a Mahalanobis distance, a feature or a pixel residual). Each is calibrated on normal images only, so that 0.5
   means the same for every one (see :func:`cavga.engine.infer.calibrate`).
@@ -24,7 +25,6 @@ import torch.nn.functional as F
 
 from cavga.data.types import ANOMALOUS
 from cavga.errors import ConfigError
-from cavga.metrics import THRESHOLD
 from cavga.model.efficientnet_lite import EfficientNetLite0, load_imagenet_weights
 from cavga.model.gaussian import latent_positions
 from cavga.model.gradcam import class_attention, output_attention
@@ -73,15 +73,11 @@ def _size(images: torch.Tensor) -> tuple[int, int]:
 
 def attention(model: CavgaNet, out: CavgaOutput, images: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     """The paper's map. CAVGA_u: 1 - A (SPEC 1.1: the anomaly is where the attention is not). CAVGA_w: the
-    Grad-CAM of the anomalous class on z (paper 3.2), gated by C's decision."""
+    Grad-CAM of the anomalous class on z (paper 3.2)."""
     if model.config.setting == "u":
         return 1.0 - output_attention(model, out, _size(images), create_graph=False)
-    cam = class_attention(model, out, ANOMALOUS, create_graph=False)
-    # Paper 3.2: C decides first, and the anomalous map "is computed when y = c_a". Where C says normal
-    # (P(anomalous) <= 0.5) the map is scaled by that probability: below the 0.5 threshold everywhere, so
-    # the mask is empty as the paper's decision implies, while the heat map keeps its pixel ranking.
-    p = anomalous_probability(model, out).view(-1, 1, 1, 1)
-    return torch.where(p > THRESHOLD, cam, cam * p)
+    # Gated by the image's calibrated decision in the inference core (cavga.engine.infer.infer_tensors).
+    return class_attention(model, out, ANOMALOUS, create_graph=False)
 
 
 def attention_flip(model: CavgaNet, out: CavgaOutput, images: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
@@ -146,6 +142,15 @@ def fusion(model: CavgaNet, out: CavgaOutput, images: torch.Tensor, x_hat: torch
     return latent_gaussian(model, out, images, x_hat) * attention(model, out, images, x_hat)
 
 
+def class_gaussian(model: CavgaNet, out: CavgaOutput, images: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """CAVGA_w: the latent Gaussian weighted by (1 + the anomalous class's Grad-CAM on z) / 2: deviation counts in
+    full where C sees the defect and half where it sees none (a plain product drops every deviation C missed)."""
+    if model.classifier is None:
+        raise ConfigError("the class_gaussian map needs CAVGA_w's classifier (setting 'w')")
+    cam = class_attention(model, out, ANOMALOUS, create_graph=False)
+    return latent_gaussian(model, out, images, x_hat) * (1.0 + cam) / 2.0
+
+
 # ---------------------------------------------------------------------------------------------- the registry
 
 MapFunction = Callable[[CavgaNet, CavgaOutput, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -167,6 +172,7 @@ ANOMALY_MAPS: dict[str, MapSpec] = {
     "latent_gaussian": MapSpec(latent_gaussian, calibrated=True, needs_reconstruction=False),
     "feature_residual": MapSpec(feature_residual, calibrated=True, exportable=False),
     "fusion": MapSpec(fusion, calibrated=True),
+    "class_gaussian": MapSpec(class_gaussian, calibrated=True, needs_reconstruction=False),
 }
 PAPER_MAP = "attention"
 PAPER_SCORE = "top_mean"

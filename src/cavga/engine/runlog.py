@@ -22,7 +22,7 @@ from cavga.config import TrainConfig, to_dict
 from cavga.data.types import collate_samples
 from cavga.engine.calibration import CalibrationConstants
 from cavga.engine.checkpoint import atomic_write
-from cavga.engine.infer import PAPER_CHOICE, MapChoice, infer_tensors
+from cavga.engine.infer import MapChoice, infer_tensors, paper_choice
 from cavga.engine.maps import map_spec
 from cavga.errors import ConfigError
 from cavga.model.networks import CavgaNet
@@ -171,8 +171,8 @@ def visual_batch(model: CavgaNet, images: torch.Tensor) -> tuple[torch.Tensor, .
     try:
         with torch.no_grad():  # the core turns gradients on itself where Grad-CAM needs autograd
             choice = MapChoice.of(model.config)
-            if model.config.setting == "u" and map_spec(choice.anomaly_map).calibrated:
-                choice = PAPER_CHOICE
+            if map_spec(choice.anomaly_map).calibrated:
+                choice = paper_choice(model.config.setting)
             result = infer_tensors(model, images.to(device), CalibrationConstants().to(device), choice)
     finally:
         model.train(was_training)

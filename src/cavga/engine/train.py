@@ -24,7 +24,7 @@ from cavga.engine import distributed, runlog
 from cavga.engine.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from cavga.errors import CavgaError, ConfigError
 from cavga.model import losses
-from cavga.model.gradcam import class_attention, output_attention
+from cavga.model.gradcam import class_attention, output_attention, signed_class_maps
 from cavga.model.networks import CavgaNet
 
 log = logging.getLogger(__name__)
@@ -135,8 +135,12 @@ def training_step(
             terms["L_adv"] = losses.generator_adversarial_loss(model.discriminator(fake))
         logits = model.classify(out.z)
         terms["L_bce"] = losses.balanced_classifier_loss(logits, labels, class_weights)
-        a_normal = class_attention(model, out, NORMAL, create_graph=True)
-        a_anomalous = class_attention(model, out, ANOMALOUS, create_graph=True)
+        if config.cga_maps == "signed":
+            a_normal = signed_class_maps(model, out, NORMAL)
+            a_anomalous = signed_class_maps(model, out, ANOMALOUS)
+        else:
+            a_normal = class_attention(model, out, NORMAL, create_graph=True)
+            a_anomalous = class_attention(model, out, ANOMALOUS, create_graph=True)
         predictions = logits.argmax(dim=1)
         terms["L_cga"] = losses.complementary_guided_attention_loss(a_normal, a_anomalous, predictions, labels)
         total = w.w_r * terms["L"] + w.w_adv * terms["L_adv"] + w.w_c * terms["L_bce"] + w.w_cga * terms["L_cga"]
@@ -433,8 +437,9 @@ def _check_resumable(saved: dict, config: TrainConfig, world_size: int, n_sample
         )
     if saved["n_samples"] != n_samples:
         raise TrainingError(f"{path} was trained on {saved['n_samples']} images, this dataset has {n_samples}")
-    now = to_dict(config)
-    changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and now[k] != saved["train_config"].get(k))
+    now, before = to_dict(config), saved["train_config"]
+    # A setting the checkpoint predates is not compared (for setting w the sample count above still is).
+    changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and k in before and now[k] != before[k])
     if changed:
         raise TrainingError(f"{path} was written with other training settings ({', '.join(changed)} differ)")
 

@@ -235,3 +235,23 @@ def class_attention(model: CavgaNet, output: CavgaOutput, cls: int, create_graph
             create_graph=create_graph,
         )
     return attention if create_graph else attention.detach()
+
+
+def signed_class_maps(model: CavgaNet, output: CavgaOutput, cls: int) -> torch.Tensor:
+    """Class ``cls``'s Grad-CAM before the ReLU, each image's map divided by its largest magnitude: (B, 1, h, w)
+    on [-1, 1] at the features' resolution, differentiable (for L_cga during training).
+
+    The paper's maps (ReLU, then max-normalized) let L_cga reach 0 with no information: a class map negative
+    everywhere is 0 after the ReLU and a flat one is 1 after the normalization. Signed maps reach their bound
+    only where the class evidence itself is uniform, so the loss keeps a gradient (cga_maps="signed")."""
+    features = output.z if output.z.dim() == 4 else output.features
+    alpha = closed_form_weights(model, cls, output)
+    if alpha is None:
+        logits = model.classify(output.z)
+        (grads,) = torch.autograd.grad(logits[:, cls].sum(), features, create_graph=True, retain_graph=True)
+        alpha = grads.mean(dim=(2, 3), keepdim=True)
+    else:
+        alpha = alpha.view(1, -1, 1, 1)
+    cam = (alpha * features).sum(dim=1, keepdim=True)
+    scale = cam.abs().flatten(1).amax(dim=1).view(-1, 1, 1, 1)
+    return cam / (scale + 1e-8)
