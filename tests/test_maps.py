@@ -32,7 +32,8 @@ def _tiny_l(**kw) -> ModelConfig:
 
 def test_the_registry_names_every_map_and_refuses_others():
     assert set(maps.ANOMALY_MAPS) == {
-        "attention", "attention_flip", "attention_advae", "residual", "latent_gaussian", "feature_residual", "fusion"
+        "attention", "attention_flip", "attention_advae", "residual", "latent_gaussian", "feature_residual", "fusion",
+        "class_gaussian", "deviation_classifier",
     }  # fmt: skip
     with pytest.raises(ConfigError, match="anomaly_map must be one of"):
         maps.map_spec("heat")
@@ -179,11 +180,13 @@ def test_calibrate_refuses_anomalous_images(tiny_root):
     assert cal.map_threshold == cal.residual_threshold  # the paper's map is not rescaled
 
 
-def test_default_model_exports_with_eager_parity(tiny_root, tmp_path):
+@pytest.mark.parametrize("setting", ["u", "w"])
+def test_default_model_exports_with_eager_parity(tiny_root, tmp_path, setting):
     pytest.importorskip("onnxruntime")
     from cavga.export import OnnxInferencer, export, load_exported
 
-    detector = cavga.Cavga(image_size=64, width=4, latent_channels=4, batch_size=4)
+    weak = {"anomalous_count": 1} if setting == "w" else {}
+    detector = cavga.Cavga(setting=setting, image_size=64, width=4, latent_channels=4, batch_size=4, **weak)
     detector.fit(tiny_root, category="bottle", progress=False)
     path = export(detector, tmp_path / "m.onnx")
     images = sorted(str(p) for p in (tiny_root / "bottle" / "test").rglob("*.png"))

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 import cavga
 from cavga.cli import main
@@ -19,11 +20,12 @@ from cavga.config import LossWeights, ModelConfig, TrainConfig
 from cavga.data import AnomalyDataset, Record, load_dataset
 from cavga.data.splits import sample_weak_labels, weak_training_set
 from cavga.data.types import ANOMALOUS, NORMAL, Sample, collate_samples
-from cavga.engine.classifier import fold_standardization, refit_classifier
-from cavga.engine.infer import infer_batch
+from cavga.engine.classifier import fit_deviation_classifier, fold_standardization, refit_classifier
+from cavga.engine.infer import MapChoice, infer_batch
 from cavga.engine.train import class_weights_for, make_optimizers, training_step
 from cavga.errors import ConfigError, DataError
 from cavga.model import losses
+from cavga.model.gaussian import top_mean_logit
 from cavga.model.gradcam import class_attention, grad_cam, signed_class_maps
 from cavga.model.networks import CavgaOutput, build_model
 from tiny_data import write_tiny_mvtec
@@ -429,3 +431,61 @@ def test_refit_classifier_refuses_examples_of_one_class():
     samples = [Sample(torch.rand(3, 32, 32), None, NORMAL, "good", f"{i}.png") for i in range(4)]
     with pytest.raises(ConfigError, match="normal and anomalous"):
         refit_classifier(model, samples, steps=5, seed=0)
+
+
+def _fitted_gaussian_w_model(images: torch.Tensor, labels: list[int]):
+    model = tiny_w_model().eval()
+    with torch.no_grad():
+        mu = model(images[[i for i, y in enumerate(labels) if y == NORMAL]], sample=False).mu
+    model.latent_gaussian.fit([mu], neighbourhood=1)
+    return model
+
+
+def _bright_square_examples(n_normal: int = 16, n_anomalous: int = 8, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(n_normal + n_anomalous, 3, 32, 32, generator=g) * 0.3
+    labels = [NORMAL] * n_normal + [ANOMALOUS] * n_anomalous
+    for i in range(n_normal, n_normal + n_anomalous):
+        top, left = (int(v) for v in torch.randint(0, 24, (2,), generator=g))
+        images[i, :, top : top + 8, left : left + 8] = 1.0
+    samples = [Sample(img, None, y, "x", f"{i}.png") for i, (img, y) in enumerate(zip(images, labels, strict=True))]
+    return images, labels, samples
+
+
+def test_deviation_classifier_inputs_are_the_deviation_from_the_gaussian():
+    images, labels, _ = _bright_square_examples()
+    model = _fitted_gaussian_w_model(images, labels)
+    head, gaussian = model.deviation_classifier, model.latent_gaussian
+    with torch.no_grad():
+        mu = model(images[:3], sample=False).mu
+        inputs = head.inputs(mu, gaussian)
+    c, h, w = mu.shape[1:]
+    mean = gaussian.mean.T.reshape(1, c, h, w)
+    torch.testing.assert_close(inputs[:, :c], mu - mean)
+    torch.testing.assert_close(inputs[:, c : 2 * c], (mu - mean) ** 2)
+    # The last input is the Mahalanobis distance, by hand at one position.
+    p = 5
+    d = (mu[0].flatten(1)[:, p] - gaussian.mean[p]).double()
+    expected = torch.sqrt(d @ gaussian.precision[p].double() @ d)
+    assert float(inputs[0, -1].flatten()[p]) == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_deviation_classifier_learns_the_labelled_examples_and_top_mean_is_the_image_logit():
+    images, labels, samples = _bright_square_examples()
+    model = _fitted_gaussian_w_model(images, labels)
+    info = fit_deviation_classifier(model, samples, steps=200, seed=0)
+    assert info["n_anomalous"] == 8 and model.deviation_classifier.fitted
+    with torch.no_grad():
+        positions = model.deviation_classifier(model(images, sample=False).mu, model.latent_gaussian)
+    logits = top_mean_logit(positions)
+    k = max(1, round(0.02 * positions[0].numel()))
+    torch.testing.assert_close(logits, positions.flatten(1).sort(1, descending=True).values[:, :k].mean(1))
+    truth = np.array(labels)
+    assert roc_auc_score(truth, logits.numpy()) == 1.0
+
+
+def test_an_unfitted_deviation_classifier_map_is_refused():
+    model = tiny_w_model().eval()
+    x = torch.rand(2, 3, 32, 32)
+    with pytest.raises(ConfigError, match="deviation classifier"):
+        infer_batch(model, x, choice=MapChoice("deviation_classifier", "map_max"))

@@ -41,7 +41,7 @@ from cavga.data.types import ANOMALOUS
 from cavga.engine import distributed
 from cavga.engine.calibration import Calibration
 from cavga.engine.checkpoint import atomic_write
-from cavga.engine.classifier import refit_classifier
+from cavga.engine.classifier import fit_deviation_classifier, refit_classifier
 from cavga.engine.infer import (
     MapChoice,
     calibrate,
@@ -224,6 +224,10 @@ class Cavga:
                 weak_info["classifier_refit"] = refit_classifier(self.model_, train_set, tc.classifier_steps, tc.seed)
             self.train_seconds_ = time.perf_counter() - start
             fit_latent_gaussian(self.model_, normal_train_set)
+            if self.model_.deviation_classifier is not None and tc.classifier_steps > 0:
+                weak_info["deviation_classifier"] = fit_deviation_classifier(
+                    self.model_, train_set, tc.classifier_steps, tc.seed
+                )
             self.calibration_ = calibrate(
                 self.model_, calibration_set, self.calibration_quantile, training_normals=normal_train_set
             )
@@ -409,7 +413,9 @@ class Cavga:
         model = build_model(model_config, read_weights=False)
         fresh = model.state_dict()
         # Files written before the latent Gaussian existed lack its buffers: it stays unfitted there.
-        state = {**{k: v for k, v in fresh.items() if k.startswith("latent_gaussian.")}, **state}
+        # So do CAVGA_w files written before the deviation classifier: it stays unfitted (n_examples 0).
+        later = ("latent_gaussian.", "deviation_classifier.")
+        state = {**{k: v for k, v in fresh.items() if k.startswith(later)}, **state}
         try:
             model.load_state_dict(state, strict=True)
         except Exception as exc:  # a missing, extra or misshapen tensor

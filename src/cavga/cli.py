@@ -345,6 +345,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         weak = detector.data_info_["weak_labels"]
         where = weak["dir"] if weak["source"] == "dir" else "the test split (left out of every evaluation)"
         print(f"weak labels: {weak['n_anomalous']} anomalous image(s) from {where}")
+        print(f"anomalous training examples: {weak['n_labelled_examples']} labelled (with augmented copies), "
+              f"{weak['n_synthetic']} synthesized")  # fmt: skip
     return 0
 
 

@@ -1,4 +1,5 @@
-"""CAVGA_w's classifier C refitted on the trained latent (``classifier_steps`` > 0; beyond the paper).
+"""CAVGA_w's classifiers fitted on the trained latent (``classifier_steps`` > 0; beyond the paper): C refitted, and
+the deviation classifier of :class:`cavga.model.gaussian.DeviationClassifier`.
 
 Trained jointly as eq. 6 says, C gets a handful of small steps from a handful of labelled images (L_bce's weight
 is 0.001, and the default CAVGA-L trains one epoch): it stays near its random start and calls every image one
@@ -11,12 +12,15 @@ over the examples) is folded into C's weights afterwards, so the network and its
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from cavga.data.types import collate_samples
 from cavga.errors import ConfigError
+from cavga.model.gaussian import top_mean_logit
 from cavga.model.networks import CavgaNet
 
 REFIT_LR = 1e-2
@@ -24,13 +28,45 @@ REFIT_WEIGHT_DECAY = 1e-4
 REFIT_BATCH = 64
 
 
-def _latents(model: CavgaNet, dataset: Dataset, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _examples(model: CavgaNet, dataset: Dataset, batch_size: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean latents (eval mode, no sampling, no decoder) and labels of ``dataset``, which must hold both
+    classes (``what`` names the fit in the error)."""
     device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
     zs, labels = [], []
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_samples):
-        zs.append(model(batch.images.to(device), sample=False, decode=False).mu.detach())
-        labels.append(batch.labels.to(device))
-    return torch.cat(zs), torch.cat(labels)
+    try:
+        with torch.no_grad():
+            for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_samples):
+                zs.append(model(batch.images.to(device), sample=False, decode=False).mu)
+                labels.append(batch.labels.to(device))
+    finally:
+        model.train(was_training)
+    labels = torch.cat(labels)
+    counts = torch.bincount(labels, minlength=2)
+    if int(counts.min()) == 0:
+        raise ConfigError(f"{what} needs normal and anomalous examples, got counts {counts.tolist()}")
+    return torch.cat(zs), labels
+
+
+def _adam_steps(
+    params, n: int, steps: int, generator: torch.Generator, batch_loss: Callable[[torch.Tensor], torch.Tensor]
+) -> dict:
+    """``steps`` Adam steps on ``params``, each on a random batch (indices into n examples) of ``batch_loss``."""
+    opt = torch.optim.Adam(params, lr=REFIT_LR, weight_decay=REFIT_WEIGHT_DECAY)
+    loss = torch.zeros(())
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = batch_loss(torch.randint(0, n, (min(REFIT_BATCH, n),), generator=generator))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return {"loss": float(loss.detach()), "steps": steps}
+
+
+def _counts(labels: torch.Tensor) -> dict:
+    counts = torch.bincount(labels, minlength=2)
+    return {"n_normal": int(counts[0]), "n_anomalous": int(counts[1])}
 
 
 def fold_standardization(
@@ -49,16 +85,8 @@ def refit_classifier(model: CavgaNet, dataset: Dataset, steps: int, seed: int, b
         raise ConfigError("refit_classifier needs CAVGA_w's classifier (setting 'w')")
     if model.config.flatten_latent:
         raise ConfigError("the classifier refit works on the conv latent z (flatten_latent=False)")
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            z, labels = _latents(model, dataset, batch_size)
-    finally:
-        model.train(was_training)
+    z, labels = _examples(model, dataset, batch_size, "the classifier refit")
     counts = torch.bincount(labels, minlength=2)
-    if int(counts.min()) == 0:
-        raise ConfigError(f"the classifier refit needs normal and anomalous examples, got counts {counts.tolist()}")
     # Per-channel standardization, over every example and position.
     shift = z.mean(dim=(0, 2, 3), keepdim=True)
     scale = z.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
@@ -69,17 +97,45 @@ def refit_classifier(model: CavgaNet, dataset: Dataset, steps: int, seed: int, b
     with torch.no_grad():
         head.weight.normal_(0.0, 0.01, generator=generator)
         head.bias.zero_()
-    opt = torch.optim.Adam(head.parameters(), lr=REFIT_LR, weight_decay=REFIT_WEIGHT_DECAY)
-    loss = torch.zeros(())
-    with torch.enable_grad():
-        for _ in range(steps):
-            idx = torch.randint(0, x.shape[0], (min(REFIT_BATCH, x.shape[0]),), generator=generator).to(x.device)
-            loss = F.cross_entropy(head(x[idx]), labels[idx], weight=weights)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    info = _adam_steps(
+        head.parameters(),
+        x.shape[0],
+        steps,
+        generator,
+        lambda idx: F.cross_entropy(head(x[idx.to(x.device)]), labels[idx.to(x.device)], weight=weights),
+    )
     with torch.no_grad():
         weight, bias = fold_standardization(head.weight, head.bias, shift.expand_as(z[:1]), scale.expand_as(z[:1]))
         model.classifier.weight.copy_(weight)
         model.classifier.bias.copy_(bias)
-    return {"loss": float(loss.detach()), "n_normal": int(counts[0]), "n_anomalous": int(counts[1]), "steps": steps}
+    return {**info, **_counts(labels)}
+
+
+def fit_deviation_classifier(model: CavgaNet, dataset: Dataset, steps: int, seed: int, batch_size: int = 32) -> dict:
+    """Fit ``model.deviation_classifier`` (:class:`cavga.model.gaussian.DeviationClassifier`) on the mean latents
+    of ``dataset`` (NORMAL and ANOMALOUS examples) after the latent Gaussian is fitted: its inputs standardized
+    over every example and position, then ``steps`` Adam steps of class-balanced cross-entropy on the image
+    logit (the top-mean of the position logits). Returns the final loss and the examples' counts."""
+    head, gaussian = model.deviation_classifier, model.latent_gaussian
+    if head is None or gaussian is None or not gaussian.fitted:
+        raise ConfigError("the deviation classifier needs CAVGA_w's conv latent and its fitted latent Gaussian")
+    z, labels = _examples(model, dataset, batch_size, "the deviation classifier")
+    with torch.no_grad():
+        inputs = head.inputs(z, gaussian)
+    counts = torch.bincount(labels, minlength=2)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.shift.copy_(inputs.mean(dim=(0, 2, 3), keepdim=True))
+        head.scale.copy_(inputs.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6))
+        head.conv.weight.normal_(0.0, 0.01, generator=generator)
+        head.conv.bias.zero_()
+    pos_weight = (counts[0].double() / counts[1].double()).to(inputs.dtype)
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        idx = idx.to(inputs.device)
+        logits = top_mean_logit(head.position_logits(inputs[idx]))
+        return F.binary_cross_entropy_with_logits(logits, labels[idx].to(logits.dtype), pos_weight=pos_weight)
+
+    info = _adam_steps(head.conv.parameters(), inputs.shape[0], steps, generator, batch_loss)
+    head.n_examples.fill_(int(labels.numel()))
+    return {**info, **_counts(labels)}

@@ -151,6 +151,19 @@ def class_gaussian(model: CavgaNet, out: CavgaOutput, images: torch.Tensor, x_ha
     return latent_gaussian(model, out, images, x_hat) * (1.0 + cam) / 2.0
 
 
+def deviation_classifier(model: CavgaNet, out: CavgaOutput, images: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """CAVGA_w: the latent Gaussian's distance weighted by the deviation classifier's probability at each position
+    (:class:`cavga.model.gaussian.DeviationClassifier`, fitted on the labelled and synthesized anomalies),
+    upsampled and blurred."""
+    head, gaussian = model.deviation_classifier, model.latent_gaussian
+    exporting = torch.compiler.is_exporting()
+    if head is None or (not exporting and not (head.fitted and gaussian.fitted)):
+        raise ConfigError("the deviation_classifier map needs CAVGA_w's fitted deviation classifier (fit() does it)")
+    inputs = head.inputs(out.mu, gaussian)
+    weighted = inputs[:, -1:] * torch.sigmoid(head.position_logits(inputs))
+    return upsampled_blur(weighted, _size(images))
+
+
 # ---------------------------------------------------------------------------------------------- the registry
 
 MapFunction = Callable[[CavgaNet, CavgaOutput, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -173,6 +186,7 @@ ANOMALY_MAPS: dict[str, MapSpec] = {
     "feature_residual": MapSpec(feature_residual, calibrated=True, exportable=False),
     "fusion": MapSpec(fusion, calibrated=True),
     "class_gaussian": MapSpec(class_gaussian, calibrated=True, needs_reconstruction=False),
+    "deviation_classifier": MapSpec(deviation_classifier, calibrated=True, needs_reconstruction=False),
 }
 PAPER_MAP = "attention"
 PAPER_SCORE = "top_mean"

@@ -136,3 +136,48 @@ def cross_fitted_scores(
             idx = held[i : i + batch_size]
             out[idx] = score(gaussian(features[idx])).detach().double().cpu()
     return out
+
+
+DEVIATION_TOP_FRACTION = 0.02  # the deviation classifier's image logit: mean of its top 2 % position logits
+
+
+class DeviationClassifier(nn.Module):
+    """CAVGA_w beyond the paper: a logistic classifier of each latent position from its deviation from the normal
+    Gaussian there, (mu_p - m_p, (mu_p - m_p)^2, d_p) (2 C + 1 inputs, standardized, then a 1 x 1 convolution),
+    and an image logit from the mean of the top :data:`DEVIATION_TOP_FRACTION` positions (multiple-instance: an
+    image is anomalous where some of it is). Fitted after the Gaussian on the training examples
+    (:func:`cavga.engine.classifier.fit_deviation_classifier`); parameters and statistics are saved with the model.
+    """
+
+    def __init__(self, channels: int, height: int, width: int) -> None:
+        super().__init__()
+        self.channels, self.height, self.width = channels, height, width
+        inputs = 2 * channels + 1
+        self.conv = nn.Conv2d(inputs, 1, 1)
+        self.register_buffer("shift", torch.zeros(1, inputs, 1, 1))
+        self.register_buffer("scale", torch.ones(1, inputs, 1, 1))
+        self.register_buffer("n_examples", torch.zeros((), dtype=torch.long))
+
+    @property
+    def fitted(self) -> bool:
+        return int(self.n_examples) > 0
+
+    def inputs(self, mu: torch.Tensor, gaussian: PositionGaussian) -> torch.Tensor:
+        """The raw per-position inputs (B, 2 C + 1, h, w) of a conv latent ``mu`` (B, C, h, w)."""
+        mean = gaussian.mean.T.reshape(1, self.channels, self.height, self.width)
+        d = mu - mean
+        return torch.cat([d, d * d, gaussian(mu)], dim=1)
+
+    def position_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Per-position anomalous logits (B, 1, h, w) of raw inputs."""
+        return self.conv((inputs - self.shift) / self.scale)
+
+    def forward(self, mu: torch.Tensor, gaussian: PositionGaussian) -> torch.Tensor:
+        return self.position_logits(self.inputs(mu, gaussian))
+
+
+def top_mean_logit(position_logits: torch.Tensor, fraction: float = DEVIATION_TOP_FRACTION) -> torch.Tensor:
+    """The image logit (B,) of per-position logits (B, 1, h, w): the mean of the largest ``fraction`` of them."""
+    flat = position_logits.flatten(1)
+    k = max(1, round(fraction * flat.shape[1]))
+    return flat.topk(k, dim=1).values.mean(1)

@@ -24,7 +24,7 @@ from cavga.config import ModelConfig
 from cavga.errors import ConfigError, ModelFileError
 from cavga.model.efficientnet_lite import read_state_dict
 from cavga.model.encoders import LITE0_STRIDES, Lite0Encoder, torchvision_resnet18_path
-from cavga.model.gaussian import PositionGaussian
+from cavga.model.gaussian import DeviationClassifier, PositionGaussian
 
 GRADCAM_TARGETS = ("sum_mu", "sum_z")
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -245,10 +245,13 @@ class CavgaNet(nn.Module):
         self.classifier = nn.Linear(z_numel, 2) if config.setting == "w" else None
         # The latent Gaussian map's statistics (fitted on the normal training images after training; buffers, so
         # they are saved with the weights). The flattened latent is one position of flat_latent_dim channels.
+        self.deviation_classifier = None
         if config.flatten_latent:
             self.latent_gaussian = PositionGaussian(config.flat_latent_dim, 1, 1)
         else:
             self.latent_gaussian = PositionGaussian(config.latent_channels, h, w)
+            if config.setting == "w":  # beyond the paper: positions classified by their deviation (gaussian.py)
+                self.deviation_classifier = DeviationClassifier(config.latent_channels, h, w)
 
     def forward(self, x: torch.Tensor, sample: bool | None = None, decode: bool = True) -> CavgaOutput:
         """Encode, sample ``z`` (``sample`` None: when training) and decode to logits (``decode=False``: not, for
