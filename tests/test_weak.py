@@ -403,8 +403,13 @@ def test_fold_standardization_gives_the_same_logits():
     torch.testing.assert_close(z.flatten(1) @ folded_w.T + folded_b, expected)
 
 
-def test_refit_classifier_separates_the_training_examples_and_keeps_the_closed_form_cam():
-    model = tiny_w_model().eval()
+@pytest.mark.parametrize("flat", [False, True])
+def test_refit_classifier_separates_the_training_examples_and_keeps_the_closed_form_cam(flat):
+    torch.manual_seed(0)
+    extra = {"flatten_latent": True, "flat_latent_dim": 12} if flat else {}
+    model = build_model(
+        ModelConfig(variant="D", image_size=32, channels=3, width=8, latent_channels=8, setting="w", **extra)
+    ).eval()
     # Normal examples dark, anomalous ones with a bright square: separable in z for a linear C.
     g = torch.Generator().manual_seed(1)
     images = torch.rand(24, 3, 32, 32, generator=g) * 0.3
@@ -419,6 +424,8 @@ def test_refit_classifier_separates_the_training_examples_and_keeps_the_closed_f
         out = model(images, sample=False)
         predicted = model.classify(out.z).argmax(1)
     assert predicted.tolist() == labels and before.tolist() != labels
+    if flat:
+        return
     # The refit changes only C's weights: its Grad-CAM's closed form still equals autograd's.
     closed = class_attention(model, out, ANOMALOUS, create_graph=False)
     z = out.z.detach().requires_grad_(True)

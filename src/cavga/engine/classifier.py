@@ -73,7 +73,7 @@ def fold_standardization(
     weight: torch.Tensor, bias: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A linear layer on flatten((z - shift) / scale) as one on flatten(z): V . ((z - m) / s) + c
-    = (V / s) . z + (c - (V / s) . m). ``shift`` and ``scale`` are shaped like one z (1, C, h, w)."""
+    = (V / s) . z + (c - (V / s) . m). ``shift`` and ``scale`` are shaped like one z ((1, C, h, w) or (1, D))."""
     folded = weight / scale.flatten(1)
     return folded, bias - (folded * shift.flatten(1)).sum(1)
 
@@ -83,13 +83,12 @@ def refit_classifier(model: CavgaNet, dataset: Dataset, steps: int, seed: int, b
     ``steps`` Adam steps; returns the final training loss and the examples' counts."""
     if model.classifier is None:
         raise ConfigError("refit_classifier needs CAVGA_w's classifier (setting 'w')")
-    if model.config.flatten_latent:
-        raise ConfigError("the classifier refit works on the conv latent z (flatten_latent=False)")
     z, labels = _examples(model, dataset, batch_size, "the classifier refit")
     counts = torch.bincount(labels, minlength=2)
-    # Per-channel standardization, over every example and position.
-    shift = z.mean(dim=(0, 2, 3), keepdim=True)
-    scale = z.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    # Per-channel standardization, over every example and position (the flattened latent: per value).
+    dims = (0, 2, 3) if z.dim() == 4 else (0,)
+    shift = z.mean(dim=dims, keepdim=True)
+    scale = z.std(dim=dims, keepdim=True).clamp_min(1e-6)
     x = ((z - shift) / scale).flatten(1)
     weights = (labels.numel() / (2.0 * counts.double())).to(x.dtype)
     head = torch.nn.Linear(x.shape[1], 2).to(x.device)
