@@ -200,12 +200,12 @@ def test_calibrate_refuses_anomalous_images(tiny_root):
     assert cal.map_threshold == cal.residual_threshold  # the paper's map is not rescaled
 
 
-@pytest.mark.parametrize("setting", ["u", "w"])
-def test_default_model_exports_with_eager_parity(tiny_root, tmp_path, setting):
+@pytest.mark.parametrize("setting,extra", [("u", {}), ("w", {}), ("w", {"anomaly_map": "deviation_classifier"})])
+def test_default_model_exports_with_eager_parity(tiny_root, tmp_path, setting, extra):
     pytest.importorskip("onnxruntime")
     from cavga.export import OnnxInferencer, export, load_exported
 
-    weak = {"anomalous_count": 1} if setting == "w" else {}
+    weak = {"anomalous_count": 1, **extra} if setting == "w" else {}
     detector = cavga.Cavga(setting=setting, image_size=64, width=4, latent_channels=4, batch_size=4, **weak)
     detector.fit(tiny_root, category="bottle", progress=False)
     path = export(detector, tmp_path / "m.onnx")
