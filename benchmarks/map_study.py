@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +107,20 @@ def trained_model(dataset: str, model: str, out: Path, device: str = "auto") -> 
     return detector, True
 
 
+def evaluate_choice(detector: Cavga, test, choice: MapChoice, calibration_set, train_set) -> tuple[dict, object]:
+    """The metrics (and the outputs) of one map and score of ``detector`` on ``test``, calibrated on the held-out
+    normal ``calibration_set`` (cross-fitted with ``train_set`` where the choice is), with how much the maps
+    depend on the image. Raises ConfigError for a map this model cannot draw."""
+    model = detector.model_
+    calibration = calibrate(
+        model, calibration_set, detector.calibration_quantile, choice=choice, training_normals=train_set
+    )
+    outputs = infer_dataset(model, test, calibration=calibration, choice=choice)
+    result = evaluate_outputs(outputs, calibration)
+    result["map_correlation"] = map_correlation(outputs.raw_maps)
+    return {k: (None if v is None else float(v)) for k, v in result.items()}, outputs
+
+
 def run_pair(dataset: str, model: str, out: Path, device: str, only: list[str] | None = None) -> dict:
     root, kwargs = data_args(dataset, out)
     started = time.perf_counter()
@@ -119,20 +134,9 @@ def run_pair(dataset: str, model: str, out: Path, device: str, only: list[str] |
         if only and label not in only:
             continue
         try:
-            calibration = calibrate(
-                detector.model_,
-                calibration_set,
-                detector.calibration_quantile,
-                choice=choice,
-                training_normals=train_set,
-            )
-            outputs = infer_dataset(detector.model_, splits.test, calibration=calibration, choice=choice)
+            rows[label], _ = evaluate_choice(detector, splits.test, choice, calibration_set, train_set)
         except ConfigError as exc:  # a map this model cannot draw (e.g. ADVAE on another layer)
             rows[label] = {"error": str(exc)}
-            continue
-        result = evaluate_outputs(outputs, calibration)
-        result["map_correlation"] = map_correlation(outputs.raw_maps)
-        rows[label] = {k: (None if v is None else float(v)) for k, v in result.items()}
     return {
         "dataset": dataset,
         "model": model,
@@ -159,15 +163,20 @@ def markdown(runs: list[dict]) -> str:
             f"### {run['dataset']}, {run['model']} ({run['n_train']} train / {run['n_calibration']} calibration / "
             f"{run['n_test']} test images; trained {run['train_seconds']} s)\n"
         )
-        lines.append("| map | " + " | ".join(METRICS) + " |")
-        lines.append("|---" * (len(METRICS) + 1) + "|")
-        for label, row in run["maps"].items():
-            if "error" in row:
-                lines.append(f"| {label} | " + " | ".join("n/a" for _ in METRICS) + " |")
-            else:
-                lines.append(f"| {label} | " + " | ".join(_fmt(row.get(m)) for m in METRICS) + " |")
+        lines += table(run["maps"], METRICS, "map")
         lines.append("")
     return "\n".join(lines)
+
+
+def table(rows: dict[str, dict], metrics, first: str, extra: tuple[str, Callable[[dict], str]] | None = None):
+    """Markdown lines of one table: a row per label, a cell per metric ("n/a" on a row that failed, "-" for a
+    metric without a value) and, given ``extra`` (header, cell of a row), one more column."""
+    head = [first, *metrics] + ([extra[0]] if extra else [])
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for label, row in rows.items():
+        cells = ["n/a" if "error" in row else _fmt(row.get(m)) for m in metrics]
+        lines.append(f"| {label} | " + " | ".join(cells + ([extra[1](row)] if extra else [])) + " |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,11 +32,11 @@ from pathlib import Path
 
 from cavga.api import Cavga
 from cavga.data.splits import exclude_paths, split_calibration
-from cavga.engine.infer import WEAK_PAPER_CHOICE, MapChoice, calibrate, evaluate_outputs, infer_dataset
+from cavga.engine.infer import WEAK_PAPER_CHOICE, MapChoice
 from cavga.errors import ConfigError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from map_study import DATASETS, L_OPTIONS, data_args, map_correlation, trained_model  # noqa: E402
+from map_study import DATASETS, L_OPTIONS, data_args, evaluate_choice, table, trained_model  # noqa: E402
 
 RECIPES = {
     "default": {},
@@ -58,19 +58,24 @@ METRICS = ("image_auroc", "pixel_auroc", "aupro", "iou", "balanced_accuracy")
 
 
 def _metrics(detector: Cavga, test, choice: MapChoice, calibration_set, train_set) -> dict:
-    calibration = calibrate(
-        detector.model_, calibration_set, detector.calibration_quantile, choice=choice, training_normals=train_set
-    )
-    outputs = infer_dataset(detector.model_, test, calibration=calibration, choice=choice)
-    result = evaluate_outputs(outputs, calibration)
-    result["map_correlation"] = map_correlation(outputs.raw_maps)
+    result, outputs = evaluate_choice(detector, test, choice, calibration_set, train_set)
     if choice.score == "probability":
         # The paper's decision: C's own 0.5, before calibration (does C call every image one class?).
         called = outputs.raw_scores > 0.5
         labels = outputs.labels.astype(bool)
-        result["c_balanced_accuracy"] = 0.5 * (called[labels].mean() + (~called[~labels]).mean())
+        result["c_balanced_accuracy"] = float(0.5 * (called[labels].mean() + (~called[~labels]).mean()))
         result["c_called_anomalous"] = float(called.mean())
-    return {k: (None if v is None else float(v)) for k, v in result.items()}
+    return result
+
+
+_U_MODELS: dict[tuple[str, Path], Cavga] = {}
+
+
+def u_model(dataset: str, out: Path) -> Cavga:
+    """The map study's CAVGA-L_u of ``dataset``, loaded (and its Gaussian refitted) once per process."""
+    if (dataset, out) not in _U_MODELS:
+        _U_MODELS[dataset, out] = trained_model(dataset, "L-frozen", out, device="cpu")[0]
+    return _U_MODELS[dataset, out]
 
 
 def run_one(dataset: str, recipe: str, count: int, out: Path, seed: int) -> dict:
@@ -91,10 +96,10 @@ def run_one(dataset: str, recipe: str, count: int, out: Path, seed: int) -> dict
             rows[label] = _metrics(detector, test, choice, calibration_set, train_set)
         except ConfigError as exc:  # a map this recipe's model has not fitted (the paper's: no deviation classifier)
             rows[label] = {"error": str(exc)}
-    # The u model on the same images (its own calibration, as saved).
-    u_model, _ = trained_model(dataset, "L-frozen", out, device="cpu")
-    u_train, u_cal = split_calibration(splits.train, u_model.train_config.calibration_fraction, 0)
-    rows[U_LABEL] = _metrics(u_model, test, MapChoice.of(u_model.model_config), u_cal, u_train)
+    # The u model on the same images, calibrated as its fit calibrates.
+    u = u_model(dataset, out)
+    u_train, u_cal = split_calibration(splits.train, u.train_config.calibration_fraction, u.train_config.seed)
+    rows[U_LABEL] = _metrics(u, test, MapChoice.of(u.model_config), u_cal, u_train)
     history = detector.history_
     return {
         "dataset": dataset,
@@ -112,8 +117,9 @@ def run_one(dataset: str, recipe: str, count: int, out: Path, seed: int) -> dict
     }
 
 
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+def _c_own(row: dict) -> str:
+    c = row.get("c_balanced_accuracy")
+    return "" if c is None else f"{c:.3f} / {row['c_called_anomalous']:.2f}"
 
 
 def markdown(runs: list[dict]) -> str:
@@ -124,12 +130,7 @@ def markdown(runs: list[dict]) -> str:
             f"({run['n_train']} training examples, {run['n_test']} test images; trained {run['train_seconds']} s)"
         )
         lines.append("")
-        lines.append("| model: map, score | " + " | ".join(METRICS) + " | C's own 0.5: bal. acc. / called anomalous |")
-        lines.append("|---|" + "---|" * (len(METRICS) + 1))
-        for label, row in run["maps"].items():
-            c = row.get("c_balanced_accuracy")
-            own = "" if c is None else f"{c:.3f} / {row['c_called_anomalous']:.2f}"
-            lines.append(f"| {label} | " + " | ".join(_fmt(row.get(m)) for m in METRICS) + f" | {own} |")
+        lines += table(run["maps"], METRICS, "model: map, score", ("C's own 0.5: bal. acc. / called anomalous", _c_own))
         lines.append("")
     return "\n".join(lines)
 

@@ -176,6 +176,7 @@ class Cavga:
             splits.train, self.train_config.calibration_fraction, self.train_config.seed
         )
         normal_train_set = train_set
+        tc = self.train_config
         self.excluded_paths_: list[str] = []
         weak_info: dict[str, Any] = {}
         if self.model_config.setting == "w":
@@ -184,7 +185,6 @@ class Cavga:
             # spelling of the folder still matches; anomalous_dir images are listed too, in case the folder
             # given is part of a test split.
             self.excluded_paths_ = [path_key(p) for p in anomalous.paths]
-            tc = self.train_config
             train_set = weak_training_set(train_set, anomalous, tc.anomalous_share, tc.synthetic_share, tc.seed)
             # What one epoch holds beside the normal images: the labelled ones (with augmented copies) and
             # the synthesized anomalies.
@@ -219,7 +219,6 @@ class Cavga:
                 run_info=_jsonable(run_info) if run_info is not None else None,
                 ctx=ctx,
             )
-            tc = self.train_config
             if self.model_config.setting == "w" and tc.classifier_steps > 0:
                 weak_info["classifier_refit"] = refit_classifier(self.model_, train_set, tc.classifier_steps, tc.seed)
             self.train_seconds_ = time.perf_counter() - start

@@ -35,6 +35,11 @@ def _rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, index])
 
 
+def _synthetic_path(path: str, index: int) -> str:
+    """Where synthesized example ``index`` came from: its normal image's path, marked."""
+    return f"{path}#synthetic{index}"
+
+
 def augment(image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     """One random augmentation of ``image`` (C, H, W) in [0, 1]: flips, a 90-degree turn (square images), a
     reflected shift and a brightness/contrast jitter; the result is (C, H, W) in [0, 1]."""
@@ -161,7 +166,7 @@ class SyntheticAnomalies(Dataset):
     @property
     def paths(self) -> list[str]:
         paths = self.normal.paths
-        return [f"{paths[i % len(paths)]}#synthetic{i}" for i in range(self.count)]
+        return [_synthetic_path(paths[i % len(paths)], i) for i in range(self.count)]
 
     def __getitem__(self, index: int) -> Sample:
         if not 0 <= index < self.count:
@@ -171,5 +176,5 @@ class SyntheticAnomalies(Dataset):
         base = self.normal[index % n]
         other = (index % n + 1 + int(rng.integers(n - 1))) % n
         image, _ = synthesize(base.image, self.normal[other].image, rng)
-        path = f"{base.path}#synthetic{index}"
+        path = _synthetic_path(base.path, index)
         return Sample(image=image, mask=None, label=ANOMALOUS, defect_type="synthetic", path=path)

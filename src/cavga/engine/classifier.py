@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from cavga.data.types import collate_samples
+from cavga.engine.train import class_weights_for
 from cavga.errors import ConfigError
 from cavga.model.gaussian import top_mean_logit
 from cavga.model.networks import CavgaNet
@@ -28,9 +29,11 @@ REFIT_WEIGHT_DECAY = 1e-4
 REFIT_BATCH = 64
 
 
-def _examples(model: CavgaNet, dataset: Dataset, batch_size: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mean latents (eval mode, no sampling, no decoder) and labels of ``dataset``, which must hold both
-    classes (``what`` names the fit in the error)."""
+def _examples(
+    model: CavgaNet, dataset: Dataset, batch_size: int, what: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The mean latents (eval mode, no sampling, no decoder), labels and class counts (normal, anomalous) of
+    ``dataset``, which must hold both classes (``what`` names the fit in the error)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -46,7 +49,7 @@ def _examples(model: CavgaNet, dataset: Dataset, batch_size: int, what: str) -> 
     counts = torch.bincount(labels, minlength=2)
     if int(counts.min()) == 0:
         raise ConfigError(f"{what} needs normal and anomalous examples, got counts {counts.tolist()}")
-    return torch.cat(zs), labels
+    return torch.cat(zs), labels, counts
 
 
 def _adam_steps(
@@ -64,8 +67,7 @@ def _adam_steps(
     return {"loss": float(loss.detach()), "steps": steps}
 
 
-def _counts(labels: torch.Tensor) -> dict:
-    counts = torch.bincount(labels, minlength=2)
+def _counts(counts: torch.Tensor) -> dict:
     return {"n_normal": int(counts[0]), "n_anomalous": int(counts[1])}
 
 
@@ -83,14 +85,13 @@ def refit_classifier(model: CavgaNet, dataset: Dataset, steps: int, seed: int, b
     ``steps`` Adam steps; returns the final training loss and the examples' counts."""
     if model.classifier is None:
         raise ConfigError("refit_classifier needs CAVGA_w's classifier (setting 'w')")
-    z, labels = _examples(model, dataset, batch_size, "the classifier refit")
-    counts = torch.bincount(labels, minlength=2)
+    z, labels, counts = _examples(model, dataset, batch_size, "the classifier refit")
     # Per-channel standardization, over every example and position (the flattened latent: per value).
     dims = (0, 2, 3) if z.dim() == 4 else (0,)
     shift = z.mean(dim=dims, keepdim=True)
     scale = z.std(dim=dims, keepdim=True).clamp_min(1e-6)
     x = ((z - shift) / scale).flatten(1)
-    weights = (labels.numel() / (2.0 * counts.double())).to(x.dtype)
+    weights = class_weights_for(labels.tolist()).to(x)  # n / (2 n_class), as the joint training weighs L_bce
     head = torch.nn.Linear(x.shape[1], 2).to(x.device)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -107,7 +108,7 @@ def refit_classifier(model: CavgaNet, dataset: Dataset, steps: int, seed: int, b
         weight, bias = fold_standardization(head.weight, head.bias, shift.expand_as(z[:1]), scale.expand_as(z[:1]))
         model.classifier.weight.copy_(weight)
         model.classifier.bias.copy_(bias)
-    return {**info, **_counts(labels)}
+    return {**info, **_counts(counts)}
 
 
 def fit_deviation_classifier(model: CavgaNet, dataset: Dataset, steps: int, seed: int, batch_size: int = 32) -> dict:
@@ -118,10 +119,9 @@ def fit_deviation_classifier(model: CavgaNet, dataset: Dataset, steps: int, seed
     head, gaussian = model.deviation_classifier, model.latent_gaussian
     if head is None or gaussian is None or not gaussian.fitted:
         raise ConfigError("the deviation classifier needs CAVGA_w's conv latent and its fitted latent Gaussian")
-    z, labels = _examples(model, dataset, batch_size, "the deviation classifier")
+    z, labels, counts = _examples(model, dataset, batch_size, "the deviation classifier")
     with torch.no_grad():
         inputs = head.inputs(z, gaussian)
-    counts = torch.bincount(labels, minlength=2)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         head.shift.copy_(inputs.mean(dim=(0, 2, 3), keepdim=True))
@@ -137,4 +137,4 @@ def fit_deviation_classifier(model: CavgaNet, dataset: Dataset, steps: int, seed
 
     info = _adam_steps(head.conv.parameters(), inputs.shape[0], steps, generator, batch_loss)
     head.n_examples.fill_(int(labels.numel()))
-    return {**info, **_counts(labels)}
+    return {**info, **_counts(counts)}

@@ -55,9 +55,10 @@ def _check_finite(terms: dict[str, torch.Tensor], step: int) -> None:
 def class_weights_for(labels: Sequence[int]) -> torch.Tensor:
     """Inverse-frequency weights ``n / (2 n_class)`` for the classifier's BCE (CAVGA_w).
 
-    With ~2 % anomalous images an unweighted BCE is minimized by calling everything normal. We weight the loss
-    rather than oversample the few anomalous images: oversampling would repeat a handful of images many times
-    per epoch (memorized at once) and take batch slots from the normal images the VAE and GAN learn from.
+    With ~2 % anomalous images an unweighted BCE is minimized by calling everything normal. The weights balance
+    whatever the training set holds: by default the labelled images come with augmented copies and synthesized
+    anomalies (``anomalous_share``, ``synthetic_share``) that raise their share to under a fifth of an epoch, not
+    to a half, so the normal images the VAE and GAN learn from keep most batch slots.
     """
     counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=2).astype(np.float64)
     if (counts == 0).any():
