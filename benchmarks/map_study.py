@@ -32,7 +32,15 @@ from cavga.api import Cavga
 from cavga.api import load as load_model
 from cavga.data.splits import split_calibration
 from cavga.data.synthetic import DEMO_CATEGORIES, write_demo_dataset
-from cavga.engine.infer import PAPER_CHOICE, MapChoice, calibrate, evaluate_outputs, fit_latent_gaussian, infer_dataset
+from cavga.engine.infer import (
+    PAPER_CHOICE,
+    MapChoice,
+    calibrate,
+    evaluate_outputs,
+    fit_latent_gaussian,
+    fit_latent_memory,
+    infer_dataset,
+)
 from cavga.engine.maps import ANOMALY_MAPS
 from cavga.errors import ConfigError
 
@@ -41,6 +49,11 @@ DATASETS = {
     "bottle": {"root": SHARED / "mvtec-bottle", "format": "mvtec", "category": "bottle", "size": 256},
     "magnetic_tile": {"root": SHARED / "magnetic-tile", "format": "pairs", "seed": 0, "size": 256},
     **{f"demo/{c}": {"root": None, "format": "mvtec", "category": c, "size": 128} for c in DEMO_CATEGORIES},
+    # The same categories drawn with another seed: new development images (OUT/demo-s1).
+    **{
+        f"demo-s1/{c}": {"root": None, "format": "mvtec", "category": c, "size": 128, "demo_seed": 1}
+        for c in DEMO_CATEGORIES
+    },
 }
 # Options of each model; "size" takes the dataset's own size unless the model fixes one. D-paper is the
 # paper-literal CAVGA-D_u (its loss weights, 64 px); L-* are the ImageNet EfficientNet-Lite0 CAVGA.
@@ -76,35 +89,45 @@ def choices() -> dict[str, MapChoice]:
 
 def data_args(name: str, out: Path) -> tuple[Path, dict]:
     spec = DATASETS[name]
-    root = spec["root"] or out / "demo"
+    demo_seed = spec.get("demo_seed", 0)
+    root = spec["root"] or out / ("demo" if demo_seed == 0 else f"demo-s{demo_seed}")
     if spec["root"] is None and not (root / "README.txt").exists():  # written once, read by every later run
-        write_demo_dataset(root, seed=0)
+        write_demo_dataset(root, seed=demo_seed)
     kwargs = {k: spec[k] for k in ("format", "category", "seed") if k in spec}
     return root, kwargs
 
 
 def trained_model(dataset: str, model: str, out: Path, device: str = "auto") -> tuple[Cavga, bool]:
     """The study's model of ``dataset``: loaded from OUT/models when a run saved it (second value True), else
-    trained and saved. A loaded model's latent Gaussian is refitted as this cavga fits it (the model may come
-    from a run before a change to that fit; training does not depend on it)."""
+    trained and saved. A loaded model's latent Gaussian and memory are refitted as this cavga fits them (the
+    model may come from a run before a change to that fit; training does not depend on it)."""
     root, kwargs = data_args(dataset, out)
     options = {**(L_OPTIONS if MODELS[model]["variant"] == "L" else {}), **MODELS[model]}
     options.setdefault("image_size", DATASETS[dataset]["size"])
     saved = out / "models" / dataset.replace("/", "_") / model
-    if not (saved / "config.json").exists():
+    reused = (saved / "config.json").exists()
+    if not reused:
         detector = Cavga(setting="u", seed=0, device=device, **options)
         detector.fit(root, progress=False, **kwargs)
-        detector.save(saved)
-        return detector, False
-    detector = load_model(saved, device=device)
-    neighbourhood = Cavga(setting="u", **options).model_config.gaussian_neighbourhood
-    detector.model_config.gaussian_neighbourhood = neighbourhood
-    detector.model_.config.gaussian_neighbourhood = neighbourhood
+    else:
+        detector = load_model(saved, device=device)
+        neighbourhood = Cavga(setting="u", **options).model_config.gaussian_neighbourhood
+        detector.model_config.gaussian_neighbourhood = neighbourhood
+        detector.model_.config.gaussian_neighbourhood = neighbourhood
     splits = detector._load(root, **kwargs)
     config = detector.train_config
     train_set, _ = split_calibration(splits.train, config.calibration_fraction, config.seed)
-    fit_latent_gaussian(detector.model_, train_set)
-    return detector, True
+    if reused:
+        fit_latent_gaussian(detector.model_, train_set)
+    # The latent_knn row's memory: fit() fills it only where chosen, and a loaded one is refilled as this cavga
+    # fills it (as the Gaussian is refitted).
+    if reused or not detector.model_.latent_memory.fitted:
+        started = time.perf_counter()
+        fit_latent_memory(detector.model_, train_set, config.seed)
+        detector.memory_seconds_ = round(time.perf_counter() - started, 1)
+    if not reused:
+        detector.save(saved)
+    return detector, reused
 
 
 def evaluate_choice(detector: Cavga, test, choice: MapChoice, calibration_set, train_set) -> tuple[dict, object]:
@@ -144,6 +167,7 @@ def run_pair(dataset: str, model: str, out: Path, device: str, only: list[str] |
         "train_seconds": round(detector.train_seconds_, 1),
         "wall_seconds": round(time.perf_counter() - started, 1),
         "model_reused": reused,  # wall_seconds then leave out the training
+        "memory_seconds": getattr(detector, "memory_seconds_", None),  # filling latent_knn's memory, if done here
         "gaussian_neighbourhood": detector.model_.config.gaussian_neighbourhood,
         "n_train": detector.data_info_["n_train"],
         "n_calibration": detector.data_info_["n_calibration"],

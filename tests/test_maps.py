@@ -33,7 +33,7 @@ def _tiny_l(**kw) -> ModelConfig:
 def test_the_registry_names_every_map_and_refuses_others():
     assert set(maps.ANOMALY_MAPS) == {
         "attention", "attention_flip", "attention_advae", "residual", "latent_gaussian", "feature_residual", "fusion",
-        "class_gaussian", "deviation_classifier",
+        "class_gaussian", "deviation_classifier", "latent_knn",
     }  # fmt: skip
     with pytest.raises(ConfigError, match="anomaly_map must be one of"):
         maps.map_spec("heat")
@@ -151,6 +151,19 @@ def test_latent_gaussian_is_the_blurred_distance_of_mu_and_fusion_weights_it():
         torch.testing.assert_close(fused, want * maps.attention(model, out, x, x_hat))
 
 
+def test_latent_knn_is_the_blurred_distance_of_mu_to_its_nearest_memory_vector():
+    model, out, x, x_hat = _model_and_output()
+    with pytest.raises(ConfigError, match="latent memory filled"):
+        maps.latent_knn(model, out, x, x_hat)
+    with torch.no_grad():  # a hand-set memory of the zero vector and one far vector: the distance is ||mu_p||
+        model.latent_memory.bank.zero_()
+        model.latent_memory.bank[1] = 1e6
+        model.latent_memory.n_vectors.fill_(2)
+        got = maps.latent_knn(model, out, x, x_hat)
+        want = maps.upsampled_blur(out.mu.norm(dim=1, keepdim=True), (64, 64))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+
+
 def test_feature_residual_vanishes_when_the_reconstruction_is_the_input():
     model, out, x, _ = _model_and_output()
     with torch.no_grad():
@@ -188,6 +201,38 @@ def test_fit_and_calibration_read_no_test_image(tiny_root, monkeypatch):
     assert set(result["paper_map"]) >= {"image_auroc", "pixel_auroc", "iou"}
 
 
+def test_latent_knn_fills_its_memory_and_calibrates_from_training_images_only(tiny_root, monkeypatch):
+    """The memory and its leave-one-image-out calibration read only the training folder; each training image's
+    calibration score is measured without its own memory rows."""
+    from cavga.data import dataset as dataset_module
+    from cavga.engine.infer import left_out_memory_scores
+
+    read: list[str] = []
+    original = dataset_module.AnomalyDataset._load
+
+    def spy(self, record):
+        read.append(str(record.path))
+        return original(self, record)
+
+    monkeypatch.setattr(dataset_module.AnomalyDataset, "_load", spy)
+    detector = cavga.Cavga(image_size=64, width=4, latent_channels=4, batch_size=4, anomaly_map="latent_knn")
+    detector.fit(tiny_root, category="bottle", progress=False)
+    assert read and all("/train/" in p for p in read), [p for p in read if "/train/" not in p][:3]
+    memory = detector.model_.latent_memory
+    assert memory.fitted and int(memory.n_vectors) == 11 * 64  # 11 fit images x 8 x 8 positions, all kept
+    calibration = detector.calibration_
+    assert calibration.n_images == 12 and calibration.map_threshold == calibration.score_threshold
+    # Left out, a training image is farther from the memory than with its own rows in it (where it is 0).
+    splits = load_dataset(tiny_root, category="bottle", preprocess=detector.preprocess_)
+    from cavga.data.splits import split_calibration
+
+    train_set, _ = split_calibration(splits.train, 0.1, 0)
+    left_out = left_out_memory_scores(detector.model_, train_set)
+    own = infer_batch(detector.model_, torch.stack([train_set[i].image for i in range(len(train_set))]),
+                      choice=MapChoice("latent_knn", "map_max")).raw_scores  # fmt: skip
+    assert len(left_out) == 11 and (left_out > np.asarray(own) + 1e-6).all() and np.abs(own).max() < 1e-2
+
+
 def test_calibrate_refuses_anomalous_images(tiny_root):
     splits = load_dataset(tiny_root, category="bottle", preprocess=Preprocess(64, 3))
     model = build_model(_tiny_l()).eval()
@@ -200,7 +245,10 @@ def test_calibrate_refuses_anomalous_images(tiny_root):
     assert cal.map_threshold == cal.residual_threshold  # the paper's map is not rescaled
 
 
-@pytest.mark.parametrize("setting,extra", [("u", {}), ("w", {}), ("w", {"anomaly_map": "deviation_classifier"})])
+@pytest.mark.parametrize(
+    "setting,extra",
+    [("u", {}), ("u", {"anomaly_map": "latent_knn"}), ("w", {}), ("w", {"anomaly_map": "deviation_classifier"})],
+)
 def test_default_model_exports_with_eager_parity(tiny_root, tmp_path, setting, extra):
     pytest.importorskip("onnxruntime")
     from cavga.export import OnnxInferencer, export, load_exported

@@ -48,6 +48,7 @@ from cavga.engine.infer import (
     check_anomaly_map,
     evaluate_outputs,
     fit_latent_gaussian,
+    fit_latent_memory,
     infer_batch,
     infer_dataset,
     paper_choice,
@@ -223,6 +224,8 @@ class Cavga:
                 weak_info["classifier_refit"] = refit_classifier(self.model_, train_set, tc.classifier_steps, tc.seed)
             self.train_seconds_ = time.perf_counter() - start
             fit_latent_gaussian(self.model_, normal_train_set)
+            if self.model_config.anomaly_map == "latent_knn":  # the memory's coreset costs time: only when used
+                fit_latent_memory(self.model_, normal_train_set, tc.seed)
             if self.model_.deviation_classifier is not None and tc.classifier_steps > 0:
                 weak_info["deviation_classifier"] = fit_deviation_classifier(
                     self.model_, train_set, tc.classifier_steps, tc.seed
@@ -413,7 +416,8 @@ class Cavga:
         fresh = model.state_dict()
         # Files written before the latent Gaussian existed lack its buffers: it stays unfitted there.
         # So do CAVGA_w files written before the deviation classifier: it stays unfitted (n_examples 0).
-        later = ("latent_gaussian.", "deviation_classifier.")
+        # And files written before the latent memory: it stays empty (n_vectors 0).
+        later = ("latent_gaussian.", "deviation_classifier.", "latent_memory.")
         state = {**{k: v for k, v in fresh.items() if k.startswith(later)}, **state}
         try:
             model.load_state_dict(state, strict=True)

@@ -124,6 +124,9 @@ class ModelConfig:
         1, "latent_gaussian: each position's Gaussian is fitted on the mu vectors within this many cells of it "
         "(1: a 3 x 3 window; 0: its own position only, as PaDiM)",
     )  # fmt: skip
+    memory_size: int = _option(
+        16384, "latent_knn: normal mu vectors the memory keeps (a greedy coreset where there are more)"
+    )
 
     def __post_init__(self) -> None:
         # Unset fields take the variant's defaults (VARIANT_DEFAULTS); an unknown variant is validate()'s to name.
@@ -166,6 +169,8 @@ class ModelConfig:
         for name in ("latent_channels", "latent_stride", "width", "flat_latent_dim"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.memory_size < 1:
+            raise ConfigError(f"memory_size must be positive, got {self.memory_size}")
         if self.gaussian_neighbourhood < 0:
             raise ConfigError(f"gaussian_neighbourhood must be >= 0 cells, got {self.gaussian_neighbourhood}")
 

@@ -284,6 +284,12 @@ def fit_latent_gaussian(model: CavgaNet, normal_dataset: Dataset, batch_size: in
     model.latent_gaussian.fit(mus, neighbourhood=model.config.gaussian_neighbourhood)
 
 
+def fit_latent_memory(model: CavgaNet, normal_dataset: Dataset, seed: int = 0, batch_size: int = 32) -> None:
+    """Fill the model's memory of normal ``mu`` vectors (the ``latent_knn`` map) from NORMAL images."""
+    mus, _ = _normal_latents(model, normal_dataset, batch_size)
+    model.latent_memory.fit(mus, seed=seed)
+
+
 GAUSSIAN_FOLDS = 5  # cross-fitting of the latent Gaussian's calibration scores (calibrate)
 CROSS_FITTED = MapChoice("latent_gaussian", "map_max")  # the choice whose scores calibrate cross-fitted
 
@@ -301,6 +307,23 @@ def cross_fitted_latent_scores(model: CavgaNet, normal_dataset: Dataset, batch_s
         neighbourhood=model.config.gaussian_neighbourhood,
     )
     return scores.numpy()
+
+
+MEMORY_LEFT_OUT = MapChoice("latent_knn", "map_max")  # the choice calibrated on leave-one-image-out scores
+
+
+def left_out_memory_scores(model: CavgaNet, training_normals: Dataset, batch_size: int = 32) -> np.ndarray:
+    """The ``latent_knn`` / ``map_max`` raw score of every image the memory was filled from
+    (:func:`fit_latent_memory`, the same dataset in the same order), each measured without that image's own
+    rows: the score it would get were it a new normal image."""
+    mus, size = _normal_latents(model, training_normals, batch_size)
+    scores, seen = [], 0
+    with torch.no_grad():
+        for mu in mus:
+            own = torch.arange(seen, seen + mu.shape[0], device=mu.device)
+            scores.append(upsampled_blur(model.latent_memory(mu, leave_out=own), size).flatten(1).amax(dim=1))
+            seen += mu.shape[0]
+    return torch.cat(scores).double().cpu().numpy()
 
 
 def can_cross_fit(*datasets: Dataset) -> bool:
@@ -337,7 +360,9 @@ def calibrate(
 
     Scores: their smallest raw value -> 0, their ``quantile`` -> 0.5. For the latent Gaussian scored by its
     maximum, given ``training_normals`` (the normal images the Gaussian was fitted on), the scores are instead
-    the cross-fitted ones of those images and ``normal_dataset`` together (:func:`cross_fitted_latent_scores`).
+    the cross-fitted ones of those images and ``normal_dataset`` together (:func:`cross_fitted_latent_scores`);
+    for the latent memory, those images scored without their own rows (:func:`left_out_memory_scores`) beside
+    the held-out slice's.
     A calibrated map: where the score is the map's maximum ("map_max"), the same threshold, so that a pixel
     passes 0.5 only where its image passes (the mask is empty on every image called normal), and only where it
     reaches MAP_PEAK_FRACTION of its image's peak; otherwise the MAP_QUANTILE of the normal pixels."""
@@ -351,6 +376,9 @@ def calibrate(
     if choice == CROSS_FITTED and training_normals is not None and can_cross_fit(training_normals, normal_dataset):
         # The cross-fitted scores (and n_images) include the training images; paths name the held-out slice.
         raw = cross_fitted_latent_scores(model, ConcatDataset([training_normals, normal_dataset]), batch_size)
+    elif choice == MEMORY_LEFT_OUT and training_normals is not None and can_cross_fit(training_normals):
+        # The memory's own images scored without their own rows, beside the held-out slice's scores.
+        raw = np.concatenate([left_out_memory_scores(model, training_normals, batch_size), raw])
     calibration = fit_calibration(raw, quantile, outputs.paths)
     calibration.residual_threshold = residual_threshold
     if map_spec(choice.anomaly_map).calibrated:

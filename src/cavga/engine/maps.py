@@ -109,6 +109,16 @@ def latent_gaussian(model: CavgaNet, out: CavgaOutput, images: torch.Tensor, x_h
     return upsampled_blur(gaussian(latent_positions(out.mu)), _size(images))
 
 
+def latent_knn(model: CavgaNet, out: CavgaOutput, images: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Distance of mu at every latent position to the nearest normal mu vector of any position and any normal
+    training image (:class:`cavga.model.memory.LatentMemory`, PatchCore's question asked of CAVGA's latent),
+    upsampled and blurred. Unlike the per-position Gaussian it does not assume the images are aligned."""
+    memory = model.latent_memory
+    if not torch.compiler.is_exporting() and not memory.fitted:
+        raise ConfigError("the latent_knn map needs the latent memory filled from normal images (fit() does it)")
+    return upsampled_blur(memory(latent_positions(out.mu)), _size(images))
+
+
 _REFERENCES: dict[tuple[int, str], EfficientNetLite0] = {}
 
 
@@ -183,6 +193,7 @@ ANOMALY_MAPS: dict[str, MapSpec] = {
     "attention_advae": MapSpec(attention_advae, calibrated=False),
     "residual": MapSpec(pixel_residual, calibrated=True),
     "latent_gaussian": MapSpec(latent_gaussian, calibrated=True, needs_reconstruction=False),
+    "latent_knn": MapSpec(latent_knn, calibrated=True, needs_reconstruction=False),
     "feature_residual": MapSpec(feature_residual, calibrated=True, exportable=False),
     "fusion": MapSpec(fusion, calibrated=True),
     "class_gaussian": MapSpec(class_gaussian, calibrated=True, needs_reconstruction=False),

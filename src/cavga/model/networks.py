@@ -25,6 +25,7 @@ from cavga.errors import ConfigError, ModelFileError
 from cavga.model.efficientnet_lite import read_state_dict
 from cavga.model.encoders import LITE0_STRIDES, Lite0Encoder, torchvision_resnet18_path
 from cavga.model.gaussian import DeviationClassifier, PositionGaussian
+from cavga.model.memory import LatentMemory
 
 GRADCAM_TARGETS = ("sum_mu", "sum_z")
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -246,6 +247,10 @@ class CavgaNet(nn.Module):
         # The latent Gaussian map's statistics (fitted on the normal training images after training; buffers, so
         # they are saved with the weights). The flattened latent is one position of flat_latent_dim channels.
         self.deviation_classifier = None
+        # The latent memory (the latent_knn map) likewise: normal mu vectors, filled after training.
+        self.latent_memory = LatentMemory(
+            config.flat_latent_dim if config.flatten_latent else config.latent_channels, config.memory_size
+        )
         if config.flatten_latent:
             self.latent_gaussian = PositionGaussian(config.flat_latent_dim, 1, 1)
         else:

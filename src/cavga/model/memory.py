@@ -1,0 +1,117 @@
+"""A memory of the normal images' latent vectors, and the nearest-neighbour distance map it gives.
+
+The per-position Gaussian (:mod:`cavga.model.gaussian`) asks how far mu_p is from the normal vectors *at p*; on
+surfaces that are not aligned from one image to the next (tiles, fabrics photographed anywhere) the right question
+is how far mu_p is from the normal vectors *anywhere*. PatchCore (Roth et al., CVPR 2022) answers it with the
+distance to the nearest vector of a memory of every normal patch, thinned to a coreset by greedy k-center
+selection (each new member is the vector farthest from the members so far), so that rare normal patterns stay
+in the memory where a random sample would drop them:
+
+    d_p(f) = min_j || f_p - b_j ||
+
+The memory is a buffer of a fixed size: it is saved with the weights (safetensors) and travels into an exported
+graph. With fewer normal vectors than its size the rest of it repeats them (a repeat changes no minimum).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from cavga.errors import ConfigError
+
+DEFAULT_MEMORY_SIZE = 16384
+# Greedy selection reads every candidate once per member; beyond this many, a seeded random share of the normal
+# vectors are the candidates (a 256 px category of 700 images has 700 000).
+CANDIDATE_LIMIT = 262144
+_CHUNK = 2048  # memory rows per distance block: (B, P, _CHUNK) floats at a time
+
+
+def greedy_coreset(vectors: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
+    """Indices (size,) of a greedy k-center coreset of ``vectors`` (N, C), N > size: a seeded first member, then
+    each time the vector whose distance to its nearest member so far is largest."""
+    n = vectors.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    squared = vectors.pow(2).sum(1)
+    nearest = torch.full((n,), float("inf"), dtype=vectors.dtype, device=vectors.device)
+    chosen = torch.empty(size, dtype=torch.long)
+    current = int(torch.randint(n, (1,), generator=generator))
+    for i in range(size):
+        chosen[i] = current
+        member = vectors[current]
+        distance = squared - 2.0 * (vectors @ member) + member.pow(2).sum()
+        nearest = torch.minimum(nearest, distance)
+        current = int(nearest.argmax())
+    return chosen
+
+
+class LatentMemory(nn.Module):
+    """``size`` normal feature vectors of ``channels``; ``forward`` gives each position's distance (B, 1, h, w) to
+    the nearest of them."""
+
+    def __init__(self, channels: int, size: int = DEFAULT_MEMORY_SIZE) -> None:
+        super().__init__()
+        if size < 1:
+            raise ConfigError(f"memory_size must be positive, got {size}")
+        self.channels, self.size = channels, size
+        self.register_buffer("bank", torch.zeros(size, channels))
+        self.register_buffer("n_vectors", torch.zeros((), dtype=torch.long))  # distinct vectors held
+        # The index of the normal image each row came from (in the order fit() read them): the calibration leaves
+        # an image's own rows out when it scores that image (infer.cross_fitted_memory_scores).
+        self.register_buffer("owner", torch.full((size,), -1, dtype=torch.long))
+
+    @property
+    def fitted(self) -> bool:
+        return int(self.n_vectors) > 0
+
+    def _check(self, features: torch.Tensor) -> None:
+        if features.dim() != 4 or features.shape[1] != self.channels:
+            raise ConfigError(f"LatentMemory expects features (B, {self.channels}, h, w), got {tuple(features.shape)}")
+
+    @torch.no_grad()
+    def fit(self, batches: Iterable[torch.Tensor], seed: int = 0) -> LatentMemory:
+        """Fill the memory from batches (B, C, h, w) of normal images: every position's vector, thinned by
+        :func:`greedy_coreset` where there are more than ``size``."""
+        parts, owners, images = [], [], 0
+        for features in batches:
+            self._check(features)
+            b, positions = features.shape[0], features.shape[-2] * features.shape[-1]
+            parts.append(features.detach().flatten(2).transpose(1, 2).reshape(-1, self.channels).float().cpu())
+            owners.append(torch.arange(images, images + b).repeat_interleave(positions))
+            images += b
+        if not parts:
+            raise ConfigError("the latent memory needs at least one normal image")
+        vectors, owner = torch.cat(parts), torch.cat(owners)
+        if vectors.shape[0] > CANDIDATE_LIMIT:
+            generator = torch.Generator().manual_seed(seed)
+            keep = torch.randperm(vectors.shape[0], generator=generator)[:CANDIDATE_LIMIT]
+            vectors, owner = vectors[keep], owner[keep]
+        if vectors.shape[0] > self.size:
+            keep = greedy_coreset(vectors, self.size, seed)
+            vectors, owner = vectors[keep], owner[keep]
+        held = vectors.shape[0]
+        repeats = torch.arange(self.size) % held  # fewer vectors than rows: repeat them
+        self.bank.copy_(vectors[repeats].to(self.bank))
+        self.owner.copy_(owner[repeats])
+        self.n_vectors.fill_(held)
+        return self
+
+    def forward(self, features: torch.Tensor, leave_out: torch.Tensor | None = None) -> torch.Tensor:
+        """Euclidean distance of every position's vector to its nearest memory row: (B, 1, h, w), >= 0.
+        ``leave_out`` (B,): for each image, the index of a normal image whose rows do not count (its own)."""
+        self._check(features)
+        b, _, h, w = features.shape
+        f = features.flatten(2).transpose(1, 2)  # (B, P, C)
+        f_sq = f.pow(2).sum(-1, keepdim=True)
+        nearest = None
+        for start in range(0, self.size, _CHUNK):
+            rows = self.bank[start : start + _CHUNK]
+            d = f_sq - 2.0 * (f @ rows.T) + rows.pow(2).sum(-1)  # (B, P, chunk)
+            if leave_out is not None:
+                own = self.owner[start : start + _CHUNK][None, :] == leave_out[:, None]  # (B, chunk)
+                d = d.masked_fill(own[:, None, :], float("inf"))
+            block = d.amin(-1)
+            nearest = block if nearest is None else torch.minimum(nearest, block)
+        return nearest.clamp_min(0.0).sqrt().view(b, 1, h, w)

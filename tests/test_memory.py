@@ -1,0 +1,98 @@
+"""The latent memory (latent_knn): nearest-neighbour distances and the greedy coreset, against hand-worked cases."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import cdist
+
+from cavga.errors import ConfigError
+from cavga.model import memory as memory_module
+from cavga.model.memory import LatentMemory, greedy_coreset
+
+
+def _as_map(vectors: np.ndarray, h: int, w: int) -> torch.Tensor:
+    """(B * h * w, C) vectors as a (B, C, h, w) feature map, positions in row-major order."""
+    c = vectors.shape[1]
+    return torch.tensor(vectors, dtype=torch.float32).view(-1, h * w, c).transpose(1, 2).reshape(-1, c, h, w)
+
+
+def test_distance_is_the_nearest_memory_vector_by_scipy():
+    rng = np.random.default_rng(0)
+    normal = rng.normal(size=(3 * 4 * 5, 6))
+    memory = LatentMemory(6, size=100).fit([_as_map(normal, 4, 5)])  # fewer vectors than rows: all kept
+    assert int(memory.n_vectors) == 60
+    query = rng.normal(size=(2 * 4 * 5, 6))
+    got = memory(_as_map(query, 4, 5)).numpy().reshape(2, -1)
+    expected = cdist(query, normal).min(1).reshape(2, -1)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    # a normal vector itself is at distance 0 (up to float32 cancellation in |f|^2 - 2 f.b + |b|^2, then a sqrt)
+    assert memory(_as_map(normal[:20], 4, 5)).abs().max() < 5e-3
+
+
+def test_distances_span_blocks_of_the_memory(monkeypatch):
+    monkeypatch.setattr(memory_module, "_CHUNK", 7)  # the minimum must be taken across blocks
+    rng = np.random.default_rng(1)
+    normal = rng.normal(size=(50, 3))
+    memory = LatentMemory(3, size=50).fit([_as_map(normal, 5, 10)])
+    query = rng.normal(size=(50, 3))
+    got = memory(_as_map(query, 5, 10)).numpy().ravel()
+    np.testing.assert_allclose(got, cdist(query, normal).min(1), rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_coreset_picks_the_farthest_point_each_time():
+    # On a line at 0, 1, 2, 3, 10 starting from 0 (seeded start forced below): 10 is farthest, then 3 or the
+    # midpoint-nearest... by hand: after {0, 10}, the distances to the nearest member are 1, 2, 3 -> 3 is next.
+    points = torch.tensor([[0.0], [1.0], [2.0], [3.0], [10.0]])
+    start = int(torch.randint(5, (1,), generator=torch.Generator().manual_seed(0)))
+    chosen = greedy_coreset(points, 3, seed=0).tolist()
+    assert chosen[0] == start
+    nearest = (points - points[start]).abs().ravel()
+    second = int(nearest.argmax())
+    assert chosen[1] == second
+    nearest = torch.minimum(nearest, (points - points[second]).abs().ravel())
+    assert chosen[2] == int(nearest.argmax())
+    assert len(set(chosen)) == 3
+
+
+def test_coreset_keeps_a_rare_normal_vector_that_most_vectors_are_far_from():
+    # 999 vectors near the origin and one far away: a memory of 10 keeps the far one (a random 10 would not).
+    rng = np.random.default_rng(2)
+    vectors = rng.normal(scale=0.01, size=(1000, 4))
+    vectors[417] = [5.0, 5.0, 5.0, 5.0]
+    memory = LatentMemory(4, size=10).fit([_as_map(vectors, 10, 10)])
+    assert int(memory.n_vectors) == 10
+    assert memory(_as_map(vectors[417:418], 1, 1)).item() < 1e-4
+
+
+def test_candidates_beyond_the_limit_are_a_seeded_sample(monkeypatch):
+    monkeypatch.setattr(memory_module, "CANDIDATE_LIMIT", 30)
+    rng = np.random.default_rng(3)
+    vectors = _as_map(rng.normal(size=(100, 2)), 10, 10)
+    a = LatentMemory(2, size=40).fit([vectors], seed=5)
+    b = LatentMemory(2, size=40).fit([vectors], seed=5)
+    assert int(a.n_vectors) == 30  # the 30 candidates, all kept, repeated to fill 40 rows
+    assert torch.equal(a.bank, b.bank)
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(ConfigError, match="memory_size"):
+        LatentMemory(3, size=0)
+    memory = LatentMemory(3, size=4)
+    with pytest.raises(ConfigError, match="at least one normal image"):
+        memory.fit([])
+    with pytest.raises(ConfigError, match=r"\(B, 3, h, w\)"):
+        memory(torch.zeros(1, 2, 2, 2))
+
+
+def test_leaving_an_image_out_ignores_exactly_its_own_rows():
+    rng = np.random.default_rng(4)
+    normal = rng.normal(size=(3, 4, 2, 2))  # three images of 2 x 2 positions, 4 channels
+    memory = LatentMemory(4, size=64).fit([torch.tensor(normal[:2], dtype=torch.float32),
+                                           torch.tensor(normal[2:], dtype=torch.float32)])  # fmt: skip
+    assert sorted(memory.owner[: int(memory.n_vectors)].tolist()) == [0] * 4 + [1] * 4 + [2] * 4
+    features = torch.tensor(normal, dtype=torch.float32)
+    got = memory(features, leave_out=torch.arange(3)).numpy().reshape(3, -1)
+    vectors = normal.transpose(0, 2, 3, 1).reshape(3, 4, 4)  # (image, position, channel)
+    for i in range(3):
+        others = np.concatenate([vectors[j] for j in range(3) if j != i])
+        np.testing.assert_allclose(got[i], cdist(vectors[i], others).min(1), rtol=1e-4, atol=1e-3)
