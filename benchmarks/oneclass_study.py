@@ -58,6 +58,12 @@ MODELS: dict[str, dict] = {
     "paper-no-adv": {**_W, "w_adv": 0.0},
     "flat100-no-adv": {**_W, "flatten_latent": True, "w_adv": 0.0},
     "paper-no-ae": {**_W, "w_ae": 0.0},
+    # CAVGA-L_u (the default model of the other protocols: frozen ImageNet Lite0 trunk, conv z at stride 8) at 64 px,
+    # the smallest side its trunk takes well (8 x 8 latent positions); and with the flattened 100-d latent.
+    "L64": {"variant": "L", "image_size": 64},
+    "L64-flat100": {"variant": "L", "image_size": 64, "flatten_latent": True},
+    "L96": {"variant": "L", "image_size": 96},
+    "L64-cz128": {"variant": "L", "image_size": 64, "latent_channels": 128},
 }
 SCORES = ("top_mean", *IMAGE_SCORES, "latent_gaussian_max", "combination")
 COMBINED = ("squared", "latent_mahalanobis")
@@ -88,7 +94,7 @@ def cifar_train(root: Path, cache: Path) -> tuple[np.ndarray, np.ndarray, list[s
     return images, labels, names
 
 
-def dev_splits(images: np.ndarray, labels: np.ndarray, k: int, args: argparse.Namespace) -> DatasetSplits:
+def dev_splits(images: np.ndarray, labels: np.ndarray, k: int, args: argparse.Namespace, size: int) -> DatasetSplits:
     """Train / development split of the training images for normal class k (seeded, no test image)."""
     rng = np.random.default_rng(DATA_SEED + 1000 * k)
     own = rng.permutation(np.flatnonzero(labels == k))
@@ -99,7 +105,7 @@ def dev_splits(images: np.ndarray, labels: np.ndarray, k: int, args: argparse.Na
     chosen = np.concatenate([train_idx, normal_dev, anomalous_dev])
     array = images[chosen]
     channels = 3 if images.ndim == 4 else 1
-    pre = Preprocess(32, channels)
+    pre = Preprocess(size, channels)
 
     def record(j: int, label: int) -> Record:
         i = int(chosen[j])
@@ -127,9 +133,10 @@ def choice_of(score: str) -> MapChoice:
 
 def run_one(splits: DatasetSplits, options: dict, args: argparse.Namespace, channels: int) -> dict:
     torch.manual_seed(args.seed)
+    options = {"variant": "D", "image_size": 32, **options}
     model = Cavga(
-        "D", "u", image_size=32, channels=channels, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-        device="cpu", **options,
+        setting="u", channels=channels, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, device="cpu",
+        **options,
     )  # fmt: skip
     started = time.perf_counter()
     model.fit(splits, progress=False)
@@ -271,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                 if path.is_file():
                     record = json.loads(path.read_text())
                 else:
-                    splits = dev_splits(images, labels, k, args)
+                    splits = dev_splits(images, labels, k, args, MODELS[model_name].get("image_size", 32))
                     channels = 3 if images.ndim == 4 else 1
                     record = {**config, "class_name": names[k], **run_one(splits, MODELS[model_name], args, channels)}
                     path.parent.mkdir(parents=True, exist_ok=True)

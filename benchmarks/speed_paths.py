@@ -119,8 +119,8 @@ def _batch(images: torch.Tensor, setting: str) -> Batch:
 
 
 def build(spec: dict):
-    """The untrained model a configuration names, its latent Gaussian fitted on random images where its map
-    needs one (a fitted Gaussian costs what a trained one does)."""
+    """The untrained model a configuration names, its latent Gaussian (and memory) fitted on random images where
+    its map needs one (a fitted Gaussian or memory costs what a trained one does)."""
     from cavga.model.networks import build_model
 
     config = ModelConfig(
@@ -128,10 +128,11 @@ def build(spec: dict):
         **spec.get("options", {}),
     )  # fmt: skip
     model = build_model(config)
-    if config.anomaly_map in ("latent_gaussian", "fusion"):
+    if config.anomaly_map in ("latent_gaussian", "fusion", "latent_knn"):
         with torch.inference_mode():
             mu = model.eval()(torch.rand(4, config.channels, spec["size"], spec["size"]), sample=False).mu
         model.latent_gaussian.fit([mu])
+        model.latent_memory.fit([mu])  # all memory_size rows are compared at inference, however few were filled
     return model
 
 

@@ -136,7 +136,12 @@ SUITE_LAYOUT = {
     # suite: (models, categories, a table heading, its mean-row paper number for the first model or None)
     "mvtec": ([*DEFAULT_AND_PAPER, "AE-SSIM", "AE-L2", "PaDiM"], ["weave"], "IoU", "(0.41)"),
     "pairs": ([*DEFAULT_AND_PAPER, "AE-SSIM", "AE-L2", "PaDiM"], ["tiles"], "IoU", None),
-    "oneclass": (["CAVGA-D_u-oneclass", "AE-SSIM", "AE-L2", "PaDiM"], ["0", "1", "2"], "image AuROC", None),
+    "oneclass": (
+        ["CAVGA-L_u-oneclass", "CAVGA-D_u-oneclass", "AE-SSIM", "AE-L2", "PaDiM"],
+        ["0", "1", "2"],
+        "image AuROC",
+        None,
+    ),
     "ablation": ([m.name for m in ABLATION_MODELS], ["weave"], "IoU", "(0.24)"),
 }
 
@@ -165,8 +170,10 @@ def test_quick_suite_files_layout_and_resume(suite, tmp_path):
         assert len({r["metrics"]["n_images"] for r in data["results"]}) == 1
     text = (out / "results.md").read_text()
     table = _table(text, heading)
-    # One-class: the default's paper-literal score (the same model) is a column right after it.
-    columns = [models[0], models[0] + " (paper score)", *models[1:]] if suite == "oneclass" else models
+    # One-class: each CAVGA model's paper-literal score (the same model) is a column right after it.
+    columns = models
+    if suite == "oneclass":
+        columns = [c for m in models for c in ([m, m + " (paper score)"] if m.startswith("CAVGA") else [m])]
     assert table[0].startswith("| category | ") and table[0].count("|") == len(columns) + 2
     header = [c.strip() for c in table[0].split("|")[2:-1]]
     assert [h.split(":")[0] for h in header] == columns

@@ -46,10 +46,11 @@ def test_variants_default_to_their_own_map_and_score():
     default = ModelConfig()
     assert (default.variant, default.anomaly_map, default.score, default.image_size) == (
         "L",
-        "latent_gaussian",
+        "latent_knn",
         "map_max",
         256,
     )
+    assert ModelConfig(setting="w").anomaly_map == "latent_gaussian"  # CAVGA-L_w keeps its own measured default
     assert default.freeze_encoder and not ModelConfig(variant="L", encoder_weights="none").freeze_encoder
     with pytest.raises(ConfigError, match="trained from scratch"):
         build_model(ModelConfig(variant="D", freeze_encoder=True))
@@ -277,7 +278,7 @@ def test_default_model_exports_with_eager_parity(tiny_root, tmp_path, setting, e
 def test_map_choice_reads_the_config_and_overrides():
     model, out, x, _ = _model_and_output()
     paper = infer_tensors(model, x, CalibrationConstants(), PAPER_CHOICE)
-    assert MapChoice.of(model.config) == MapChoice("latent_gaussian", "map_max")
+    assert MapChoice.of(model.config) == MapChoice("latent_knn", "map_max")
     torch.testing.assert_close(paper.anomaly_map, maps.attention(model, model(x, sample=False), x, None)[:, 0])
 
 

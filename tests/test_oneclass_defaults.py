@@ -6,26 +6,33 @@ import json
 
 from cavga import cli
 from cavga.benchmark import ONECLASS_BUDGET, ONECLASS_MODEL, default_budget, suite_models
-from cavga.benchmark.specs import BASELINES, QUICK_BUDGET, Budget
+from cavga.benchmark.specs import BASELINES, ONECLASS_D_MODEL, ONECLASS_L_MODEL, QUICK_BUDGET, Budget
 from cavga.benchmark.tables import with_paper_score_columns
-from cavga.config import ONECLASS_DEFAULTS, oneclass_options
+from cavga.config import ONECLASS_D_DEFAULTS, ONECLASS_DEFAULTS, ONECLASS_L_DEFAULTS, oneclass_options
 from test_data_oneclass import write_idx
 
 
-def test_oneclass_options_fill_what_is_not_given_and_leave_other_variants_alone():
-    assert oneclass_options({}) == ONECLASS_DEFAULTS
-    assert oneclass_options({"epochs": 7})["epochs"] == 7 and oneclass_options({"epochs": 7})["variant"] == "D"
-    assert oneclass_options({"variant": "L", "epochs": 2}) == {"variant": "L", "epochs": 2}
-    assert ONECLASS_DEFAULTS["score"] == "latent_mahalanobis" and ONECLASS_DEFAULTS["image_size"] == 32
+def test_oneclass_options_fill_what_is_not_given_with_the_variants_own_defaults():
+    assert oneclass_options({}) == ONECLASS_DEFAULTS == ONECLASS_L_DEFAULTS
+    assert oneclass_options({"epochs": 7})["epochs"] == 7 and oneclass_options({"epochs": 7})["variant"] == "L"
+    assert oneclass_options({"variant": "D"}) == ONECLASS_D_DEFAULTS
+    assert oneclass_options({"variant": "D", "width": 8})["flatten_latent"] and oneclass_options({"variant": "D",
+                            "width": 8})["width"] == 8  # fmt: skip
+    assert oneclass_options({"variant": "R", "epochs": 2}) == {"variant": "R", "epochs": 2}
+    assert ONECLASS_L_DEFAULTS["score"] == ONECLASS_D_DEFAULTS["score"] == "latent_mahalanobis"
+    assert (ONECLASS_L_DEFAULTS["image_size"], ONECLASS_D_DEFAULTS["image_size"]) == (64, 32)
 
 
-def test_the_oneclass_suite_runs_the_default_and_the_three_baselines_at_its_own_budget():
-    assert suite_models("oneclass") == [ONECLASS_MODEL, *BASELINES]
-    assert dict(ONECLASS_MODEL.options)["score"] == ONECLASS_DEFAULTS["score"]
-    assert ONECLASS_MODEL.paper_name == "CAVGA-D_u"  # compared with Table 7's CAVGA-D_u
+def test_the_oneclass_suite_runs_both_cavga_models_and_the_three_baselines_at_its_own_budget():
+    assert suite_models("oneclass") == [ONECLASS_MODEL, ONECLASS_D_MODEL, *BASELINES]
+    assert ONECLASS_MODEL is ONECLASS_L_MODEL and ONECLASS_MODEL.variant == ONECLASS_DEFAULTS["variant"]
+    for spec, defaults in ((ONECLASS_L_MODEL, ONECLASS_L_DEFAULTS), (ONECLASS_D_MODEL, ONECLASS_D_DEFAULTS)):
+        assert dict(spec.options)["score"] == defaults["score"]
+        assert spec.paper_name == "CAVGA-D_u"  # compared with Table 7's CAVGA-D_u
     budget = default_budget("oneclass")
     assert budget == ONECLASS_BUDGET and budget is not ONECLASS_BUDGET
-    assert budget.image_size(ONECLASS_MODEL) == 32 and budget.epochs == ONECLASS_DEFAULTS["epochs"]
+    assert budget.image_size(ONECLASS_D_MODEL) == 32 and budget.image_size(ONECLASS_L_MODEL) == 64
+    assert budget.epochs == ONECLASS_DEFAULTS["epochs"]
     assert default_budget("mvtec") == Budget() and default_budget("oneclass", quick=True) == QUICK_BUDGET
 
 
@@ -51,10 +58,14 @@ def test_cavga_train_on_a_oneclass_folder_takes_the_oneclass_defaults(tmp_path):
     config = json.loads((out / "config.json").read_text())
     model = config["model"]
     assert (model["variant"], model["image_size"], model["score"], model["anomaly_map"]) == (
-        "D", 32, ONECLASS_DEFAULTS["score"], ONECLASS_DEFAULTS["anomaly_map"],
+        "L", 64, ONECLASS_DEFAULTS["score"], ONECLASS_DEFAULTS["anomaly_map"],
     )  # fmt: skip
     assert model["width"] == 4 and config["train"]["epochs"] == 1  # given flags win
     assert config["train"]["batch_size"] == ONECLASS_DEFAULTS["batch_size"]
+    # --variant D takes CAVGA-D's one-class defaults (32 px, the flattened 100-d latent)
+    assert cli.main([*argv[:-1], str(tmp_path / "d"), "--variant", "D", "--epochs", "1", "--no-progress"]) == 0
+    model = json.loads((tmp_path / "d" / "config.json").read_text())["model"]
+    assert (model["variant"], model["image_size"], model["flatten_latent"], model["width"]) == ("D", 32, True, 32)
 
 
 def test_cifar10_class_folders_find_their_table7_row_by_name():

@@ -31,7 +31,7 @@ def test_dev_split_holds_training_images_only_disjoint_and_labelled_by_class():
     study = _load_study()
     labels = np.repeat(np.arange(3), 12)
     images = np.arange(36, dtype=np.uint8)[:, None, None] * np.ones((1, 8, 8), dtype=np.uint8)  # pixel = index
-    splits = study.dev_splits(images, labels, 1, _args())
+    splits = study.dev_splits(images, labels, 1, _args(), 32)
     train_idx = [int(p.split("#")[1]) for p in splits.train.paths]
     dev_idx = [int(p.split("#")[1]) for p in splits.test.paths]
     assert len(train_idx) == 6 and all(labels[i] == 1 for i in train_idx)
