@@ -99,8 +99,8 @@ def data_args(name: str, out: Path) -> tuple[Path, dict]:
 
 def trained_model(dataset: str, model: str, out: Path, device: str = "auto") -> tuple[Cavga, bool]:
     """The study's model of ``dataset``: loaded from OUT/models when a run saved it (second value True), else
-    trained and saved. A loaded model's latent Gaussian and memory are refitted as this cavga fits them (the
-    model may come from a run before a change to that fit; training does not depend on it)."""
+    trained and saved. A loaded model's latent Gaussian is refitted as this cavga fits it (the model may come
+    from a run before a change to that fit; training does not depend on it); its memory is filled if it has none."""
     root, kwargs = data_args(dataset, out)
     options = {**(L_OPTIONS if MODELS[model]["variant"] == "L" else {}), **MODELS[model]}
     options.setdefault("image_size", DATASETS[dataset]["size"])
@@ -119,9 +119,8 @@ def trained_model(dataset: str, model: str, out: Path, device: str = "auto") -> 
     train_set, _ = split_calibration(splits.train, config.calibration_fraction, config.seed)
     if reused:
         fit_latent_gaussian(detector.model_, train_set)
-    # The latent_knn row's memory: fit() fills it only where chosen, and a loaded one is refilled as this cavga
-    # fills it (as the Gaussian is refitted).
-    if reused or not detector.model_.latent_memory.fitted:
+    # The latent_knn row's memory: fit() fills it where it is the model's map; a file without one is filled here.
+    if not detector.model_.latent_memory.fitted:
         started = time.perf_counter()
         fit_latent_memory(detector.model_, train_set, config.seed)
         detector.memory_seconds_ = round(time.perf_counter() - started, 1)

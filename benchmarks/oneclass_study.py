@@ -47,6 +47,7 @@ DATA_SEED = 0
 # time; "paper-w64" keeps it). "paper": the paper's CAVGA-D latent (conv z of 64 channels at stride 8: 4 x 4 x 64
 # at 32 px) and loss weights; the others change one thing: the latent's channels or stride, the flattened 100-d
 # latent (Table 8's `*`), or the loss weights (no adversarial term; no attention expansion).
+BASE_OPTIONS = {"variant": "D", "image_size": 32}  # what a model of MODELS does not set
 _W = {"width": 32}
 MODELS: dict[str, dict] = {
     "paper": _W,
@@ -133,7 +134,7 @@ def choice_of(score: str) -> MapChoice:
 
 def run_one(splits: DatasetSplits, options: dict, args: argparse.Namespace, channels: int) -> dict:
     torch.manual_seed(args.seed)
-    options = {"variant": "D", "image_size": 32, **options}
+    options = {**BASE_OPTIONS, **options}
     model = Cavga(
         setting="u", channels=channels, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, device="cpu",
         **options,
@@ -278,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
                 if path.is_file():
                     record = json.loads(path.read_text())
                 else:
-                    splits = dev_splits(images, labels, k, args, MODELS[model_name].get("image_size", 32))
+                    size = {**BASE_OPTIONS, **MODELS[model_name]}["image_size"]
+                    splits = dev_splits(images, labels, k, args, size)
                     channels = 3 if images.ndim == 4 else 1
                     record = {**config, "class_name": names[k], **run_one(splits, MODELS[model_name], args, channels)}
                     path.parent.mkdir(parents=True, exist_ok=True)

@@ -177,8 +177,9 @@ def tiny_root(tmp_path_factory):
     return write_tiny_mvtec(tmp_path_factory.mktemp("maps"))
 
 
-def test_fit_and_calibration_read_no_test_image(tiny_root, monkeypatch):
-    """Everything fit() computes (weights, latent Gaussian, both calibrations) comes from the training folder."""
+@pytest.fixture
+def read_paths(monkeypatch) -> list[str]:
+    """The path of every image any dataset reads from here on, in order."""
     from cavga.data import dataset as dataset_module
 
     read: list[str] = []
@@ -189,7 +190,13 @@ def test_fit_and_calibration_read_no_test_image(tiny_root, monkeypatch):
         return original(self, record)
 
     monkeypatch.setattr(dataset_module.AnomalyDataset, "_load", spy)
-    detector = cavga.Cavga(image_size=64, width=4, latent_channels=4, batch_size=4)
+    return read
+
+
+def test_fit_and_calibration_read_no_test_image(tiny_root, read_paths):
+    """Everything fit() computes (weights, latent Gaussian, both calibrations) comes from the training folder."""
+    read = read_paths
+    detector = cavga.Cavga(image_size=64, width=4, latent_channels=4, batch_size=4, anomaly_map="latent_gaussian")
     detector.fit(tiny_root, category="bottle", progress=False)
     assert read and all("/train/" in p for p in read), [p for p in read if "/train/" not in p][:3]
     assert detector.model_.latent_gaussian.fitted
@@ -202,20 +209,13 @@ def test_fit_and_calibration_read_no_test_image(tiny_root, monkeypatch):
     assert set(result["paper_map"]) >= {"image_auroc", "pixel_auroc", "iou"}
 
 
-def test_latent_knn_fills_its_memory_and_calibrates_from_training_images_only(tiny_root, monkeypatch):
+def test_latent_knn_fills_its_memory_and_calibrates_from_training_images_only(tiny_root, read_paths):
     """The memory and its leave-one-image-out calibration read only the training folder; each training image's
     calibration score is measured without its own memory rows."""
-    from cavga.data import dataset as dataset_module
+    from cavga.data.splits import split_calibration
     from cavga.engine.infer import left_out_memory_scores
 
-    read: list[str] = []
-    original = dataset_module.AnomalyDataset._load
-
-    def spy(self, record):
-        read.append(str(record.path))
-        return original(self, record)
-
-    monkeypatch.setattr(dataset_module.AnomalyDataset, "_load", spy)
+    read = read_paths
     detector = cavga.Cavga(image_size=64, width=4, latent_channels=4, batch_size=4, anomaly_map="latent_knn")
     detector.fit(tiny_root, category="bottle", progress=False)
     assert read and all("/train/" in p for p in read), [p for p in read if "/train/" not in p][:3]
@@ -225,8 +225,6 @@ def test_latent_knn_fills_its_memory_and_calibrates_from_training_images_only(ti
     assert calibration.n_images == 12 and calibration.map_threshold == calibration.score_threshold
     # Left out, a training image is farther from the memory than with its own rows in it (where it is 0).
     splits = load_dataset(tiny_root, category="bottle", preprocess=detector.preprocess_)
-    from cavga.data.splits import split_calibration
-
     train_set, _ = split_calibration(splits.train, 0.1, 0)
     left_out = left_out_memory_scores(detector.model_, train_set)
     own = infer_batch(detector.model_, torch.stack([train_set[i].image for i in range(len(train_set))]),

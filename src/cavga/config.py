@@ -180,11 +180,9 @@ class ModelConfig:
             raise ConfigError("score 'probability' is C's, which setting u has no classifier for")
         if not 0.0 < self.score_top_fraction <= 1.0:
             raise ConfigError(f"score_top_fraction must lie in (0, 1], got {self.score_top_fraction}")
-        for name in ("latent_channels", "latent_stride", "width", "flat_latent_dim"):
+        for name in ("latent_channels", "latent_stride", "width", "flat_latent_dim", "memory_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.memory_size < 1:
-            raise ConfigError(f"memory_size must be positive, got {self.memory_size}")
         if self.gaussian_neighbourhood < 0:
             raise ConfigError(f"gaussian_neighbourhood must be >= 0 cells, got {self.gaussian_neighbourhood}")
 

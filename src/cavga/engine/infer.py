@@ -290,6 +290,11 @@ def fit_latent_memory(model: CavgaNet, normal_dataset: Dataset, seed: int = 0, b
     model.latent_memory.fit(mus, seed=seed)
 
 
+def _blurred_max(distances: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The ``map_max`` score (B,) of coarse distance maps (B, 1, h, w), as the deviation maps draw them."""
+    return upsampled_blur(distances, size).flatten(1).amax(dim=1)
+
+
 GAUSSIAN_FOLDS = 5  # cross-fitting of the latent Gaussian's calibration scores (calibrate)
 CROSS_FITTED = MapChoice("latent_gaussian", "map_max")  # the choice whose scores calibrate cross-fitted
 
@@ -301,7 +306,7 @@ def cross_fitted_latent_scores(model: CavgaNet, normal_dataset: Dataset, batch_s
     mus, size = _normal_latents(model, normal_dataset, batch_size)
     scores = cross_fitted_scores(
         torch.cat(mus),
-        lambda d: upsampled_blur(d, size).flatten(1).amax(dim=1),
+        lambda d: _blurred_max(d, size),
         GAUSSIAN_FOLDS,
         batch_size=batch_size,
         neighbourhood=model.config.gaussian_neighbourhood,
@@ -321,7 +326,7 @@ def left_out_memory_scores(model: CavgaNet, training_normals: Dataset, batch_siz
     with torch.no_grad():
         for mu in mus:
             own = torch.arange(seen, seen + mu.shape[0], device=mu.device)
-            scores.append(upsampled_blur(model.latent_memory(mu, leave_out=own), size).flatten(1).amax(dim=1))
+            scores.append(_blurred_max(model.latent_memory(mu, leave_out=own), size))
             seen += mu.shape[0]
     return torch.cat(scores).double().cpu().numpy()
 

@@ -40,8 +40,7 @@ def greedy_coreset(vectors: torch.Tensor, size: int, seed: int = 0) -> torch.Ten
     current = int(torch.randint(n, (1,), generator=generator))
     for i in range(size):
         chosen[i] = current
-        member = vectors[current]
-        distance = squared - 2.0 * (vectors @ member) + member.pow(2).sum()
+        distance = squared - 2.0 * (vectors @ vectors[current]) + squared[current]
         nearest = torch.minimum(nearest, distance)
         current = int(nearest.argmax())
     return chosen
@@ -59,7 +58,7 @@ class LatentMemory(nn.Module):
         self.register_buffer("bank", torch.zeros(size, channels))
         self.register_buffer("n_vectors", torch.zeros((), dtype=torch.long))  # distinct vectors held
         # The index of the normal image each row came from (in the order fit() read them): the calibration leaves
-        # an image's own rows out when it scores that image (infer.cross_fitted_memory_scores).
+        # an image's own rows out when it scores that image (infer.left_out_memory_scores).
         self.register_buffer("owner", torch.full((size,), -1, dtype=torch.long))
 
     @property
