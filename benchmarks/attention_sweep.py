@@ -61,7 +61,7 @@ def run_one(data: Path, category: str, setting: str, seed: int, device: str, epo
         options["epochs"] = epochs
     detector = Cavga(seed=seed, device=device, **options)
     detector.fit(data, format="mvtec", category=category, progress=False)
-    result = detector.evaluate(data, format="mvtec", category=category)
+    result = detector.evaluate(data, residual_maps=True, format="mvtec", category=category)
     residual = evaluate_outputs(detector.last_outputs_, detector.calibration_, anomaly_map="residual")
     return {
         "setting": setting,

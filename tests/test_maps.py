@@ -308,3 +308,35 @@ def test_predict_skips_the_decoder_only_where_map_and_score_need_no_reconstructi
     # a score of the residual needs the decoder whatever is asked
     slow = infer_batch(model, x, choice=MapChoice("latent_gaussian", "top_mean"), reconstruct=False)
     assert calls and slow.reconstructions is not None
+
+
+def test_evaluate_skips_the_decoder_unless_residual_maps_are_asked_and_gives_the_same_metrics(tiny_root):
+    """The default map (latent_knn) and score (map_max) read no x_hat: evaluate() runs no decoder for them, and the
+    metrics are those of a run that does; the residual map beside needs ``residual_maps=True``."""
+    from cavga.engine.infer import evaluate_outputs
+
+    detector = cavga.Cavga(image_size=64, width=4, latent_channels=4, batch_size=4, anomaly_map="latent_knn")
+    detector.fit(tiny_root, category="bottle", progress=False)
+    detector.paper_calibration_ = None  # the paper's map reads x_hat; leave it out of this count
+    calls: list[int] = []
+    hook = detector.model_.decoder.register_forward_hook(lambda *_: calls.append(1))
+    fast = detector.evaluate(tiny_root, category="bottle")
+    assert not calls and detector.last_outputs_.residual_maps is None
+    with pytest.raises(ConfigError, match="residual_maps=True"):
+        evaluate_outputs(detector.last_outputs_, detector.calibration_, anomaly_map="residual")
+    full = detector.evaluate(tiny_root, residual_maps=True, category="bottle")
+    hook.remove()
+    assert calls and detector.last_outputs_.residual_maps.shape == detector.last_outputs_.anomaly_maps.shape
+    assert fast == full
+    assert evaluate_outputs(detector.last_outputs_, detector.calibration_, anomaly_map="residual")["n_images"] > 0
+
+
+def test_the_latent_mahalanobis_score_reads_no_reconstruction():
+    model, out, x, _ = _model_and_output()
+    model.latent_gaussian.fit([out.mu])
+    calls: list[int] = []
+    model.decoder.register_forward_hook(lambda *_: calls.append(1))
+    choice = MapChoice("latent_gaussian", "latent_mahalanobis")
+    fast = infer_batch(model, x, choice=choice, reconstruct=False)
+    assert not calls and fast.reconstructions is None
+    np.testing.assert_array_equal(fast.raw_scores, infer_batch(model, x, choice=choice).raw_scores)

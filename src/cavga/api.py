@@ -327,9 +327,15 @@ class Cavga:
             results.extend(predictions_from(outputs, [p.size for p in pils], paths))
         return results
 
-    def evaluate(self, data: DatasetSplits | str | os.PathLike, **data_kwargs: Any) -> dict:
+    def evaluate(
+        self, data: DatasetSplits | str | os.PathLike, residual_maps: bool = False, **data_kwargs: Any
+    ) -> dict:
         """Metrics on the test split of ``data``: image_auroc, pixel_auroc, iou, iou_pooled, aupro,
-        balanced_accuracy, n_images (pixel metrics None where no masks exist)."""
+        balanced_accuracy, n_images (pixel metrics None where no masks exist).
+
+        The decoder runs only where the map or the score needs x_hat; ``residual_maps=True`` runs it anyway and
+        keeps the blurred residual |x - x_hat| of every test image in ``last_outputs_`` (for the residual map
+        reported beside)."""
         self._check_fitted()
         splits = (
             data if isinstance(data, DatasetSplits) else load_dataset(data, preprocess=self.preprocess_, **data_kwargs)
@@ -344,13 +350,13 @@ class Cavga:
                 "the training data under another path, those images now count in the metrics",
                 len(excluded),
             )
-        outputs = infer_dataset(self.model_, test, calibration=self.calibration_)
+        outputs = infer_dataset(self.model_, test, calibration=self.calibration_, reconstruct=residual_maps)
         self.last_outputs_ = outputs
         result = evaluate_outputs(outputs, self.calibration_)
         paper = getattr(self, "paper_calibration_", None)
         if paper is not None:
             choice = paper_choice(self.model_config.setting)
-            paper_outputs = infer_dataset(self.model_, test, calibration=paper, choice=choice)
+            paper_outputs = infer_dataset(self.model_, test, calibration=paper, choice=choice, reconstruct=False)
             result["paper_map"] = evaluate_outputs(paper_outputs, paper)
         if excluded:
             result["n_excluded"] = n_removed

@@ -93,7 +93,8 @@ class Inference:
     raw_map: torch.Tensor  # (B, H, W) the anomaly map before calibration (its own units)
 
 
-SCORES_WITHOUT_RECONSTRUCTION = ("map_max", "probability")
+# Image scores that read no x_hat: with them (and a map that reads none) inference skips the decoder.
+SCORES_WITHOUT_RECONSTRUCTION = ("map_max", "probability", "latent_mahalanobis", "kl")
 
 
 def infer_tensors(
@@ -202,7 +203,7 @@ def infer_batch(
 class DatasetOutputs:
     raw_scores: np.ndarray
     anomaly_maps: np.ndarray
-    residual_maps: np.ndarray
+    residual_maps: np.ndarray | None  # None: inferred without the decoder (infer_dataset(reconstruct=False))
     masks: np.ndarray
     has_mask: np.ndarray
     labels: np.ndarray
@@ -234,7 +235,7 @@ def collect_outputs(
     return DatasetOutputs(
         raw_scores=np.concatenate(parts["raw"]),
         anomaly_maps=np.concatenate(parts["maps"]),
-        residual_maps=np.concatenate(parts["res"]),
+        residual_maps=None if any(r is None for r in parts["res"]) else np.concatenate(parts["res"]),
         masks=np.concatenate(parts["masks"]),
         has_mask=np.concatenate(parts["has"]),
         labels=np.concatenate(parts["labels"]),
@@ -251,9 +252,16 @@ def infer_dataset(
     device: torch.device | None = None,
     calibration: Calibration | None = None,
     choice: MapChoice | None = None,
+    reconstruct: bool = True,
 ) -> DatasetOutputs:
+    """:func:`infer_batch` over ``dataset``. ``reconstruct=False``: the decoder runs only where the map or the score
+    needs x_hat, and ``residual_maps`` is then None unless it ran."""
     device = device or next(model.parameters()).device
-    return collect_outputs(dataset, lambda images: infer_batch(model, images, calibration, choice), batch_size, device)
+
+    def run(images: torch.Tensor) -> BatchOutputs:
+        return infer_batch(model, images, calibration, choice, reconstruct)
+
+    return collect_outputs(dataset, run, batch_size, device)
 
 
 @torch.no_grad()
@@ -415,6 +423,10 @@ def evaluate_outputs(outputs: DatasetOutputs, calibration: Calibration, anomaly_
     maps = outputs.anomaly_maps
     raw_maps = maps if outputs.raw_maps is None else outputs.raw_maps
     if anomaly_map == "residual":
+        if outputs.residual_maps is None:
+            raise ConfigError(
+                "these outputs hold no residual maps (inferred without the decoder): evaluate(..., residual_maps=True)"
+            )
         threshold = calibration.residual_threshold or calibration.map_threshold
         maps = normalize_map(torch.from_numpy(outputs.residual_maps), max(threshold, 1e-12)).numpy()
         raw_maps = outputs.residual_maps
