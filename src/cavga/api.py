@@ -53,6 +53,7 @@ from cavga.engine.infer import (
     infer_dataset,
     paper_choice,
 )
+from cavga.engine.maps import map_spec
 from cavga.engine.runlog import RUN_FILE, read_run_file
 from cavga.engine.train import resolve_device, seed_everything, train
 from cavga.errors import ConfigError, DataError, ModelFileError
@@ -224,7 +225,7 @@ class Cavga:
                 weak_info["classifier_refit"] = refit_classifier(self.model_, train_set, tc.classifier_steps, tc.seed)
             self.train_seconds_ = time.perf_counter() - start
             fit_latent_gaussian(self.model_, normal_train_set)
-            if self.model_config.anomaly_map == "latent_knn":  # the memory's coreset costs time: only when used
+            if map_spec(self.model_config.anomaly_map).needs_memory:
                 fit_latent_memory(self.model_, normal_train_set, tc.seed)
             if self.model_.deviation_classifier is not None and tc.classifier_steps > 0:
                 weak_info["deviation_classifier"] = fit_deviation_classifier(

@@ -185,6 +185,7 @@ class MapSpec:
     calibrated: bool  # raw units, put on the 0.5 scale by a threshold fitted on normal images
     exportable: bool = True  # computable inside the exported graph from the model's own tensors
     needs_reconstruction: bool = True  # False: drawn from the encoder's outputs alone (no decoder pass needed)
+    needs_memory: bool = False  # True: reads the latent memory, which fit() fills (a coreset: it costs time)
 
 
 ANOMALY_MAPS: dict[str, MapSpec] = {
@@ -193,7 +194,7 @@ ANOMALY_MAPS: dict[str, MapSpec] = {
     "attention_advae": MapSpec(attention_advae, calibrated=False),
     "residual": MapSpec(pixel_residual, calibrated=True),
     "latent_gaussian": MapSpec(latent_gaussian, calibrated=True, needs_reconstruction=False),
-    "latent_knn": MapSpec(latent_knn, calibrated=True, needs_reconstruction=False),
+    "latent_knn": MapSpec(latent_knn, calibrated=True, needs_reconstruction=False, needs_memory=True),
     "feature_residual": MapSpec(feature_residual, calibrated=True, exportable=False),
     "fusion": MapSpec(fusion, calibrated=True),
     "class_gaussian": MapSpec(class_gaussian, calibrated=True, needs_reconstruction=False),

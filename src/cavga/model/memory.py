@@ -41,7 +41,7 @@ def greedy_coreset(vectors: torch.Tensor, size: int, seed: int = 0) -> torch.Ten
     for i in range(size):
         chosen[i] = current
         distance = squared - 2.0 * (vectors @ vectors[current]) + squared[current]
-        nearest = torch.minimum(nearest, distance)
+        torch.minimum(nearest, distance, out=nearest)
         current = int(nearest.argmax())
     return chosen
 
@@ -72,12 +72,14 @@ class LatentMemory(nn.Module):
     @torch.no_grad()
     def fit(self, batches: Iterable[torch.Tensor], seed: int = 0) -> LatentMemory:
         """Fill the memory from batches (B, C, h, w) of normal images: every position's vector, thinned by
-        :func:`greedy_coreset` where there are more than ``size``."""
+        :func:`greedy_coreset` where there are more than ``size``. The selection runs on the features' device
+        (a GPU's bandwidth makes its one pass over the candidates per member cheap); the indices are drawn on the
+        CPU, so a seed selects the same rows on any device."""
         parts, owners, images = [], [], 0
         for features in batches:
             self._check(features)
             b, positions = features.shape[0], features.shape[-2] * features.shape[-1]
-            parts.append(features.detach().flatten(2).transpose(1, 2).reshape(-1, self.channels).float().cpu())
+            parts.append(features.detach().flatten(2).transpose(1, 2).reshape(-1, self.channels).float())
             owners.append(torch.arange(images, images + b).repeat_interleave(positions))
             images += b
         if not parts:
@@ -86,13 +88,13 @@ class LatentMemory(nn.Module):
         if vectors.shape[0] > CANDIDATE_LIMIT:
             generator = torch.Generator().manual_seed(seed)
             keep = torch.randperm(vectors.shape[0], generator=generator)[:CANDIDATE_LIMIT]
-            vectors, owner = vectors[keep], owner[keep]
+            vectors, owner = vectors[keep.to(vectors.device)], owner[keep]
         if vectors.shape[0] > self.size:
             keep = greedy_coreset(vectors, self.size, seed)
-            vectors, owner = vectors[keep], owner[keep]
+            vectors, owner = vectors[keep.to(vectors.device)], owner[keep]
         held = vectors.shape[0]
         repeats = torch.arange(self.size) % held  # fewer vectors than rows: repeat them
-        self.bank.copy_(vectors[repeats].to(self.bank))
+        self.bank.copy_(vectors[repeats.to(vectors.device)].to(self.bank))
         self.owner.copy_(owner[repeats])
         self.n_vectors.fill_(held)
         return self
