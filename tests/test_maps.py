@@ -50,7 +50,7 @@ def test_variants_default_to_their_own_map_and_score():
         "map_max",
         256,
     )
-    assert ModelConfig(setting="w").anomaly_map == "latent_gaussian"  # CAVGA-L_w keeps its own measured default
+    assert ModelConfig(setting="w").anomaly_map == "latent_knn"  # CAVGA-L_w's own measured default, as u's
     assert default.freeze_encoder and not ModelConfig(variant="L", encoder_weights="none").freeze_encoder
     with pytest.raises(ConfigError, match="trained from scratch"):
         build_model(ModelConfig(variant="D", freeze_encoder=True))
@@ -63,7 +63,7 @@ def test_setting_w_takes_its_own_map_and_score_defaults_and_old_files_read_as_th
         cfg = ModelConfig(variant=variant, setting="w")
         assert (cfg.anomaly_map, cfg.score) == ("attention", "probability")  # the paper's
     cfg = ModelConfig(setting="w")
-    assert (cfg.anomaly_map, cfg.score) == ("latent_gaussian", "map_max")
+    assert (cfg.anomaly_map, cfg.score) == ("latent_knn", "map_max")
     with pytest.raises(ConfigError, match="setting w scores"):
         ModelConfig(setting="w", score="top_mean").validate()
     with pytest.raises(ConfigError, match="no classifier"):
