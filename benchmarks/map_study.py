@@ -120,13 +120,20 @@ def trained_model(dataset: str, model: str, out: Path, device: str = "auto") -> 
     if reused:
         fit_latent_gaussian(detector.model_, train_set)
     # The latent_knn row's memory: fit() fills it where it is the model's map; a file without one is filled here.
-    if not detector.model_.latent_memory.fitted:
-        started = time.perf_counter()
-        fit_latent_memory(detector.model_, train_set, config.seed)
-        detector.memory_seconds_ = round(time.perf_counter() - started, 1)
+    detector.memory_seconds_ = fill_memory(detector, train_set)
     if not reused:
         detector.save(saved)
     return detector, reused
+
+
+def fill_memory(detector: Cavga, train_set) -> float | None:
+    """Fill the latent_knn memory of a model that has none, from ``train_set`` as fit() would: the seconds it
+    took, or None where the memory was already filled."""
+    if detector.model_.latent_memory.fitted:
+        return None
+    started = time.perf_counter()
+    fit_latent_memory(detector.model_, train_set, detector.train_config.seed)
+    return round(time.perf_counter() - started, 1)
 
 
 def evaluate_choice(detector: Cavga, test, choice: MapChoice, calibration_set, train_set) -> tuple[dict, object]:

@@ -32,11 +32,19 @@ from pathlib import Path
 
 from cavga.api import Cavga
 from cavga.data.splits import exclude_paths, split_calibration
-from cavga.engine.infer import WEAK_PAPER_CHOICE, MapChoice, fit_latent_memory
+from cavga.engine.infer import WEAK_PAPER_CHOICE, MapChoice
 from cavga.errors import ConfigError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from map_study import DATASETS, L_OPTIONS, data_args, evaluate_choice, table, trained_model  # noqa: E402
+from map_study import (  # noqa: E402
+    DATASETS,
+    L_OPTIONS,
+    data_args,
+    evaluate_choice,
+    fill_memory,
+    table,
+    trained_model,
+)
 
 RECIPES = {
     "default": {},
@@ -89,11 +97,7 @@ def run_one(dataset: str, recipe: str, count: int, out: Path, seed: int) -> dict
     train_set, calibration_set = split_calibration(
         splits.train, detector.train_config.calibration_fraction, detector.train_config.seed
     )
-    memory_seconds = None
-    if not detector.model_.latent_memory.fitted:  # the latent_knn rows' memory, filled as fit() fills it
-        memory_started = time.perf_counter()
-        fit_latent_memory(detector.model_, train_set, detector.train_config.seed)
-        memory_seconds = round(time.perf_counter() - memory_started, 1)
+    memory_seconds = fill_memory(detector, train_set)  # the latent_knn rows' memory (fit() fills only its own map's)
     detector.save(out / "models-w" / dataset.replace("/", "_") / f"{recipe}-{count}-seed{seed}")
     rows = {}
     for label, choice in W_CHOICES.items():
