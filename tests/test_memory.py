@@ -96,3 +96,31 @@ def test_leaving_an_image_out_ignores_exactly_its_own_rows():
     for i in range(3):
         others = np.concatenate([vectors[j] for j in range(3) if j != i])
         np.testing.assert_allclose(got[i], cdist(vectors[i], others).min(1), rtol=1e-4, atol=1e-3)
+
+
+# A 3 x 3 map of one channel holding 0..8 in row-major order, and the mean of each position's 3 x 3 block cut at
+# the border, worked by hand: the corner (0, 0) holds {0, 1, 3, 4} -> 2, the edge (0, 1) {0..5} -> 2.5, the centre 4.
+_GRID = torch.arange(9.0).view(1, 1, 3, 3)
+_GRID_MEANS = np.array([[2.0, 2.5, 3.0], [3.5, 4.0, 4.5], [5.0, 5.5, 6.0]])
+
+
+def test_a_window_compares_the_mean_of_each_block_worked_by_hand():
+    memory = LatentMemory(1, size=4, window=3).fit([torch.zeros(1, 1, 3, 3)])  # every normal block means 0
+    np.testing.assert_allclose(memory(_GRID).numpy()[0, 0], _GRID_MEANS, atol=1e-5)
+    # window 1 is the position itself: the distance to 0 is the value
+    plain = LatentMemory(1, size=4).fit([torch.zeros(1, 1, 3, 3)])
+    np.testing.assert_allclose(plain(_GRID).numpy()[0, 0], _GRID.numpy()[0, 0], atol=1e-5)
+
+
+def test_a_window_fills_the_memory_with_block_means():
+    memory = LatentMemory(1, size=16, window=3).fit([_GRID])
+    assert int(memory.n_vectors) == 9
+    held = np.sort(memory.bank[:9, 0].numpy())
+    np.testing.assert_allclose(held, np.sort(_GRID_MEANS.ravel()), atol=1e-6)
+    assert memory(_GRID).abs().max() < 2e-3  # the normal map's own blocks are in the memory
+
+
+def test_an_even_or_empty_window_is_refused():
+    for window in (0, 2, -1):
+        with pytest.raises(ConfigError, match="memory_window"):
+            LatentMemory(1, window=window)

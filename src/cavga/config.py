@@ -142,6 +142,10 @@ class ModelConfig:
     memory_size: int = _option(
         16384, "latent_knn: normal mu vectors the memory keeps (a greedy coreset where there are more)"
     )
+    memory_window: int = _option(
+        1, "latent_knn: the memory compares the mean mu of this many x this many latent positions around each "
+        "position (odd; 1: the position alone)",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         # Unset fields take the variant's defaults (VARIANT_DEFAULTS); an unknown variant is validate()'s to name.
@@ -186,6 +190,8 @@ class ModelConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.gaussian_neighbourhood < 0:
             raise ConfigError(f"gaussian_neighbourhood must be >= 0 cells, got {self.gaussian_neighbourhood}")
+        if self.memory_window < 1 or self.memory_window % 2 == 0:
+            raise ConfigError(f"memory_window must be a positive odd number of positions, got {self.memory_window}")
 
 
 @dataclass

@@ -9,6 +9,12 @@ in the memory where a random sample would drop them:
 
     d_p(f) = min_j || f_p - b_j ||
 
+Beyond PatchCore's own neighbourhood (a 3 x 3 average of its backbone features), the memory may compare the mean
+of a ``window`` x ``window`` block of latent positions around each position instead of the position alone
+(stride 1, the window cut at the border and averaged over the positions it holds). A wider window sees a defect
+that is a change of texture over a large region (Magnetic Tile's uneven grinding bands) rather than a small spot;
+the window is applied to the normal vectors the memory is filled from and to every vector it is asked about.
+
 The memory is a buffer of a fixed size: it is saved with the weights (safetensors) and travels into an exported
 graph. With fewer normal vectors than its size the rest of it repeats them (a repeat changes no minimum).
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cavga.errors import ConfigError
@@ -46,15 +53,25 @@ def greedy_coreset(vectors: torch.Tensor, size: int, seed: int = 0) -> torch.Ten
     return chosen
 
 
+def window_mean(features: torch.Tensor, window: int) -> torch.Tensor:
+    """The mean of each position's ``window`` x ``window`` block of ``features`` (B, C, h, w), same shape; at the
+    border, the mean of the positions the block holds. ``window`` 1: the features themselves."""
+    if window == 1:
+        return features
+    return F.avg_pool2d(features, window, stride=1, padding=window // 2, count_include_pad=False)
+
+
 class LatentMemory(nn.Module):
     """``size`` normal feature vectors of ``channels``; ``forward`` gives each position's distance (B, 1, h, w) to
-    the nearest of them."""
+    the nearest of them. ``window`` (odd): each vector is the mean of that block of positions (:func:`window_mean`)."""
 
-    def __init__(self, channels: int, size: int = DEFAULT_MEMORY_SIZE) -> None:
+    def __init__(self, channels: int, size: int = DEFAULT_MEMORY_SIZE, window: int = 1) -> None:
         super().__init__()
         if size < 1:
             raise ConfigError(f"memory_size must be positive, got {size}")
-        self.channels, self.size = channels, size
+        if window < 1 or window % 2 == 0:
+            raise ConfigError(f"memory_window must be a positive odd number of positions, got {window}")
+        self.channels, self.size, self.window = channels, size, window
         self.register_buffer("bank", torch.zeros(size, channels))
         self.register_buffer("n_vectors", torch.zeros((), dtype=torch.long))  # distinct vectors held
         # The index of the normal image each row came from (in the order fit() read them): the calibration leaves
@@ -78,6 +95,7 @@ class LatentMemory(nn.Module):
         parts, owners, images = [], [], 0
         for features in batches:
             self._check(features)
+            features = window_mean(features, self.window)
             b, positions = features.shape[0], features.shape[-2] * features.shape[-1]
             parts.append(features.detach().flatten(2).transpose(1, 2).reshape(-1, self.channels).float())
             owners.append(torch.arange(images, images + b).repeat_interleave(positions))
@@ -104,7 +122,7 @@ class LatentMemory(nn.Module):
         ``leave_out`` (B,): for each image, the index of a normal image whose rows do not count (its own)."""
         self._check(features)
         b, _, h, w = features.shape
-        f = features.flatten(2).transpose(1, 2)  # (B, P, C)
+        f = window_mean(features, self.window).flatten(2).transpose(1, 2)  # (B, P, C)
         f_sq = f.pow(2).sum(-1, keepdim=True)
         nearest = None
         for start in range(0, self.size, _CHUNK):

@@ -249,7 +249,9 @@ class CavgaNet(nn.Module):
         self.deviation_classifier = None
         # The latent memory (the latent_knn map) likewise: normal mu vectors, filled after training.
         self.latent_memory = LatentMemory(
-            config.flat_latent_dim if config.flatten_latent else config.latent_channels, config.memory_size
+            config.flat_latent_dim if config.flatten_latent else config.latent_channels,
+            config.memory_size,
+            config.memory_window,
         )
         if config.flatten_latent:
             self.latent_gaussian = PositionGaussian(config.flat_latent_dim, 1, 1)
