@@ -246,14 +246,19 @@ def test_calibrate_refuses_anomalous_images(tiny_root):
 
 @pytest.mark.parametrize(
     "setting,extra",
-    [("u", {}), ("u", {"anomaly_map": "latent_knn"}), ("w", {}), ("w", {"anomaly_map": "deviation_classifier"})],
+    [
+        ("u", {}),
+        ("u", {"memory_window": 3}),
+        ("w", {}),
+        ("w", {"anomaly_map": "deviation_classifier"}),
+    ],
 )
 def test_default_model_exports_with_eager_parity(tiny_root, tmp_path, setting, extra):
     pytest.importorskip("onnxruntime")
     from cavga.export import OnnxInferencer, export, load_exported
 
-    weak = {"anomalous_count": 1, **extra} if setting == "w" else {}
-    detector = cavga.Cavga(setting=setting, image_size=64, width=4, latent_channels=4, batch_size=4, **weak)
+    options = {"anomalous_count": 1, **extra} if setting == "w" else extra
+    detector = cavga.Cavga(setting=setting, image_size=64, width=4, latent_channels=4, batch_size=4, **options)
     detector.fit(tiny_root, category="bottle", progress=False)
     path = export(detector, tmp_path / "m.onnx")
     images = sorted(str(p) for p in (tiny_root / "bottle" / "test").rglob("*.png"))
