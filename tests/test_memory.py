@@ -124,3 +124,23 @@ def test_an_even_or_empty_window_is_refused():
     for window in (0, 2, -1):
         with pytest.raises(ConfigError, match="memory_window"):
             LatentMemory(1, window=window)
+
+
+def test_both_scales_weights_the_window_half_to_the_positions_spread_worked_by_hand():
+    # _GRID's values 0..8 have total variance 60 / 9; their 3 x 3 block means (_GRID_MEANS) 15 / 9: weight 2.
+    memory = LatentMemory(1, size=16, window=3, both_scales=True).fit([_GRID])
+    assert float(memory.window_weight) == pytest.approx(2.0, rel=1e-5)
+    held = memory.bank[:9].numpy()
+    expected = np.stack([_GRID.numpy().ravel(), 2.0 * _GRID_MEANS.ravel()], axis=1)
+    np.testing.assert_allclose(held[np.lexsort(held.T[::-1])], expected[np.lexsort(expected.T[::-1])], atol=1e-5)
+    # A query: every position's (own value, 2 x block mean) against the nine held pairs, by scipy.
+    query = torch.tensor([[0.0, 8.0, 1.0], [2.0, 9.0, 4.0], [3.0, 3.0, 5.0]]).view(1, 1, 3, 3)
+    q_means = torch.nn.functional.avg_pool2d(query, 3, stride=1, padding=1, count_include_pad=False)
+    q = np.stack([query.numpy().ravel(), 2.0 * q_means.numpy().ravel()], axis=1)
+    got = memory(query).numpy()[0, 0].ravel()
+    np.testing.assert_allclose(got, cdist(q, expected).min(1), rtol=1e-4, atol=1e-3)
+
+
+def test_both_scales_needs_a_window():
+    with pytest.raises(ConfigError, match="memory_both_scales"):
+        LatentMemory(1, window=1, both_scales=True)

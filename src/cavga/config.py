@@ -146,6 +146,10 @@ class ModelConfig:
         1, "latent_knn: the memory compares the mean mu of this many x this many latent positions around each "
         "position (odd; 1: the position alone)",
     )  # fmt: skip
+    memory_both_scales: bool = _option(
+        False, "latent_knn with memory_window above 1: each memory vector also holds the position's own mu beside "
+        "its window's mean (a small spot and a large region in one search)",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         # Unset fields take the variant's defaults (VARIANT_DEFAULTS); an unknown variant is validate()'s to name.
@@ -192,6 +196,10 @@ class ModelConfig:
             raise ConfigError(f"gaussian_neighbourhood must be >= 0 cells, got {self.gaussian_neighbourhood}")
         if self.memory_window < 1 or self.memory_window % 2 == 0:
             raise ConfigError(f"memory_window must be a positive odd number of positions, got {self.memory_window}")
+        if self.memory_both_scales and self.memory_window == 1:
+            raise ConfigError(
+                "memory_both_scales needs a memory_window above 1 (the window's scale beside the position's)"
+            )
 
 
 @dataclass

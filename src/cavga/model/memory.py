@@ -14,6 +14,10 @@ of a ``window`` x ``window`` block of latent positions around each position inst
 (stride 1, the window cut at the border and averaged over the positions it holds). A wider window sees a defect
 that is a change of texture over a large region (Magnetic Tile's uneven grinding bands) rather than a small spot;
 the window is applied to the normal vectors the memory is filled from and to every vector it is asked about.
+With ``both_scales`` each vector holds the position's own mu beside its window's mean, the mean multiplied by a
+weight fitted on the normal vectors so that both halves spread as much (the square root of the ratio of their total
+variances): one nearest-neighbour search then sees a small spot (the position's half) and a large region (the
+window's half), where a window alone blurs the spot into its surroundings.
 
 The memory is a buffer of a fixed size: it is saved with the weights (safetensors) and travels into an exported
 graph. With fewer normal vectors than its size the rest of it repeats them (a repeat changes no minimum).
@@ -63,16 +67,25 @@ def window_mean(features: torch.Tensor, window: int) -> torch.Tensor:
 
 class LatentMemory(nn.Module):
     """``size`` normal feature vectors of ``channels``; ``forward`` gives each position's distance (B, 1, h, w) to
-    the nearest of them. ``window`` (odd): each vector is the mean of that block of positions (:func:`window_mean`)."""
+    the nearest of them. ``window`` (odd): each vector is the mean of that block of positions (:func:`window_mean`);
+    ``both_scales``: the position's own vector beside it (2 x ``channels`` a row)."""
 
-    def __init__(self, channels: int, size: int = DEFAULT_MEMORY_SIZE, window: int = 1) -> None:
+    def __init__(
+        self, channels: int, size: int = DEFAULT_MEMORY_SIZE, window: int = 1, both_scales: bool = False
+    ) -> None:
         super().__init__()
         if size < 1:
             raise ConfigError(f"memory_size must be positive, got {size}")
         if window < 1 or window % 2 == 0:
             raise ConfigError(f"memory_window must be a positive odd number of positions, got {window}")
-        self.channels, self.size, self.window = channels, size, window
-        self.register_buffer("bank", torch.zeros(size, channels))
+        if both_scales and window == 1:
+            raise ConfigError(
+                "memory_both_scales needs a memory_window above 1 (the window's scale beside the position's)"
+            )
+        self.channels, self.size, self.window, self.both_scales = channels, size, window, both_scales
+        self.register_buffer("bank", torch.zeros(size, channels * (2 if both_scales else 1)))
+        # both_scales: the weight of the window's half, fitted with the bank (1 until then).
+        self.register_buffer("window_weight", torch.ones(()))
         self.register_buffer("n_vectors", torch.zeros((), dtype=torch.long))  # distinct vectors held
         # The index of the normal image each row came from (in the order fit() read them): the calibration leaves
         # an image's own rows out when it scores that image (infer.left_out_memory_scores).
@@ -86,6 +99,20 @@ class LatentMemory(nn.Module):
         if features.dim() != 4 or features.shape[1] != self.channels:
             raise ConfigError(f"LatentMemory expects features (B, {self.channels}, h, w), got {tuple(features.shape)}")
 
+    def _vectors(self, features: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The (B, P, C') vector of every position the memory compares: the window's mean, or with both_scales
+        the position's vector and the window's mean times ``weight`` (the fitted window_weight by default)."""
+        pooled = window_mean(features, self.window)
+        if self.both_scales:
+            w = self.window_weight if weight is None else weight
+            pooled = torch.cat([features, pooled * w.to(pooled.dtype)], dim=1)
+        return pooled.flatten(2).transpose(1, 2)
+
+    @staticmethod
+    def _spread(vectors: torch.Tensor) -> torch.Tensor:
+        """Total variance of (N, C) vectors: the mean squared distance from their mean."""
+        return (vectors - vectors.mean(0)).pow(2).sum(1).mean()
+
     @torch.no_grad()
     def fit(self, batches: Iterable[torch.Tensor], seed: int = 0) -> LatentMemory:
         """Fill the memory from batches (B, C, h, w) of normal images: every position's vector, thinned by
@@ -93,16 +120,21 @@ class LatentMemory(nn.Module):
         (a GPU's bandwidth makes its one pass over the candidates per member cheap); the indices are drawn on the
         CPU, so a seed selects the same rows on any device."""
         parts, owners, images = [], [], 0
+        one = torch.ones(())
         for features in batches:
             self._check(features)
-            features = window_mean(features, self.window)
             b, positions = features.shape[0], features.shape[-2] * features.shape[-1]
-            parts.append(features.detach().flatten(2).transpose(1, 2).reshape(-1, self.channels).float())
+            parts.append(self._vectors(features.detach(), one).reshape(b * positions, -1).float())
             owners.append(torch.arange(images, images + b).repeat_interleave(positions))
             images += b
         if not parts:
             raise ConfigError("the latent memory needs at least one normal image")
         vectors, owner = torch.cat(parts), torch.cat(owners)
+        if self.both_scales:  # weight the window's half to spread as much as the position's
+            c = self.channels
+            weight = (self._spread(vectors[:, :c]) / self._spread(vectors[:, c:]).clamp_min(1e-12)).sqrt()
+            vectors[:, c:] *= weight
+            self.window_weight.fill_(float(weight))
         if vectors.shape[0] > CANDIDATE_LIMIT:
             generator = torch.Generator().manual_seed(seed)
             keep = torch.randperm(vectors.shape[0], generator=generator)[:CANDIDATE_LIMIT]
@@ -122,7 +154,7 @@ class LatentMemory(nn.Module):
         ``leave_out`` (B,): for each image, the index of a normal image whose rows do not count (its own)."""
         self._check(features)
         b, _, h, w = features.shape
-        f = window_mean(features, self.window).flatten(2).transpose(1, 2)  # (B, P, C)
+        f = self._vectors(features)  # (B, P, C')
         f_sq = f.pow(2).sum(-1, keepdim=True)
         nearest = None
         for start in range(0, self.size, _CHUNK):

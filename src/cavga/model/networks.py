@@ -252,6 +252,7 @@ class CavgaNet(nn.Module):
             config.flat_latent_dim if config.flatten_latent else config.latent_channels,
             config.memory_size,
             config.memory_window,
+            config.memory_both_scales,
         )
         if config.flatten_latent:
             self.latent_gaussian = PositionGaussian(config.flat_latent_dim, 1, 1)
