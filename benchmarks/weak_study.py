@@ -18,6 +18,8 @@ Recipes (``--recipes``):
     python benchmarks/map_study.py --out runs/map-study --models L-frozen --datasets demo/wood   # the u models
     python benchmarks/weak_study.py --out runs/map-study --datasets demo/wood demo/pill --counts 1
     python benchmarks/weak_study.py --out runs/map-study --datasets bottle --counts 1 2 5 10 20 --recipes default
+    python benchmarks/weak_study.py --out runs/map-study --datasets magnetic_tile --counts 8 --recipes default \
+        --maps "latent_knn, map max" "deviation_classifier, map max"      # only these w rows (a long dataset)
 
 Writes OUT/weak_study.json after every model (a rerun skips what it holds) and OUT/weak_study.md.
 """
