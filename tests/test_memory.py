@@ -144,3 +144,12 @@ def test_both_scales_weights_the_window_half_to_the_positions_spread_worked_by_h
 def test_both_scales_needs_a_window():
     with pytest.raises(ConfigError, match="memory_both_scales"):
         LatentMemory(1, window=1, both_scales=True)
+
+
+def test_both_scales_weight_travels_with_the_state_dict():
+    fitted = LatentMemory(1, size=16, window=3, both_scales=True).fit([_GRID])
+    loaded = LatentMemory(1, size=16, window=3, both_scales=True)
+    loaded.load_state_dict(fitted.state_dict())  # what a saved model's safetensors hold
+    assert float(loaded.window_weight) == pytest.approx(2.0, rel=1e-5)
+    query = _GRID.flip(-1) * 1.5
+    np.testing.assert_allclose(loaded(query).numpy(), fitted(query).numpy(), atol=1e-6)
