@@ -117,7 +117,8 @@ def markdown(rows: list[dict]) -> str:
 
 
 def _label(row: dict) -> str:
-    return f"window {row['window']}" + (" + the position (both scales)" if row.get("both_scales") else "")
+    label = f"window {row['window']}" + (" + the position (both scales)" if row.get("both_scales") else "")
+    return label + (" (measured after the decision)" if row.get("after_the_decision") else "")
 
 
 def _halves_cell(row: dict) -> str:
