@@ -1,0 +1,45 @@
+"""benchmarks/memory_window.py: the seeded dev / held halves of a test set, and each half's AuROCs."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("cavga_memory_window", ROOT / "benchmarks" / "memory_window.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_halves_are_a_seeded_partition_of_the_test_set():
+    study = _load()
+    halves = study.halves(11)
+    dev, held = halves["dev"], halves["held"]
+    assert len(dev) == 5 and len(held) == 6
+    assert not set(dev) & set(held) and sorted([*dev, *held]) == list(range(11))
+    again = study.halves(11)  # the same draw every time: the dev half never changes between runs
+    np.testing.assert_array_equal(again["dev"], dev)
+
+
+def test_each_halfs_auroc_is_computed_on_its_own_images_only():
+    study = _load()
+    rng = np.random.default_rng(3)
+    n = 12
+    labels = np.array([0, 1] * (n // 2))
+    masks = np.zeros((n, 4, 4), dtype=np.uint8)
+    masks[labels == 1, :2, :2] = 1
+    maps = rng.random((n, 4, 4)).astype(np.float32) * 3.0  # raw maps, not on [0, 1]
+    scores = rng.random(n)
+    got = study.half_metrics(SimpleNamespace(raw_maps=maps, raw_scores=scores, labels=labels, masks=masks))
+    for name, idx in study.halves(n).items():
+        assert abs(got[name]["image_auroc"] - roc_auc_score(labels[idx], scores[idx])) < 1e-9
+        pixel = roc_auc_score(masks[idx].ravel(), maps[idx].ravel())
+        assert abs(got[name]["pixel_auroc"] - pixel) < 1e-6
