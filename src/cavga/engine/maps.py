@@ -174,6 +174,19 @@ def deviation_classifier(model: CavgaNet, out: CavgaOutput, images: torch.Tensor
     return upsampled_blur(weighted, _size(images))
 
 
+def knn_classifier(model: CavgaNet, out: CavgaOutput, images: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """CAVGA_w: the latent memory's distance (:func:`latent_knn`) weighted by (1 + the deviation classifier's
+    probability at each position) / 2: a deviation counts in full where the classifier, fitted on the labelled and
+    synthesized anomalies, sees a defect, and half where it sees none. Upsampled and blurred."""
+    head, gaussian, memory = model.deviation_classifier, model.latent_gaussian, model.latent_memory
+    exporting = torch.compiler.is_exporting()
+    if head is None or (not exporting and not (head.fitted and gaussian.fitted and memory.fitted)):
+        raise ConfigError("the knn_classifier map needs CAVGA_w's fitted deviation classifier and latent memory")
+    probability = torch.sigmoid(head.position_logits(head.inputs(out.mu, gaussian)))
+    weighted = memory(latent_positions(out.mu)) * (1.0 + probability) / 2.0
+    return upsampled_blur(weighted, _size(images))
+
+
 # ---------------------------------------------------------------------------------------------- the registry
 
 MapFunction = Callable[[CavgaNet, CavgaOutput, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -199,6 +212,7 @@ ANOMALY_MAPS: dict[str, MapSpec] = {
     "fusion": MapSpec(fusion, calibrated=True),
     "class_gaussian": MapSpec(class_gaussian, calibrated=True, needs_reconstruction=False),
     "deviation_classifier": MapSpec(deviation_classifier, calibrated=True, needs_reconstruction=False),
+    "knn_classifier": MapSpec(knn_classifier, calibrated=True, needs_reconstruction=False, needs_memory=True),
 }
 PAPER_MAP = "attention"
 PAPER_SCORE = "top_mean"
