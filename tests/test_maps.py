@@ -251,6 +251,7 @@ def test_calibrate_refuses_anomalous_images(tiny_root):
         ("u", {"memory_window": 3}),
         ("w", {}),
         ("w", {"anomaly_map": "deviation_classifier"}),
+        ("w", {"anomaly_map": "knn_classifier"}),
     ],
 )
 def test_default_model_exports_with_eager_parity(tiny_root, tmp_path, setting, extra):

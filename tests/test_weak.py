@@ -491,6 +491,32 @@ def test_deviation_classifier_learns_the_labelled_examples_and_top_mean_is_the_i
     assert roc_auc_score(truth, logits.numpy()) == 1.0
 
 
+def test_knn_classifier_weights_the_memory_distance_by_half_one_plus_the_probability_worked_by_hand():
+    from cavga.engine import maps
+
+    images, labels, _ = _bright_square_examples()
+    model = _fitted_gaussian_w_model(images, labels)
+    x = images[:3]
+    with torch.no_grad():
+        out = model(x, sample=False)
+        with pytest.raises(ConfigError, match="knn_classifier"):  # the classifier and the memory not yet fitted
+            maps.knn_classifier(model, out, x, x)
+        # The memory holds the zero vector (and one far away): each position's distance is ||mu_p||.
+        memory = model.latent_memory
+        memory.bank.zero_()
+        memory.bank[1] = 1e6
+        memory.n_vectors.fill_(2)
+        # A classifier of weight 0 and bias b gives the probability sigmoid(b) at every position.
+        head = model.deviation_classifier
+        head.conv.weight.zero_()
+        head.n_examples.fill_(1)
+        distance = maps.upsampled_blur(out.mu.norm(dim=1, keepdim=True), (x.shape[-2], x.shape[-1]))
+        for bias, factor in ((0.0, 0.75), (50.0, 1.0), (-50.0, 0.5)):  # (1 + sigmoid(b)) / 2 by hand
+            head.conv.bias.fill_(bias)
+            got = maps.knn_classifier(model, out, x, x)
+            torch.testing.assert_close(got, distance * factor, rtol=1e-4, atol=1e-4)
+
+
 def test_an_unfitted_deviation_classifier_map_is_refused():
     model = tiny_w_model().eval()
     x = torch.rand(2, 3, 32, 32)
