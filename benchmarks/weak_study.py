@@ -26,7 +26,8 @@ CAVGA-L_w's default map by the rule written down before any figure of it was see
 and demo-s1/*, 1 label, recipe default, seed 0) its mean pixel AuROC and AUPRO are higher and its mean image AuROC
 and balanced accuracy no more than 0.01 lower. Bottle and Magnetic Tile are reported after the decision.
 
-Writes OUT/weak_study.json after every model (a rerun skips what it holds) and OUT/weak_study.md.
+Writes OUT/weak_study.json after every model (a rerun skips what it holds) and OUT/weak_study.md. A w model saved
+in OUT/models-w by an earlier run is loaded and scored again rather than retrained (its labels are in its file).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import time
 from pathlib import Path
 
 from cavga.api import Cavga
+from cavga.api import load as load_model
 from cavga.data.splits import exclude_paths, split_calibration
 from cavga.engine.infer import WEAK_PAPER_CHOICE, MapChoice
 from cavga.errors import ConfigError
@@ -98,15 +100,19 @@ def run_one(dataset: str, recipe: str, count: int, out: Path, seed: int, maps: l
     root, kwargs = data_args(dataset, out)
     options = {**L_OPTIONS, "variant": "L", "image_size": DATASETS[dataset]["size"], **RECIPES[recipe]}
     started = time.perf_counter()
-    detector = Cavga(setting="w", anomalous_count=count, seed=seed, device="cpu", **options)
-    detector.fit(root, progress=False, **kwargs)
+    saved = out / "models-w" / dataset.replace("/", "_") / f"{recipe}-{count}-seed{seed}"
+    if (saved / "config.json").exists():  # a w model an earlier run trained: scored again, not retrained
+        detector = load_model(saved, device="cpu")
+    else:
+        detector = Cavga(setting="w", anomalous_count=count, seed=seed, device="cpu", **options)
+        detector.fit(root, progress=False, **kwargs)
     splits = detector._load(root, **kwargs)
     test = exclude_paths(splits.test, detector.excluded_paths_)
     train_set, calibration_set = split_calibration(
         splits.train, detector.train_config.calibration_fraction, detector.train_config.seed
     )
     memory_seconds = fill_memory(detector, train_set)  # the latent_knn rows' memory (fit() fills only its own map's)
-    detector.save(out / "models-w" / dataset.replace("/", "_") / f"{recipe}-{count}-seed{seed}")
+    detector.save(saved)
     rows = {}
     for label, choice in W_CHOICES.items():
         if maps is not None and label not in maps:
