@@ -33,7 +33,7 @@ def _tiny_l(**kw) -> ModelConfig:
 def test_the_registry_names_every_map_and_refuses_others():
     assert set(maps.ANOMALY_MAPS) == {
         "attention", "attention_flip", "attention_advae", "residual", "latent_gaussian", "feature_residual", "fusion",
-        "class_gaussian", "deviation_classifier", "latent_knn",
+        "class_gaussian", "deviation_classifier", "latent_knn", "knn_classifier",
     }  # fmt: skip
     with pytest.raises(ConfigError, match="anomaly_map must be one of"):
         maps.map_spec("heat")
