@@ -25,7 +25,8 @@ The rule, written down before any figure of a window above 1 was seen:
     python benchmarks/memory_window.py --out runs/map-study --datasets magnetic_tile bottle --windows 1 3 5 9
     python benchmarks/memory_window.py --out runs/map-study --datasets magnetic_tile --windows 9 --both-scales
 
-Writes OUT/memory_window.json after every (dataset, window) (a rerun skips what it holds) and OUT/memory_window.md.
+Writes OUT/memory_window.json after every (dataset, window, both scales) row (a rerun skips what it holds) and
+OUT/memory_window.md.
 """
 
 from __future__ import annotations

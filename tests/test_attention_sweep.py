@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from benchmark_scripts import load_benchmark
 from cavga.data.synthetic import write_demo_dataset
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_sweep():
-    spec = importlib.util.spec_from_file_location("cavga_attention_sweep", ROOT / "benchmarks" / "attention_sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
 def test_sweep_writes_runs_summary_and_table_and_resumes(tmp_path, monkeypatch):
-    sweep = _load_sweep()
+    sweep = load_benchmark("attention_sweep")
     evaluated, residual = [], []  # what each run's evaluation computed, to compare sweep.json with
 
     def evaluate(self, *args, **kwargs):
@@ -66,7 +56,7 @@ def test_sweep_writes_runs_summary_and_table_and_resumes(tmp_path, monkeypatch):
 
 
 def test_summary_means_and_worst_seed_by_hand():
-    sweep = _load_sweep()
+    sweep = load_benchmark("attention_sweep")
     runs = [
         {"setting": "s", "seed": 0, "category": "pill", "image_auroc": 0.9, "pixel_auroc": 0.8,
          "pixel_auroc_residual": 0.7},

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("cavga_memory_window", ROOT / "benchmarks" / "memory_window.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmark_scripts import load_benchmark
 
 
 def test_halves_are_a_seeded_partition_of_the_test_set():
-    study = _load()
+    study = load_benchmark("memory_window")
     halves = study.halves(11)
     dev, held = halves["dev"], halves["held"]
     assert len(dev) == 5 and len(held) == 6
@@ -30,7 +21,7 @@ def test_halves_are_a_seeded_partition_of_the_test_set():
 
 
 def test_each_halfs_auroc_is_computed_on_its_own_images_only():
-    study = _load()
+    study = load_benchmark("memory_window")
     rng = np.random.default_rng(3)
     n = 12
     labels = np.array([0, 1] * (n // 2))

@@ -3,24 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from benchmark_scripts import load_benchmark
 from cavga.data import ANOMALOUS, NORMAL
 from test_data_oneclass import idx_bytes
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_study():
-    spec = importlib.util.spec_from_file_location("cavga_oneclass_study", ROOT / "benchmarks" / "oneclass_study.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _args(**kw) -> argparse.Namespace:
@@ -28,7 +18,7 @@ def _args(**kw) -> argparse.Namespace:
 
 
 def test_dev_split_holds_training_images_only_disjoint_and_labelled_by_class():
-    study = _load_study()
+    study = load_benchmark("oneclass_study")
     labels = np.repeat(np.arange(3), 12)
     images = np.arange(36, dtype=np.uint8)[:, None, None] * np.ones((1, 8, 8), dtype=np.uint8)  # pixel = index
     splits = study.dev_splits(images, labels, 1, _args(), 32)
@@ -48,14 +38,14 @@ def test_dev_split_holds_training_images_only_disjoint_and_labelled_by_class():
 
 
 def test_columns_name_a_budget_other_than_the_default():
-    study = _load_study()
+    study = load_benchmark("oneclass_study")
     record = {"model": "flat100", **study.DEFAULT_BUDGET}
     assert study.column(record) == "flat100"
     assert study.column({**record, "n_train": 4000, "epochs": 1}) == "flat100, n_train 4000, epochs 1"
 
 
 def test_one_tiny_run_writes_every_score_and_resumes(tmp_path):
-    study = _load_study()
+    study = load_benchmark("oneclass_study")
     rng = np.random.default_rng(0)
     root = tmp_path / "digits"
     root.mkdir()
