@@ -517,6 +517,49 @@ def test_knn_classifier_weights_the_memory_distance_by_half_one_plus_the_probabi
             torch.testing.assert_close(got, distance * factor, rtol=1e-4, atol=1e-4)
 
 
+class _Images(torch.utils.data.Dataset):
+    """Normal images in memory, as a dataset of Samples."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images, self.labels = images, [NORMAL] * len(images)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> Sample:
+        return Sample(self.images[i], None, NORMAL, "good", f"normal/{i}.png")
+
+
+def test_knn_classifier_calibrates_on_the_left_out_memory_scores_weighted_as_its_map():
+    """knn_classifier's threshold reads the memory's own images without their own rows (as latent_knn's does),
+    each left-out distance weighted by (1 + the classifier's probability) / 2; worked with a constant classifier."""
+    from cavga.engine.infer import calibrate, fit_latent_memory, left_out_memory_scores
+    from cavga.engine.maps import classifier_weight
+
+    images, labels, _ = _bright_square_examples()
+    model = _fitted_gaussian_w_model(images, labels)
+    normals = images[[i for i, y in enumerate(labels) if y == NORMAL]]
+    train, held = _Images(normals[:12]), _Images(normals[12:])
+    fit_latent_memory(model, train, seed=0)
+    head = model.deviation_classifier
+    with torch.no_grad():
+        head.conv.weight.zero_()
+        head.conv.bias.fill_(1.0)
+    head.n_examples.fill_(1)
+    plain = left_out_memory_scores(model, train)
+    weighted = left_out_memory_scores(model, train, weight=classifier_weight)
+    factor = (1.0 + 1.0 / (1.0 + np.exp(-1.0))) / 2.0  # (1 + sigmoid(1)) / 2 by hand
+    np.testing.assert_allclose(weighted, plain * factor, rtol=1e-5)
+    assert (plain > 0).all()  # no image finds its own rows
+    choice = MapChoice("knn_classifier", "map_max")
+    calibration = calibrate(model, held, choice=choice, training_normals=train)
+    held_scores = infer_batch(model, held.images, choice=choice).raw_scores
+    expected = np.concatenate([weighted, np.asarray(held_scores)])
+    assert calibration.n_images == 16
+    np.testing.assert_allclose(calibration.score_threshold, np.quantile(expected, 0.95), rtol=1e-5)
+    assert calibration.map_threshold == calibration.score_threshold
+
+
 def test_an_unfitted_deviation_classifier_map_is_refused():
     model = tiny_w_model().eval()
     x = torch.rand(2, 3, 32, 32)

@@ -29,7 +29,15 @@ from cavga.engine.calibration import (
     fit_calibration,
     normalize_map,
 )
-from cavga.engine.maps import PAPER_MAP, PAPER_SCORE, anomalous_probability, map_spec, residual_map, upsampled_blur
+from cavga.engine.maps import (
+    PAPER_MAP,
+    PAPER_SCORE,
+    anomalous_probability,
+    classifier_weight,
+    map_spec,
+    residual_map,
+    upsampled_blur,
+)
 from cavga.engine.scores import image_score
 from cavga.errors import ConfigError
 from cavga.metrics import THRESHOLD
@@ -322,19 +330,33 @@ def cross_fitted_latent_scores(model: CavgaNet, normal_dataset: Dataset, batch_s
     return scores.numpy()
 
 
-MEMORY_LEFT_OUT = MapChoice("latent_knn", "map_max")  # the choice calibrated on leave-one-image-out scores
+# The choices calibrated on leave-one-image-out scores of the memory's own images, with the weight (None: none)
+# that the map puts on the memory's distance (knn_classifier: the deviation classifier's).
+MEMORY_LEFT_OUT: dict[MapChoice, Callable[[CavgaNet, torch.Tensor], torch.Tensor] | None] = {
+    MapChoice("latent_knn", "map_max"): None,
+    MapChoice("knn_classifier", "map_max"): classifier_weight,
+}
 
 
-def left_out_memory_scores(model: CavgaNet, training_normals: Dataset, batch_size: int = 32) -> np.ndarray:
-    """The ``latent_knn`` / ``map_max`` raw score of every image the memory was filled from
-    (:func:`fit_latent_memory`, the same dataset in the same order), each measured without that image's own
-    rows: the score it would get were it a new normal image."""
+def left_out_memory_scores(
+    model: CavgaNet,
+    training_normals: Dataset,
+    batch_size: int = 32,
+    weight: Callable[[CavgaNet, torch.Tensor], torch.Tensor] | None = None,
+) -> np.ndarray:
+    """The ``latent_knn`` / ``map_max`` raw score (with ``weight``: that of the map that weights the memory's
+    distance so, as ``knn_classifier``) of every image the memory was filled from (:func:`fit_latent_memory`, the
+    same dataset in the same order), each measured without that image's own rows: the score it would get were it
+    a new normal image."""
     mus, size = _normal_latents(model, training_normals, batch_size)
     scores, seen = [], 0
     with torch.no_grad():
         for mu in mus:
             own = torch.arange(seen, seen + mu.shape[0], device=mu.device)
-            scores.append(_blurred_max(model.latent_memory(mu, leave_out=own), size))
+            distances = model.latent_memory(mu, leave_out=own)
+            if weight is not None:
+                distances = distances * weight(model, mu)
+            scores.append(_blurred_max(distances, size))
             seen += mu.shape[0]
     return torch.cat(scores).double().cpu().numpy()
 
@@ -374,8 +396,8 @@ def calibrate(
     Scores: their smallest raw value -> 0, their ``quantile`` -> 0.5. For the latent Gaussian scored by its
     maximum, given ``training_normals`` (the normal images the Gaussian was fitted on), the scores are instead
     the cross-fitted ones of those images and ``normal_dataset`` together (:func:`cross_fitted_latent_scores`);
-    for the latent memory, those images scored without their own rows (:func:`left_out_memory_scores`) beside
-    the held-out slice's.
+    for a map of the latent memory (``latent_knn``, and ``knn_classifier`` with its classifier's weight), those
+    images scored without their own rows (:func:`left_out_memory_scores`) beside the held-out slice's.
     A calibrated map: where the score is the map's maximum ("map_max"), the same threshold, so that a pixel
     passes 0.5 only where its image passes (the mask is empty on every image called normal), and only where it
     reaches MAP_PEAK_FRACTION of its image's peak; otherwise the MAP_QUANTILE of the normal pixels."""
@@ -389,9 +411,10 @@ def calibrate(
     if choice == CROSS_FITTED and training_normals is not None and can_cross_fit(training_normals, normal_dataset):
         # The cross-fitted scores (and n_images) include the training images; paths name the held-out slice.
         raw = cross_fitted_latent_scores(model, ConcatDataset([training_normals, normal_dataset]), batch_size)
-    elif choice == MEMORY_LEFT_OUT and training_normals is not None and can_cross_fit(training_normals):
+    elif choice in MEMORY_LEFT_OUT and training_normals is not None and can_cross_fit(training_normals):
         # The memory's own images scored without their own rows, beside the held-out slice's scores.
-        raw = np.concatenate([left_out_memory_scores(model, training_normals, batch_size), raw])
+        left_out = left_out_memory_scores(model, training_normals, batch_size, MEMORY_LEFT_OUT[choice])
+        raw = np.concatenate([left_out, raw])
     calibration = fit_calibration(raw, quantile, outputs.paths)
     calibration.residual_threshold = residual_threshold
     if map_spec(choice.anomaly_map).calibrated:

@@ -182,9 +182,15 @@ def knn_classifier(model: CavgaNet, out: CavgaOutput, images: torch.Tensor, x_ha
     exporting = torch.compiler.is_exporting()
     if head is None or (not exporting and not (head.fitted and gaussian.fitted and memory.fitted)):
         raise ConfigError("the knn_classifier map needs CAVGA_w's fitted deviation classifier and latent memory")
-    probability = torch.sigmoid(head.position_logits(head.inputs(out.mu, gaussian)))
-    weighted = memory(latent_positions(out.mu)) * (1.0 + probability) / 2.0
+    weighted = memory(latent_positions(out.mu)) * classifier_weight(model, out.mu)
     return upsampled_blur(weighted, _size(images))
+
+
+def classifier_weight(model: CavgaNet, mu: torch.Tensor) -> torch.Tensor:
+    """knn_classifier's weight of the memory distance (B, 1, h, w) of a conv latent ``mu``: (1 + the deviation
+    classifier's probability at each position) / 2."""
+    head = model.deviation_classifier
+    return (1.0 + torch.sigmoid(head.position_logits(head.inputs(mu, model.latent_gaussian)))) / 2.0
 
 
 # ---------------------------------------------------------------------------------------------- the registry
