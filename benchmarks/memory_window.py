@@ -20,6 +20,12 @@ The rule, written down before any figure of a window above 1 was seen:
    ``--both-scales`` and before any bottle or demo figure: "window 9 + the position" is measured, and it takes the
    place of whatever steps 1-2 chose if, on Magnetic Tile's dev half, its image AuROC is at least 0.01 above
    window 9's and its pixel AuROC no more than 0.01 below, and it passes step 2 against window 1.
+5. Written 2026-12-03, after steps 1-4 were decided and before any figure of it: two memories searched apart
+   (``--memory-coarse-window k``): the position's (window 1) and window k's, each distance divided by its own
+   unit (the 95th percentile of its memory images' left-out scores, what either alone would take as its
+   threshold), the map their maximum. k in {5, 9}. Step 1 on Magnetic Tile's dev half chooses among them against
+   window 1 (pixel AuROC at least 0.01 above, image AuROC no more than 0.01 below; the highest dev pixel AuROC),
+   step 2 decides on bottle and the demo categories against window 1, step 3 reports the held half.
 
     python benchmarks/map_study.py --out runs/map-study --models L-frozen --maps latent_knn   # the models
     python benchmarks/memory_window.py --out runs/map-study --datasets magnetic_tile bottle --windows 1 3 5 9
