@@ -31,8 +31,10 @@ The rule, written down before any figure of a window above 1 was seen:
     python benchmarks/memory_window.py --out runs/map-study --datasets magnetic_tile bottle --windows 1 3 5 9
     python benchmarks/memory_window.py --out runs/map-study --datasets magnetic_tile --windows 9 --both-scales
 
-Writes OUT/memory_window.json after every (dataset, window, both scales) row (a rerun skips what it holds) and
-OUT/memory_window.md.
+    python benchmarks/memory_window.py --out runs/map-study --datasets magnetic_tile --windows 1 --coarse 5 9
+
+Writes OUT/memory_window.json after every (dataset, window, both scales, coarse window) row (a rerun skips what it
+holds) and OUT/memory_window.md.
 """
 
 from __future__ import annotations
@@ -85,11 +87,15 @@ def run_windows(dataset: str, windows: list[tuple[int, bool]], out: Path, device
     config = detector.train_config
     train_set, calibration_set = split_calibration(splits.train, config.calibration_fraction, config.seed)
     side = model.config.image_size // model.config.latent_stride
-    for window, both in windows:
+    for window, both, coarse in windows:
         old = model.latent_memory
         model.config.memory_window = detector.model_config.memory_window = window
         model.config.memory_both_scales = detector.model_config.memory_both_scales = both
+        model.config.memory_coarse_window = detector.model_config.memory_coarse_window = coarse
         model.latent_memory = LatentMemory(old.channels, old.size, window, both).to(old.bank.device)
+        model.latent_memory_coarse = (
+            LatentMemory(old.channels, old.size, coarse).to(old.bank.device) if coarse else None
+        )
         started = time.perf_counter()
         fit_latent_memory(model, train_set, config.seed)
         fill_seconds = time.perf_counter() - started
@@ -98,6 +104,7 @@ def run_windows(dataset: str, windows: list[tuple[int, bool]], out: Path, device
             "dataset": dataset,
             "window": window,
             "both_scales": both,
+            "coarse_window": coarse,
             "latent_grid": [side, side],
             "fill_seconds": round(fill_seconds, 1),
             "wall_seconds": round(time.perf_counter() - started, 1),
@@ -125,6 +132,8 @@ def markdown(rows: list[dict]) -> str:
 
 def _label(row: dict) -> str:
     label = f"window {row['window']}" + (" + the position (both scales)" if row.get("both_scales") else "")
+    if row.get("coarse_window"):
+        label += f" and window {row['coarse_window']}, two memories (the larger in normal units)"
     return label + (" (measured after the decision)" if row.get("after_the_decision") else "")
 
 
@@ -141,13 +150,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--both-scales", action="store_true", help="rows of each window above 1 with the position's mu beside"
     )
+    parser.add_argument(
+        "--coarse", nargs="+", type=int, default=[], help="rows of two memories: each window beside this one"
+    )
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "memory_window.json"
     rows = json.loads(path.read_text()) if path.exists() else []
-    done = {(r["dataset"], r["window"], r.get("both_scales", False)) for r in rows}
-    variants = [(w, args.both_scales and w > 1) for w in args.windows]
+    done = {(r["dataset"], r["window"], r.get("both_scales", False), r.get("coarse_window", 0)) for r in rows}
+    variants = [(w, args.both_scales and w > 1, 0) for w in args.windows if not args.coarse]
+    variants += [(w, False, k) for w in args.windows for k in args.coarse if k > w]
     for dataset in args.datasets:
         if DATASETS[dataset]["root"] is not None and not DATASETS[dataset]["root"].exists():
             print(f"skipping {dataset}: {DATASETS[dataset]['root']} not found", file=sys.stderr)
@@ -155,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         todo = [v for v in variants if (dataset, *v) not in done]
         if not todo:
             continue
-        print(f"{dataset}, (memory_window, both_scales) {todo} ...", flush=True)
+        print(f"{dataset}, (memory_window, both_scales, coarse window) {todo} ...", flush=True)
         for row in run_windows(dataset, todo, args.out, args.device):
             rows.append(row)
             tmp = path.with_suffix(".tmp")

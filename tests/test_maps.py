@@ -249,6 +249,7 @@ def test_calibrate_refuses_anomalous_images(tiny_root):
     [
         ("u", {}),
         ("u", {"memory_window": 3}),
+        ("u", {"memory_coarse_window": 3}),
         ("w", {}),
         ("w", {"anomaly_map": "deviation_classifier"}),
         ("w", {"anomaly_map": "knn_classifier"}),

@@ -153,3 +153,56 @@ def test_both_scales_weight_travels_with_the_state_dict():
     assert float(loaded.window_weight) == pytest.approx(2.0, rel=1e-5)
     query = _GRID.flip(-1) * 1.5
     np.testing.assert_allclose(loaded(query).numpy(), fitted(query).numpy(), atol=1e-6)
+
+
+def test_two_memories_give_the_larger_distance_each_in_its_unit_worked_by_hand():
+    from cavga.model.memory import two_memory_distance
+
+    fine = LatentMemory(1, size=4).fit([torch.zeros(1, 1, 3, 3)])  # distance: the value itself
+    coarse = LatentMemory(1, size=4, window=3).fit([torch.zeros(1, 1, 3, 3)])  # distance: the block's mean
+    fine.unit.fill_(4.0)
+    coarse.unit.fill_(0.5)
+    got = two_memory_distance(fine, coarse, _GRID).numpy()[0, 0]
+    # by hand: max(value / 4, block mean / 0.5); the block means 2..6 over 0.5 beat the values 0..8 over 4
+    np.testing.assert_allclose(got, np.maximum(_GRID.numpy()[0, 0] / 4.0, _GRID_MEANS / 0.5), atol=1e-4)
+    assert float(got[0, 0]) == pytest.approx(4.0, abs=1e-4)
+    np.testing.assert_allclose(two_memory_distance(fine, None, _GRID).numpy(), fine(_GRID).numpy())  # one: as is
+
+
+def test_a_coarse_memory_is_filled_with_its_unit_from_the_left_out_normal_scores():
+    """fit_latent_memory fills both memories; each unit is the 95th percentile of what its memory alone scores its
+    own images with their rows left out (checked against a model with that one memory, through the calibration
+    path); the map is the larger scaled distance; refused windows."""
+    from cavga.config import ModelConfig
+    from cavga.engine import maps
+    from cavga.engine.infer import fit_latent_memory, left_out_memory_scores
+    from cavga.model.networks import build_model
+    from test_weak import _Images
+
+    def model(**options):
+        torch.manual_seed(0)
+        config = ModelConfig(variant="D", image_size=32, channels=3, width=8, latent_channels=4, **options)
+        return build_model(config).eval()
+
+    images = torch.rand(12, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    normals = _Images(images)
+    both, fine_only, coarse_only = model(memory_coarse_window=3), model(), model(memory_window=3)
+    for m in (both, fine_only, coarse_only):
+        fit_latent_memory(m, normals, seed=0)
+    for memory, alone in ((both.latent_memory, fine_only), (both.latent_memory_coarse, coarse_only)):
+        expected = np.quantile(left_out_memory_scores(alone, normals), 0.95)
+        assert float(memory.unit) == pytest.approx(expected, rel=1e-5)
+        assert float(alone.latent_memory.unit) == 1.0  # one memory: no unit
+    query = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        mu = both(query, sample=False, decode=False).mu
+        expected = torch.maximum(
+            fine_only.latent_memory(mu) / both.latent_memory.unit,
+            coarse_only.latent_memory(mu) / both.latent_memory_coarse.unit,
+        )
+        got = maps.latent_knn(both, both(query, sample=False, decode=False), query, query)
+    torch.testing.assert_close(got, maps.upsampled_blur(expected, (32, 32)), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match="memory_coarse_window"):
+        ModelConfig(memory_window=3, memory_coarse_window=3).validate()
+    with pytest.raises(ConfigError, match="memory_coarse_window"):
+        ModelConfig(memory_coarse_window=4).validate()

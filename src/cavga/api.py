@@ -424,7 +424,8 @@ class Cavga:
         # Files written before the latent Gaussian existed lack its buffers: it stays unfitted there.
         # So do CAVGA_w files written before the deviation classifier: it stays unfitted (n_examples 0).
         # And files written before the latent memory: it stays empty (n_vectors 0).
-        later = ("latent_gaussian.", "deviation_classifier.", "latent_memory.")
+        # And files written before the memory's unit: 1.
+        later = ("latent_gaussian.", "deviation_classifier.", "latent_memory.", "latent_memory_coarse.")
         state = {**{k: v for k, v in fresh.items() if k.startswith(later)}, **state}
         try:
             model.load_state_dict(state, strict=True)

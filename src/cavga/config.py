@@ -150,6 +150,10 @@ class ModelConfig:
         False, "latent_knn with memory_window above 1: each memory vector also holds the position's own mu beside "
         "its window's mean (a small spot and a large region in one search)",
     )  # fmt: skip
+    memory_coarse_window: int = _option(
+        0, "latent_knn: a second memory of this window's mean mu (odd, above memory_window), searched apart; the "
+        "map is the larger of the two distances, each in its own normal unit (0: none)",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         # Unset fields take the variant's defaults (VARIANT_DEFAULTS); an unknown variant is validate()'s to name.
@@ -199,6 +203,13 @@ class ModelConfig:
         if self.memory_both_scales and self.memory_window == 1:
             raise ConfigError(
                 "memory_both_scales needs a memory_window above 1 (the window's scale beside the position's)"
+            )
+        if self.memory_coarse_window and (
+            self.memory_coarse_window % 2 == 0 or self.memory_coarse_window <= self.memory_window
+        ):
+            raise ConfigError(
+                f"memory_coarse_window must be 0 or an odd number of positions above memory_window "
+                f"({self.memory_window}), got {self.memory_coarse_window}"
             )
 
 

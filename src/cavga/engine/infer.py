@@ -43,6 +43,7 @@ from cavga.errors import ConfigError
 from cavga.metrics import THRESHOLD
 from cavga.model.gaussian import cross_fitted_scores, latent_positions
 from cavga.model.gradcam import has_closed_form
+from cavga.model.memory import two_memory_distance
 from cavga.model.networks import CavgaNet
 
 
@@ -300,10 +301,19 @@ def fit_latent_gaussian(model: CavgaNet, normal_dataset: Dataset, batch_size: in
     model.latent_gaussian.fit(mus, neighbourhood=model.config.gaussian_neighbourhood)
 
 
+MEMORY_UNIT_QUANTILE = 0.95  # two memories: each distance's unit, this quantile of its left-out normal scores
+
+
 def fit_latent_memory(model: CavgaNet, normal_dataset: Dataset, seed: int = 0, batch_size: int = 32) -> None:
     """Fill the model's memory of normal ``mu`` vectors (the ``latent_knn`` map) from NORMAL images."""
-    mus, _ = _normal_latents(model, normal_dataset, batch_size)
+    mus, size = _normal_latents(model, normal_dataset, batch_size)
     model.latent_memory.fit(mus, seed=seed)
+    coarse = model.latent_memory_coarse
+    if coarse is not None:  # two memories: each distance's unit, from its own images scored without their rows
+        coarse.fit(mus, seed=seed)
+        for memory in (model.latent_memory, coarse):
+            scores = _left_out_scores(lambda mu, own, memory=memory: memory(mu, leave_out=own), mus, size)
+            memory.unit.fill_(max(float(np.quantile(scores, MEMORY_UNIT_QUANTILE)), 1e-12))
 
 
 def _blurred_max(distances: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -349,14 +359,24 @@ def left_out_memory_scores(
     same dataset in the same order), each measured without that image's own rows: the score it would get were it
     a new normal image."""
     mus, size = _normal_latents(model, training_normals, batch_size)
+
+    def distance(mu: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+        d = two_memory_distance(model.latent_memory, model.latent_memory_coarse, mu, leave_out=own)
+        return d if weight is None else d * weight(model, mu)
+
+    return _left_out_scores(distance, mus, size)
+
+
+def _left_out_scores(
+    distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], mus: list[torch.Tensor], size: tuple[int, int]
+) -> np.ndarray:
+    """The ``map_max`` score of each image of ``mus`` (batches, in the memory's fill order) from ``distance``(mu,
+    the indices of the batch's images), which leaves those images' own rows out."""
     scores, seen = [], 0
     with torch.no_grad():
         for mu in mus:
             own = torch.arange(seen, seen + mu.shape[0], device=mu.device)
-            distances = model.latent_memory(mu, leave_out=own)
-            if weight is not None:
-                distances = distances * weight(model, mu)
-            scores.append(_blurred_max(distances, size))
+            scores.append(_blurred_max(distance(mu, own), size))
             seen += mu.shape[0]
     return torch.cat(scores).double().cpu().numpy()
 

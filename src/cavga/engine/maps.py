@@ -28,6 +28,7 @@ from cavga.errors import ConfigError
 from cavga.model.efficientnet_lite import EfficientNetLite0, load_imagenet_weights
 from cavga.model.gaussian import latent_positions
 from cavga.model.gradcam import class_attention, output_attention
+from cavga.model.memory import two_memory_distance
 from cavga.model.networks import CavgaNet, CavgaOutput
 
 BLUR_SIGMA_FRACTION = 1 / 64  # deviation maps are blurred with sigma = image side / 64 (4 px at 256 px)
@@ -113,10 +114,15 @@ def latent_knn(model: CavgaNet, out: CavgaOutput, images: torch.Tensor, x_hat: t
     """Distance of mu at every latent position to the nearest normal mu vector of any position and any normal
     training image (:class:`cavga.model.memory.LatentMemory`, PatchCore's question asked of CAVGA's latent),
     upsampled and blurred. Unlike the per-position Gaussian it does not assume the images are aligned."""
-    memory = model.latent_memory
-    if not torch.compiler.is_exporting() and not memory.fitted:
+    if not torch.compiler.is_exporting() and not _memories_fitted(model):
         raise ConfigError("the latent_knn map needs the latent memory filled from normal images (fit() does it)")
-    return upsampled_blur(memory(latent_positions(out.mu)), _size(images))
+    distance = two_memory_distance(model.latent_memory, model.latent_memory_coarse, latent_positions(out.mu))
+    return upsampled_blur(distance, _size(images))
+
+
+def _memories_fitted(model: CavgaNet) -> bool:
+    coarse = model.latent_memory_coarse
+    return model.latent_memory.fitted and (coarse is None or coarse.fitted)
 
 
 _REFERENCES: dict[tuple[int, str], EfficientNetLite0] = {}
@@ -178,11 +184,12 @@ def knn_classifier(model: CavgaNet, out: CavgaOutput, images: torch.Tensor, x_ha
     """CAVGA_w: the latent memory's distance (:func:`latent_knn`) weighted by (1 + the deviation classifier's
     probability at each position) / 2: a deviation counts in full where the classifier, fitted on the labelled and
     synthesized anomalies, sees a defect, and half where it sees none. Upsampled and blurred."""
-    head, gaussian, memory = model.deviation_classifier, model.latent_gaussian, model.latent_memory
-    exporting = torch.compiler.is_exporting()
-    if head is None or (not exporting and not (head.fitted and gaussian.fitted and memory.fitted)):
+    head, gaussian = model.deviation_classifier, model.latent_gaussian
+    exporting = torch.compiler.is_exporting()  # a fitted flag reads a buffer's value: not inside a traced graph
+    if head is None or (not exporting and not (head.fitted and gaussian.fitted and _memories_fitted(model))):
         raise ConfigError("the knn_classifier map needs CAVGA_w's fitted deviation classifier and latent memory")
-    weighted = memory(latent_positions(out.mu)) * classifier_weight(model, out.mu)
+    distance = two_memory_distance(model.latent_memory, model.latent_memory_coarse, latent_positions(out.mu))
+    weighted = distance * classifier_weight(model, out.mu)
     return upsampled_blur(weighted, _size(images))
 
 

@@ -90,6 +90,8 @@ class LatentMemory(nn.Module):
         # The index of the normal image each row came from (in the order fit() read them): the calibration leaves
         # an image's own rows out when it scores that image (infer.left_out_memory_scores).
         self.register_buffer("owner", torch.full((size,), -1, dtype=torch.long))
+        # The distance's normal unit where two memories are compared (:func:`two_memory_distance`; 1 until set).
+        self.register_buffer("unit", torch.ones(()))
 
     @property
     def fitted(self) -> bool:
@@ -166,3 +168,16 @@ class LatentMemory(nn.Module):
             block = d.amin(-1)
             nearest = block if nearest is None else torch.minimum(nearest, block)
         return nearest.clamp_min(0.0).sqrt().view(b, 1, h, w)
+
+
+def two_memory_distance(
+    fine: LatentMemory, coarse: LatentMemory | None, features: torch.Tensor, leave_out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The latent_knn distance (B, 1, h, w): ``fine``'s alone, or with a ``coarse`` memory (a wider window,
+    searched apart) the larger of the two distances, each divided by its memory's normal ``unit``. A spot stands
+    out of the position's memory, a region of different texture out of the window's, and the units put the two on
+    one scale: 1 is as far as a normal image's score reaches."""
+    distance = fine(features, leave_out)
+    if coarse is None:
+        return distance
+    return torch.maximum(distance / fine.unit, coarse(features, leave_out) / coarse.unit)

@@ -254,6 +254,12 @@ class CavgaNet(nn.Module):
             config.memory_window,
             config.memory_both_scales,
         )
+        # A second memory of a coarser window, searched apart (memory_coarse_window; None without one).
+        self.latent_memory_coarse = (
+            LatentMemory(self.latent_memory.channels, config.memory_size, config.memory_coarse_window)
+            if config.memory_coarse_window
+            else None
+        )
         if config.flatten_latent:
             self.latent_gaussian = PositionGaussian(config.flat_latent_dim, 1, 1)
         else:
