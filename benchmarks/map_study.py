@@ -136,13 +136,21 @@ def fill_memory(detector: Cavga, train_set) -> float | None:
     return round(time.perf_counter() - started, 1)
 
 
-def evaluate_choice(detector: Cavga, test, choice: MapChoice, calibration_set, train_set) -> tuple[dict, object]:
+def evaluate_choice(
+    detector: Cavga, test, choice: MapChoice, calibration_set, train_set, memory_weights=None
+) -> tuple[dict, object]:
     """The metrics (and the outputs) of one map and score of ``detector`` on ``test``, calibrated on the held-out
-    normal ``calibration_set`` (cross-fitted with ``train_set`` where the choice is), with how much the maps
-    depend on the image. Raises ConfigError for a map this model cannot draw."""
+    normal ``calibration_set`` (cross-fitted with ``train_set`` where the choice is; ``memory_weights``:
+    knn_classifier's cross-fitted weights of ``train_set``), with how much the maps depend on the image. Raises
+    ConfigError for a map this model cannot draw."""
     model = detector.model_
     calibration = calibrate(
-        model, calibration_set, detector.calibration_quantile, choice=choice, training_normals=train_set
+        model,
+        calibration_set,
+        detector.calibration_quantile,
+        choice=choice,
+        training_normals=train_set,
+        memory_weights=memory_weights,
     )
     outputs = infer_dataset(model, test, calibration=calibration, choice=choice)
     result = evaluate_outputs(outputs, calibration)

@@ -59,7 +59,8 @@ from pathlib import Path
 
 from cavga.api import Cavga
 from cavga.api import load as load_model
-from cavga.data.splits import exclude_paths, split_calibration
+from cavga.data.splits import exclude_paths, path_key, split_calibration, weak_training_set
+from cavga.engine.classifier import cross_fitted_classifier_weights
 from cavga.engine.infer import WEAK_PAPER_CHOICE, MapChoice
 from cavga.errors import ConfigError
 
@@ -94,8 +95,8 @@ W_CHOICES = {
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "iou", "balanced_accuracy")
 
 
-def _metrics(detector: Cavga, test, choice: MapChoice, calibration_set, train_set) -> dict:
-    result, outputs = evaluate_choice(detector, test, choice, calibration_set, train_set)
+def _metrics(detector: Cavga, test, choice: MapChoice, calibration_set, train_set, memory_weights=None) -> dict:
+    result, outputs = evaluate_choice(detector, test, choice, calibration_set, train_set, memory_weights)
     if choice.score == "probability":
         # The paper's decision: C's own 0.5, before calibration (does C call every image one class?).
         called = outputs.raw_scores > 0.5
@@ -113,6 +114,19 @@ def u_model(dataset: str, out: Path) -> Cavga:
     if (dataset, out) not in _U_MODELS:
         _U_MODELS[dataset, out] = trained_model(dataset, "L-frozen", out, device="cpu")[0]
     return _U_MODELS[dataset, out]
+
+
+def knn_classifier_weights(detector: Cavga, splits, train_set):
+    """knn_classifier's cross-fitted weights of the memory's normal images, from the w model's own training set
+    rebuilt (the same seeded labels, augmented copies and synthesized anomalies as its fit)."""
+    config = detector.train_config
+    anomalous, _ = detector._weak_labels(splits)
+    if sorted(path_key(p) for p in anomalous.paths) != sorted(detector.excluded_paths_):
+        raise ConfigError("the labelled images drawn again are not the ones the model was trained with")
+    examples = weak_training_set(train_set, anomalous, config.anomalous_share, config.synthetic_share, config.seed)
+    return cross_fitted_classifier_weights(
+        detector.model_, examples, len(train_set), config.classifier_steps, config.seed
+    )
 
 
 def run_one(dataset: str, recipe: str, count: int, out: Path, seed: int, maps: list[str] | None = None) -> dict:
@@ -136,8 +150,11 @@ def run_one(dataset: str, recipe: str, count: int, out: Path, seed: int, maps: l
     for label, choice in W_CHOICES.items():
         if maps is not None and label not in maps:
             continue
+        weights = None
+        if choice.anomaly_map == "knn_classifier":  # calibrated with cross-fitted weights, as fit() calibrates it
+            weights = knn_classifier_weights(detector, splits, train_set)
         try:
-            rows[label] = _metrics(detector, test, choice, calibration_set, train_set)
+            rows[label] = _metrics(detector, test, choice, calibration_set, train_set, weights)
         except ConfigError as exc:  # a map this recipe's model has not fitted (the paper's: no deviation classifier)
             rows[label] = {"error": str(exc)}
     # The u model on the same images, calibrated as its fit calibrates.

@@ -518,23 +518,22 @@ def test_knn_classifier_weights_the_memory_distance_by_half_one_plus_the_probabi
 
 
 class _Images(torch.utils.data.Dataset):
-    """Normal images in memory, as a dataset of Samples."""
+    """Images in memory, as a dataset of Samples (all normal unless ``labels`` says)."""
 
-    def __init__(self, images: torch.Tensor) -> None:
-        self.images, self.labels = images, [NORMAL] * len(images)
+    def __init__(self, images: torch.Tensor, labels: list[int] | None = None) -> None:
+        self.images, self.labels = images, labels or [NORMAL] * len(images)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int) -> Sample:
-        return Sample(self.images[i], None, NORMAL, "good", f"normal/{i}.png")
+        return Sample(self.images[i], None, self.labels[i], "good", f"image/{i}.png")
 
 
-def test_knn_classifier_calibrates_on_the_left_out_memory_scores_weighted_as_its_map():
-    """knn_classifier's threshold reads the memory's own images without their own rows (as latent_knn's does),
-    each left-out distance weighted by (1 + the classifier's probability) / 2; worked with a constant classifier."""
-    from cavga.engine.infer import calibrate, fit_latent_memory, left_out_memory_scores
-    from cavga.engine.maps import classifier_weight
+def _knn_classifier_model():
+    """A w model with its Gaussian fitted, the memory filled from 12 normal images, and a constant classifier
+    (weight 0, bias 1: every position's weight (1 + sigmoid(1)) / 2); the 12 images, 4 held-out ones, and all."""
+    from cavga.engine.infer import fit_latent_memory
 
     images, labels, _ = _bright_square_examples()
     model = _fitted_gaussian_w_model(images, labels)
@@ -546,18 +545,59 @@ def test_knn_classifier_calibrates_on_the_left_out_memory_scores_weighted_as_its
         head.conv.weight.zero_()
         head.conv.bias.fill_(1.0)
     head.n_examples.fill_(1)
+    return model, train, held, (images, labels)
+
+
+def test_knn_classifier_calibrates_on_left_out_memory_scores_weighted_by_cross_fitted_weights():
+    """knn_classifier's threshold reads the memory's own images without their own rows (as latent_knn's does),
+    each distance multiplied by the image's given weights; without weights, the held-out slice alone."""
+    from cavga.engine.infer import calibrate, left_out_memory_scores
+
+    model, train, held, _ = _knn_classifier_model()
     plain = left_out_memory_scores(model, train)
-    weighted = left_out_memory_scores(model, train, weight=classifier_weight)
     factor = (1.0 + 1.0 / (1.0 + np.exp(-1.0))) / 2.0  # (1 + sigmoid(1)) / 2 by hand
-    np.testing.assert_allclose(weighted, plain * factor, rtol=1e-5)
+    weights = torch.full((12, 1, 4, 4), factor)
+    weights[3] = 0.5  # one image's own weight: its score alone halves
+    weighted = left_out_memory_scores(model, train, weights=weights)
+    expected_left_out = plain * factor
+    expected_left_out[3] = plain[3] * 0.5
+    np.testing.assert_allclose(weighted, expected_left_out, rtol=1e-5)
     assert (plain > 0).all()  # no image finds its own rows
     choice = MapChoice("knn_classifier", "map_max")
-    calibration = calibrate(model, held, choice=choice, training_normals=train)
-    held_scores = infer_batch(model, held.images, choice=choice).raw_scores
-    expected = np.concatenate([weighted, np.asarray(held_scores)])
-    assert calibration.n_images == 16
-    np.testing.assert_allclose(calibration.score_threshold, np.quantile(expected, 0.95), rtol=1e-5)
-    assert calibration.map_threshold == calibration.score_threshold
+    held_scores = np.asarray(infer_batch(model, held.images, choice=choice).raw_scores)
+    calibration = calibrate(model, held, choice=choice, training_normals=train, memory_weights=weights)
+    assert calibration.n_images == 16 and calibration.map_threshold == calibration.score_threshold
+    expected = np.quantile(np.concatenate([weighted, held_scores]), 0.95)
+    np.testing.assert_allclose(calibration.score_threshold, expected, rtol=1e-5)
+    slice_only = calibrate(model, held, choice=choice, training_normals=train)  # no weights: not the in-sample ones
+    assert slice_only.n_images == 4
+    np.testing.assert_allclose(slice_only.score_threshold, np.quantile(held_scores, 0.95), rtol=1e-5)
+
+
+def test_cross_fitted_classifier_weights_leave_each_normal_image_out_of_its_own_classifier():
+    """Image i's weight comes from a classifier fitted without fold i mod 5: replacing image 0 leaves the weights
+    of the other images of its fold exactly as they were and moves those of the other folds (whose classifiers
+    read it); the model's own classifier is untouched; examples that do not start with the normal images are
+    refused."""
+    from cavga.engine.classifier import cross_fitted_classifier_weights, fit_deviation_classifier
+
+    model, _, _, (images, labels) = _knn_classifier_model()
+    examples = _Images(images, labels)  # 16 normal images first, then 8 anomalous ones
+    fit_deviation_classifier(model, examples, steps=40, seed=0)
+    own = {k: v.clone() for k, v in model.deviation_classifier.state_dict().items()}
+    weights = cross_fitted_classifier_weights(model, examples, 16, steps=40, seed=0)
+    assert weights.shape == (16, 1, 4, 4) and bool(((weights >= 0.5) & (weights <= 1.0)).all())
+    for key, value in model.deviation_classifier.state_dict().items():
+        assert torch.equal(value, own[key]), key
+    changed = images.clone()
+    changed[0] = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(9))
+    again = cross_fitted_classifier_weights(model, _Images(changed, labels), 16, steps=40, seed=0)
+    fold0 = [5, 10, 15]  # image 0's fold, itself aside
+    torch.testing.assert_close(again[fold0], weights[fold0], rtol=0, atol=0)
+    others = [i for i in range(1, 16) if i % 5]
+    assert (again[others] - weights[others]).abs().max() > 1e-6
+    with pytest.raises(ConfigError, match="first 17 examples normal"):
+        cross_fitted_classifier_weights(model, examples, 17, steps=1, seed=0)
 
 
 def test_an_unfitted_deviation_classifier_map_is_refused():

@@ -41,7 +41,7 @@ from cavga.data.types import ANOMALOUS
 from cavga.engine import distributed
 from cavga.engine.calibration import Calibration
 from cavga.engine.checkpoint import atomic_write
-from cavga.engine.classifier import fit_deviation_classifier, refit_classifier
+from cavga.engine.classifier import cross_fitted_classifier_weights, fit_deviation_classifier, refit_classifier
 from cavga.engine.infer import (
     MapChoice,
     calibrate,
@@ -231,8 +231,17 @@ class Cavga:
                 weak_info["deviation_classifier"] = fit_deviation_classifier(
                     self.model_, train_set, tc.classifier_steps, tc.seed
                 )
+            weights = None  # knn_classifier's calibration: its classifier's weights of the memory's images
+            if self.model_config.anomaly_map == "knn_classifier" and "deviation_classifier" in weak_info:
+                weights = cross_fitted_classifier_weights(
+                    self.model_, train_set, len(normal_train_set), tc.classifier_steps, tc.seed
+                )
             self.calibration_ = calibrate(
-                self.model_, calibration_set, self.calibration_quantile, training_normals=normal_train_set
+                self.model_,
+                calibration_set,
+                self.calibration_quantile,
+                training_normals=normal_train_set,
+                memory_weights=weights,
             )
             # The paper-literal map and score of the same model, reported beside the model's own (README).
             self.paper_calibration_ = None

@@ -12,6 +12,7 @@ over the examples) is folded into C's weights afterwards, so the network and its
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from cavga.data.types import collate_samples
 from cavga.engine.train import class_weights_for
 from cavga.errors import ConfigError
-from cavga.model.gaussian import top_mean_logit
+from cavga.model.gaussian import DeviationClassifier, top_mean_logit
 from cavga.model.networks import CavgaNet
 
 REFIT_LR = 1e-2
@@ -111,17 +112,22 @@ def refit_classifier(model: CavgaNet, dataset: Dataset, steps: int, seed: int, b
     return {**info, **_counts(counts)}
 
 
-def fit_deviation_classifier(model: CavgaNet, dataset: Dataset, steps: int, seed: int, batch_size: int = 32) -> dict:
-    """Fit ``model.deviation_classifier`` (:class:`cavga.model.gaussian.DeviationClassifier`) on the mean latents
-    of ``dataset`` (NORMAL and ANOMALOUS examples) after the latent Gaussian is fitted: its inputs standardized
-    over every example and position, then ``steps`` Adam steps of class-balanced cross-entropy on the image
-    logit (the top-mean of the position logits). Returns the final loss and the examples' counts."""
+def _deviation_inputs(model: CavgaNet, dataset: Dataset, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The deviation classifier's raw inputs (N, 2 C + 1, h, w) and labels of ``dataset``."""
     head, gaussian = model.deviation_classifier, model.latent_gaussian
     if head is None or gaussian is None or not gaussian.fitted:
         raise ConfigError("the deviation classifier needs CAVGA_w's conv latent and its fitted latent Gaussian")
-    z, labels, counts = _examples(model, dataset, batch_size, "the deviation classifier")
+    z, labels, _ = _examples(model, dataset, batch_size, "the deviation classifier")
     with torch.no_grad():
-        inputs = head.inputs(z, gaussian)
+        return head.inputs(z, gaussian), labels
+
+
+def _fit_deviation_head(
+    head: DeviationClassifier, inputs: torch.Tensor, labels: torch.Tensor, steps: int, seed: int
+) -> dict:
+    """Standardize ``head``'s inputs over ``inputs`` and fit its 1 x 1 convolution: ``steps`` Adam steps of
+    class-balanced cross-entropy on the image logit (the top-mean of the position logits)."""
+    counts = torch.bincount(labels, minlength=2)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         head.shift.copy_(inputs.mean(dim=(0, 2, 3), keepdim=True))
@@ -138,3 +144,44 @@ def fit_deviation_classifier(model: CavgaNet, dataset: Dataset, steps: int, seed
     info = _adam_steps(head.conv.parameters(), inputs.shape[0], steps, generator, batch_loss)
     head.n_examples.fill_(int(labels.numel()))
     return {**info, **_counts(counts)}
+
+
+def fit_deviation_classifier(model: CavgaNet, dataset: Dataset, steps: int, seed: int, batch_size: int = 32) -> dict:
+    """Fit ``model.deviation_classifier`` (:class:`cavga.model.gaussian.DeviationClassifier`) on the mean latents
+    of ``dataset`` (NORMAL and ANOMALOUS examples) after the latent Gaussian is fitted: its inputs standardized
+    over every example and position, then ``steps`` Adam steps of class-balanced cross-entropy on the image
+    logit (the top-mean of the position logits). Returns the final loss and the examples' counts."""
+    inputs, labels = _deviation_inputs(model, dataset, batch_size)
+    return _fit_deviation_head(model.deviation_classifier, inputs, labels, steps, seed)
+
+
+CLASSIFIER_FOLDS = 5  # cross-fitting of the classifier's weights for knn_classifier's calibration
+
+
+def cross_fitted_classifier_weights(
+    model: CavgaNet, dataset: Dataset, n_normal: int, steps: int, seed: int, batch_size: int = 32
+) -> torch.Tensor:
+    """knn_classifier's weight, (1 + the deviation classifier's probability) / 2 at each position (n_normal, 1, h,
+    w), of the first ``n_normal`` examples of ``dataset`` (CAVGA_w's training set: its normal images come first,
+    in the memory's order), each from a classifier fitted as :func:`fit_deviation_classifier` fits the model's,
+    on every example but the normal images of its fold (fold = i mod CLASSIFIER_FOLDS). A classifier weighs the
+    normal images it was fitted on lower than new ones, so their in-sample weights would set the threshold low.
+    The model's own classifier is left as it is."""
+    inputs, labels = _deviation_inputs(model, dataset, batch_size)
+    if n_normal < 2 * CLASSIFIER_FOLDS or bool((labels[:n_normal] != 0).any()):
+        raise ConfigError(
+            f"cross-fitting the classifier needs the first {n_normal} examples normal and at least "
+            f"{2 * CLASSIFIER_FOLDS} of them"
+        )
+    fold = torch.arange(labels.numel()) % CLASSIFIER_FOLDS
+    fold[n_normal:] = -1  # the anomalous examples are in every fit
+    weights = torch.empty(n_normal, 1, *inputs.shape[-2:], dtype=inputs.dtype)
+    for k in range(CLASSIFIER_FOLDS):
+        head = copy.deepcopy(model.deviation_classifier)
+        kept = (fold != k).nonzero()[:, 0].to(inputs.device)
+        _fit_deviation_head(head, inputs[kept], labels[kept], steps, seed)
+        held = (fold == k).nonzero()[:, 0]
+        with torch.no_grad():
+            probability = torch.sigmoid(head.position_logits(inputs[held.to(inputs.device)]))
+        weights[held] = ((1.0 + probability) / 2.0).cpu()
+    return weights

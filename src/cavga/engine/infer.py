@@ -33,7 +33,6 @@ from cavga.engine.maps import (
     PAPER_MAP,
     PAPER_SCORE,
     anomalous_probability,
-    classifier_weight,
     map_spec,
     residual_map,
     upsampled_blur,
@@ -340,29 +339,26 @@ def cross_fitted_latent_scores(model: CavgaNet, normal_dataset: Dataset, batch_s
     return scores.numpy()
 
 
-# The choices calibrated on leave-one-image-out scores of the memory's own images, with the weight (None: none)
-# that the map puts on the memory's distance (knn_classifier: the deviation classifier's).
-MEMORY_LEFT_OUT: dict[MapChoice, Callable[[CavgaNet, torch.Tensor], torch.Tensor] | None] = {
-    MapChoice("latent_knn", "map_max"): None,
-    MapChoice("knn_classifier", "map_max"): classifier_weight,
-}
+# The choices calibrated on leave-one-image-out scores of the memory's own images.
+MEMORY_LEFT_OUT = (MapChoice("latent_knn", "map_max"), MapChoice("knn_classifier", "map_max"))
 
 
 def left_out_memory_scores(
     model: CavgaNet,
     training_normals: Dataset,
     batch_size: int = 32,
-    weight: Callable[[CavgaNet, torch.Tensor], torch.Tensor] | None = None,
+    weights: torch.Tensor | None = None,
 ) -> np.ndarray:
-    """The ``latent_knn`` / ``map_max`` raw score (with ``weight``: that of the map that weights the memory's
-    distance so, as ``knn_classifier``) of every image the memory was filled from (:func:`fit_latent_memory`, the
-    same dataset in the same order), each measured without that image's own rows: the score it would get were it
-    a new normal image."""
+    """The ``latent_knn`` / ``map_max`` raw score of every image the memory was filled from
+    (:func:`fit_latent_memory`, the same dataset in the same order), each measured without that image's own rows:
+    the score it would get were it a new normal image. ``weights`` (N, 1, h, w), one per image in that order:
+    ``knn_classifier``'s, each distance multiplied by them
+    (:func:`cavga.engine.classifier.cross_fitted_classifier_weights`)."""
     mus, size = _normal_latents(model, training_normals, batch_size)
 
     def distance(mu: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
         d = two_memory_distance(model.latent_memory, model.latent_memory_coarse, mu, leave_out=own)
-        return d if weight is None else d * weight(model, mu)
+        return d if weights is None else d * weights[own.cpu()].to(d)
 
     return _left_out_scores(distance, mus, size)
 
@@ -409,6 +405,7 @@ def calibrate(
     batch_size: int = 32,
     choice: MapChoice | None = None,
     training_normals: Dataset | None = None,
+    memory_weights: torch.Tensor | None = None,
 ) -> Calibration:
     """Fit the calibration of ``choice`` (default: the model's own map and score) on NORMAL images only (a
     held-out slice of the training folder).
@@ -416,8 +413,9 @@ def calibrate(
     Scores: their smallest raw value -> 0, their ``quantile`` -> 0.5. For the latent Gaussian scored by its
     maximum, given ``training_normals`` (the normal images the Gaussian was fitted on), the scores are instead
     the cross-fitted ones of those images and ``normal_dataset`` together (:func:`cross_fitted_latent_scores`);
-    for a map of the latent memory (``latent_knn``, and ``knn_classifier`` with its classifier's weight), those
-    images scored without their own rows (:func:`left_out_memory_scores`) beside the held-out slice's.
+    for the latent memory's map, those images scored without their own rows (:func:`left_out_memory_scores`)
+    beside the held-out slice's; for ``knn_classifier`` so only given ``memory_weights``, its classifier's weights
+    of those images cross-fitted (a classifier weighs the images it was fitted on low; without them: the slice).
     A calibrated map: where the score is the map's maximum ("map_max"), the same threshold, so that a pixel
     passes 0.5 only where its image passes (the mask is empty on every image called normal), and only where it
     reaches MAP_PEAK_FRACTION of its image's peak; otherwise the MAP_QUANTILE of the normal pixels."""
@@ -431,9 +429,14 @@ def calibrate(
     if choice == CROSS_FITTED and training_normals is not None and can_cross_fit(training_normals, normal_dataset):
         # The cross-fitted scores (and n_images) include the training images; paths name the held-out slice.
         raw = cross_fitted_latent_scores(model, ConcatDataset([training_normals, normal_dataset]), batch_size)
-    elif choice in MEMORY_LEFT_OUT and training_normals is not None and can_cross_fit(training_normals):
+    elif (
+        choice in MEMORY_LEFT_OUT
+        and training_normals is not None
+        and can_cross_fit(training_normals)
+        and (choice.anomaly_map != "knn_classifier" or memory_weights is not None)
+    ):
         # The memory's own images scored without their own rows, beside the held-out slice's scores.
-        left_out = left_out_memory_scores(model, training_normals, batch_size, MEMORY_LEFT_OUT[choice])
+        left_out = left_out_memory_scores(model, training_normals, batch_size, memory_weights)
         raw = np.concatenate([left_out, raw])
     calibration = fit_calibration(raw, quantile, outputs.paths)
     calibration.residual_threshold = residual_threshold
