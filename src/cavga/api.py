@@ -27,16 +27,9 @@ from cavga.config import (
     to_dict,
     upgrade_sections,
 )
-from cavga.data import AnomalyDataset, DatasetSplits, Preprocess, Record, load_dataset
-from cavga.data.io import ImageInput, list_images, to_pil
-from cavga.data.splits import (
-    DEFAULT_ANOMALOUS_FRACTION,
-    exclude_paths,
-    path_key,
-    sample_weak_labels,
-    split_calibration,
-    weak_training_set,
-)
+from cavga.data import AnomalyDataset, DatasetSplits, Preprocess, load_dataset
+from cavga.data.io import ImageInput, to_pil
+from cavga.data.splits import exclude_paths, path_key, split_calibration, weak_labels, weak_training_set
 from cavga.data.types import ANOMALOUS
 from cavga.engine import distributed
 from cavga.engine.calibration import Calibration
@@ -287,25 +280,9 @@ class Cavga:
 
     def _weak_labels(self, splits: DatasetSplits) -> tuple[AnomalyDataset, dict[str, Any]]:
         """The labelled anomalous training images of setting "w" and a record of where they came from."""
-        if self.anomalous_dir is not None:
-            files = list_images([self.anomalous_dir])
-            folder = Path(self.anomalous_dir)
-            records = [Record(image=f, label=ANOMALOUS, defect_type=folder.name, path=str(f)) for f in files]
-            anomalous = AnomalyDataset(records, splits.train.preprocess)
-            return anomalous, {"source": "dir", "dir": str(folder), "n_anomalous": len(anomalous)}
-        fraction = self.anomalous_fraction
-        if fraction is None and self.anomalous_count is None:
-            fraction = DEFAULT_ANOMALOUS_FRACTION
-        indices = sample_weak_labels(splits.test, fraction, self.anomalous_count, self.train_config.seed)
-        info = {
-            "source": "test",
-            "fraction": fraction,
-            "count": self.anomalous_count,
-            "seed": self.train_config.seed,
-            "n_anomalous": len(indices),
-            "n_test_anomalous": sum(1 for label in splits.test.labels if label == ANOMALOUS),
-        }
-        return splits.test.subset(indices), info
+        return weak_labels(
+            splits, self.anomalous_dir, self.anomalous_fraction, self.anomalous_count, self.train_config.seed
+        )
 
     # ---------------------------------------------------------------- using
     def _check_fitted(self) -> None:

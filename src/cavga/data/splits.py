@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from torch.utils.data import ConcatDataset
 
 from cavga.data.augment import AugmentedCopies, SyntheticAnomalies
-from cavga.data.dataset import AnomalyDataset
+from cavga.data.dataset import AnomalyDataset, DatasetSplits, Record
+from cavga.data.io import list_images
 from cavga.data.types import ANOMALOUS, NORMAL
 from cavga.errors import ConfigError, DataError
 
@@ -109,3 +111,33 @@ def exclude_paths(dataset: AnomalyDataset, paths: Sequence[str]) -> AnomalyDatas
         return dataset
     excluded = {path_key(p) for p in paths}
     return dataset.subset([i for i, p in enumerate(dataset.paths) if path_key(p) not in excluded])
+
+
+def weak_labels(
+    splits: DatasetSplits,
+    anomalous_dir: str | os.PathLike | None,
+    fraction: float | None,
+    count: int | None,
+    seed: int,
+) -> tuple[AnomalyDataset, dict]:
+    """CAVGA_w's labelled anomalous images and a record of where they came from: every image of
+    ``anomalous_dir``, or else a seeded draw from the anomalous test images (:func:`sample_weak_labels`; neither
+    ``fraction`` nor ``count``: the paper's 2 %)."""
+    if anomalous_dir is not None:
+        files = list_images([anomalous_dir])
+        folder = Path(anomalous_dir)
+        records = [Record(image=f, label=ANOMALOUS, defect_type=folder.name, path=str(f)) for f in files]
+        anomalous = AnomalyDataset(records, splits.train.preprocess)
+        return anomalous, {"source": "dir", "dir": str(folder), "n_anomalous": len(anomalous)}
+    if fraction is None and count is None:
+        fraction = DEFAULT_ANOMALOUS_FRACTION
+    indices = sample_weak_labels(splits.test, fraction, count, seed)
+    info = {
+        "source": "test",
+        "fraction": fraction,
+        "count": count,
+        "seed": seed,
+        "n_anomalous": len(indices),
+        "n_test_anomalous": sum(1 for label in splits.test.labels if label == ANOMALOUS),
+    }
+    return splits.test.subset(indices), info
