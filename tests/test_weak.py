@@ -578,7 +578,7 @@ def test_cross_fitted_classifier_weights_leave_each_normal_image_out_of_its_own_
     """Image i's weight comes from a classifier fitted without fold i mod 5: replacing image 0 leaves the weights
     of the other images of its fold exactly as they were and moves those of the other folds (whose classifiers
     read it); the model's own classifier is untouched; examples that do not start with the normal images are
-    refused."""
+    refused; fewer than two normal images a fold give none (the calibration then takes the held-out slice)."""
     from cavga.engine.classifier import cross_fitted_classifier_weights, fit_deviation_classifier
 
     model, _, _, (images, labels) = _knn_classifier_model()
@@ -598,6 +598,7 @@ def test_cross_fitted_classifier_weights_leave_each_normal_image_out_of_its_own_
     assert (again[others] - weights[others]).abs().max() > 1e-6
     with pytest.raises(ConfigError, match="first 17 examples normal"):
         cross_fitted_classifier_weights(model, examples, 17, steps=1, seed=0)
+    assert cross_fitted_classifier_weights(model, examples, 9, steps=1, seed=0) is None  # under 2 a fold: none
 
 
 def test_an_unfitted_deviation_classifier_map_is_refused():

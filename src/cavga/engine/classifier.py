@@ -160,19 +160,18 @@ CLASSIFIER_FOLDS = 5  # cross-fitting of the classifier's weights for knn_classi
 
 def cross_fitted_classifier_weights(
     model: CavgaNet, dataset: Dataset, n_normal: int, steps: int, seed: int, batch_size: int = 32
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """knn_classifier's weight, (1 + the deviation classifier's probability) / 2 at each position (n_normal, 1, h,
     w), of the first ``n_normal`` examples of ``dataset`` (CAVGA_w's training set: its normal images come first,
     in the memory's order), each from a classifier fitted as :func:`fit_deviation_classifier` fits the model's,
     on every example but the normal images of its fold (fold = i mod CLASSIFIER_FOLDS). A classifier weighs the
     normal images it was fitted on lower than new ones, so their in-sample weights would set the threshold low.
-    The model's own classifier is left as it is."""
+    The model's own classifier is left as it is. None with fewer than two normal images a fold."""
+    if n_normal < 2 * CLASSIFIER_FOLDS:
+        return None
     inputs, labels = _deviation_inputs(model, dataset, batch_size)
-    if n_normal < 2 * CLASSIFIER_FOLDS or bool((labels[:n_normal] != 0).any()):
-        raise ConfigError(
-            f"cross-fitting the classifier needs the first {n_normal} examples normal and at least "
-            f"{2 * CLASSIFIER_FOLDS} of them"
-        )
+    if bool((labels[:n_normal] != 0).any()):
+        raise ConfigError(f"cross-fitting the classifier needs the first {n_normal} examples normal")
     fold = torch.arange(labels.numel()) % CLASSIFIER_FOLDS
     fold[n_normal:] = -1  # the anomalous examples are in every fit
     weights = torch.empty(n_normal, 1, *inputs.shape[-2:], dtype=inputs.dtype)

@@ -29,14 +29,7 @@ from cavga.engine.calibration import (
     fit_calibration,
     normalize_map,
 )
-from cavga.engine.maps import (
-    PAPER_MAP,
-    PAPER_SCORE,
-    anomalous_probability,
-    map_spec,
-    residual_map,
-    upsampled_blur,
-)
+from cavga.engine.maps import PAPER_MAP, PAPER_SCORE, anomalous_probability, map_spec, residual_map, upsampled_blur
 from cavga.engine.scores import image_score
 from cavga.errors import ConfigError
 from cavga.metrics import THRESHOLD
