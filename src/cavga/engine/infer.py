@@ -303,7 +303,7 @@ def fit_latent_memory(model: CavgaNet, normal_dataset: Dataset, seed: int = 0, b
     coarse = model.latent_memory_coarse
     if coarse is not None:  # two memories: each distance's unit, from its own images scored without their rows
         coarse.fit(mus, seed=seed)
-        for memory in (model.latent_memory, coarse):
+        for memory in (model.latent_memory, coarse) if len(normal_dataset) > 1 else ():  # one image: units 1
             scores = _left_out_scores(lambda mu, own, memory=memory: memory(mu, leave_out=own), mus, size)
             memory.unit.fill_(max(float(np.quantile(scores, MEMORY_UNIT_QUANTILE)), 1e-12))
 

@@ -17,7 +17,9 @@ the window is applied to the normal vectors the memory is filled from and to eve
 With ``both_scales`` each vector holds the position's own mu beside its window's mean, the mean multiplied by a
 weight fitted on the normal vectors so that both halves spread as much (the square root of the ratio of their total
 variances): one nearest-neighbour search then sees a small spot (the position's half) and a large region (the
-window's half), where a window alone blurs the spot into its surroundings.
+window's half), where a window alone blurs the spot into its surroundings. Two memories searched apart (the
+position's and a window's, :func:`two_memory_distance`) give the larger of their distances, each in its own
+normal unit.
 
 The memory is a buffer of a fixed size: it is saved with the weights (safetensors) and travels into an exported
 graph. With fewer normal vectors than its size the rest of it repeats them (a repeat changes no minimum).
