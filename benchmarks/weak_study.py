@@ -61,7 +61,7 @@ from pathlib import Path
 
 from cavga.api import Cavga
 from cavga.api import load as load_model
-from cavga.data.splits import exclude_paths, path_key, split_calibration, weak_training_set
+from cavga.data.splits import exclude_paths, path_key, split_calibration, weak_labels, weak_training_set
 from cavga.engine.classifier import cross_fitted_classifier_weights
 from cavga.engine.infer import WEAK_PAPER_CHOICE, MapChoice
 from cavga.errors import ConfigError
@@ -122,7 +122,9 @@ def knn_classifier_weights(detector: Cavga, splits, train_set):
     """knn_classifier's cross-fitted weights of the memory's normal images, from the w model's own training set
     rebuilt (the same seeded labels, augmented copies and synthesized anomalies as its fit)."""
     config = detector.train_config
-    anomalous, _ = detector._weak_labels(splits)
+    anomalous, _ = weak_labels(
+        splits, detector.anomalous_dir, detector.anomalous_fraction, detector.anomalous_count, config.seed
+    )
     if sorted(path_key(p) for p in anomalous.paths) != sorted(detector.excluded_paths_):
         raise ConfigError("the labelled images drawn again are not the ones the model was trained with")
     examples = weak_training_set(train_set, anomalous, config.anomalous_share, config.synthetic_share, config.seed)
