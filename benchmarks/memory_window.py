@@ -51,7 +51,7 @@ import numpy as np
 from cavga import metrics
 from cavga.data.splits import split_calibration
 from cavga.engine.infer import MapChoice, fit_latent_memory
-from cavga.model.memory import LatentMemory
+from cavga.model.networks import latent_memories
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from map_study import DATASETS, METRICS, data_args, evaluate_choice, table, trained_model  # noqa: E402
@@ -78,8 +78,9 @@ def half_metrics(outputs) -> dict[str, dict[str, float]]:
     return result
 
 
-def run_windows(dataset: str, windows: list[tuple[int, bool]], out: Path, device: str):
-    """Each (window, both_scales) row for ``dataset``, from one loaded model whose memory is refilled for each."""
+def run_windows(dataset: str, windows: list[tuple[int, bool, int]], out: Path, device: str):
+    """Each (window, both_scales, coarse window) row for ``dataset``, from one loaded model whose memories are
+    rebuilt and refilled for each."""
     root, kwargs = data_args(dataset, out)
     detector, _ = trained_model(dataset, "L-frozen", out, device)
     model = detector.model_
@@ -88,14 +89,13 @@ def run_windows(dataset: str, windows: list[tuple[int, bool]], out: Path, device
     train_set, calibration_set = split_calibration(splits.train, config.calibration_fraction, config.seed)
     side = model.config.image_size // model.config.latent_stride
     for window, both, coarse in windows:
-        old = model.latent_memory
+        device_of = model.latent_memory.bank.device
         model.config.memory_window = detector.model_config.memory_window = window
         model.config.memory_both_scales = detector.model_config.memory_both_scales = both
         model.config.memory_coarse_window = detector.model_config.memory_coarse_window = coarse
-        model.latent_memory = LatentMemory(old.channels, old.size, window, both).to(old.bank.device)
-        model.latent_memory_coarse = (
-            LatentMemory(old.channels, old.size, coarse).to(old.bank.device) if coarse else None
-        )
+        memory, coarse_memory = latent_memories(model.config)
+        model.latent_memory = memory.to(device_of)
+        model.latent_memory_coarse = None if coarse_memory is None else coarse_memory.to(device_of)
         started = time.perf_counter()
         fit_latent_memory(model, train_set, config.seed)
         fill_seconds = time.perf_counter() - started

@@ -181,6 +181,5 @@ def cross_fitted_classifier_weights(
         _fit_deviation_head(head, inputs[kept], labels[kept], steps, seed)
         held = (fold == k).nonzero()[:, 0]
         with torch.no_grad():
-            probability = torch.sigmoid(head.position_logits(inputs[held.to(inputs.device)]))
-        weights[held] = ((1.0 + probability) / 2.0).cpu()
+            weights[held] = head.memory_weight(inputs[held.to(inputs.device)]).cpu()
     return weights

@@ -197,7 +197,7 @@ def classifier_weight(model: CavgaNet, mu: torch.Tensor) -> torch.Tensor:
     """knn_classifier's weight of the memory distance (B, 1, h, w) of a conv latent ``mu``: (1 + the deviation
     classifier's probability at each position) / 2."""
     head = model.deviation_classifier
-    return (1.0 + torch.sigmoid(head.position_logits(head.inputs(mu, model.latent_gaussian)))) / 2.0
+    return head.memory_weight(head.inputs(mu, model.latent_gaussian))
 
 
 # ---------------------------------------------------------------------------------------------- the registry

@@ -175,6 +175,11 @@ class DeviationClassifier(nn.Module):
     def forward(self, mu: torch.Tensor, gaussian: PositionGaussian) -> torch.Tensor:
         return self.position_logits(self.inputs(mu, gaussian))
 
+    def memory_weight(self, inputs: torch.Tensor) -> torch.Tensor:
+        """knn_classifier's weight of the memory's distance at each position (B, 1, h, w) of raw inputs: (1 + the
+        anomalous probability) / 2, a deviation counted in full where a defect is seen and half where none is."""
+        return (1.0 + torch.sigmoid(self.position_logits(inputs))) / 2.0
+
 
 def top_mean_logit(position_logits: torch.Tensor, fraction: float = DEVIATION_TOP_FRACTION) -> torch.Tensor:
     """The image logit (B,) of per-position logits (B, 1, h, w): the mean of the largest ``fraction`` of them."""

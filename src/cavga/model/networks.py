@@ -213,6 +213,15 @@ def _flat_head(feature_shape: tuple[int, int, int], flat_dim: int) -> nn.Module:
 # --------------------------------------------------------------------------- the network
 
 
+def latent_memories(config: ModelConfig) -> tuple[LatentMemory, LatentMemory | None]:
+    """The empty latent memory of ``config`` (the latent_knn map: normal mu vectors, filled after training) and
+    its second memory of a coarser window, searched apart (memory_coarse_window; None without one)."""
+    channels = config.flat_latent_dim if config.flatten_latent else config.latent_channels
+    memory = LatentMemory(channels, config.memory_size, config.memory_window, config.memory_both_scales)
+    coarse = config.memory_coarse_window
+    return memory, (LatentMemory(channels, config.memory_size, coarse) if coarse else None)
+
+
 class CavgaNet(nn.Module):
     """Encoder, latent heads, decoder, discriminator and (CAVGA_w) classifier of one CAVGA model."""
 
@@ -247,19 +256,8 @@ class CavgaNet(nn.Module):
         # The latent Gaussian map's statistics (fitted on the normal training images after training; buffers, so
         # they are saved with the weights). The flattened latent is one position of flat_latent_dim channels.
         self.deviation_classifier = None
-        # The latent memory (the latent_knn map) likewise: normal mu vectors, filled after training.
-        self.latent_memory = LatentMemory(
-            config.flat_latent_dim if config.flatten_latent else config.latent_channels,
-            config.memory_size,
-            config.memory_window,
-            config.memory_both_scales,
-        )
-        # A second memory of a coarser window, searched apart (memory_coarse_window; None without one).
-        self.latent_memory_coarse = (
-            LatentMemory(self.latent_memory.channels, config.memory_size, config.memory_coarse_window)
-            if config.memory_coarse_window
-            else None
-        )
+        # The latent memories (the latent_knn map; a coarser one beside where configured): filled after training.
+        self.latent_memory, self.latent_memory_coarse = latent_memories(config)
         if config.flatten_latent:
             self.latent_gaussian = PositionGaussian(config.flat_latent_dim, 1, 1)
         else:
