@@ -62,6 +62,8 @@ MODELS: dict[str, dict] = {
     "L-frozen": {"variant": "L", "freeze_encoder": True, "epochs": 1},
     "L-finetuned": {"variant": "L", "freeze_encoder": False, "epochs": 1},
     "L-random": {"variant": "L", "encoder_weights": "none", "epochs": 1},
+    # The trunk's stride 16 and 32 maps (112 + 320 channels) instead of 8 and 16: deeper context, coarser map.
+    "L16-frozen": {"variant": "L", "freeze_encoder": True, "epochs": 1, "latent_stride": 16},
 }
 L_OPTIONS = {"latent_stride": 8, "latent_channels": 64, "width": 16}
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "iou", "balanced_accuracy", "map_correlation")

@@ -1,0 +1,176 @@
+"""How deep the frozen ImageNet features of a nearest-neighbour memory must reach: a training-free probe.
+
+CAVGA-L's latent reads the EfficientNet-Lite0 trunk at stride 8 with the stride-16 map beside it (``8+16``, 152
+channels). This probe leaves CAVGA out: it fills the product's :class:`cavga.model.memory.LatentMemory` (greedy
+coreset, window 1 unless told) with the raw trunk features of the normal training images and scores the test images
+by the distance to it, upsampled and blurred as the product's maps are, the image score the map's maximum. It asks
+whether deeper features (``16+32``: 112 + 320 channels at stride 16; ``8+16+32``: all three at stride 8, 472
+channels) find Magnetic Tile's large "Uneven" regions, and what they cost on bottle's small defects.
+
+The test split is the product's (the datasets' seeded splits, ``benchmarks/map_study.py``'s DATASETS); the
+threshold of the balanced accuracy is the 95th percentile of the held-out normal slice's scores (no test image).
+Pixel AuROC per defect type pools that type's images with the normal test images. Magnetic Tile's halves are
+``benchmarks/memory_window.py``'s.
+
+    python benchmarks/feature_depth.py --out runs/feature-depth
+    python benchmarks/feature_depth.py --out runs/feature-depth --datasets magnetic_tile --levels 16+32 --windows 3
+
+Writes OUT/feature_depth.json after every (dataset, levels, window) row (a rerun skips what it holds) and
+OUT/feature_depth.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cavga import metrics
+from cavga.data import Preprocess, load_dataset
+from cavga.data.splits import split_calibration
+from cavga.engine.maps import upsampled_blur
+from cavga.model.efficientnet_lite import EfficientNetLite0, load_imagenet_weights
+from cavga.model.memory import LatentMemory
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from map_study import DATASETS, data_args  # noqa: E402
+from memory_window import halves  # noqa: E402
+
+LEVELS = {"8+16": (8, 16), "16+32": (16, 32), "8+16+32": (8, 16, 32)}
+CALIBRATION_FRACTION, SEED, QUANTILE, BATCH = 0.1, 0, 0.95, 16
+
+
+class TrunkFeatures:
+    """The frozen ImageNet Lite0 trunk's maps at ``strides``, the deeper ones bilinearly upsampled onto the first
+    and all concatenated (as CAVGA-L's encoder does for two of them)."""
+
+    def __init__(self, channels: int, strides: tuple[int, ...]) -> None:
+        self.strides = strides
+        self.trunk = EfficientNetLite0(channels, classifier=False)
+        load_imagenet_weights(self.trunk, None, classifier=False)
+        self.trunk.eval()
+        self.channels = sum(EfficientNetLite0.feature_channels(s) for s in strides)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        maps = self.trunk.forward_features(images, strides=self.strides)
+        first = maps[self.strides[0]]
+        deeper = [
+            F.interpolate(maps[s], size=first.shape[-2:], mode="bilinear", align_corners=False)
+            for s in self.strides[1:]
+        ]
+        return torch.cat([first, *deeper], dim=1)
+
+
+def batches(dataset, features: TrunkFeatures):
+    for start in range(0, len(dataset), BATCH):
+        yield features(torch.stack([dataset[i].image for i in range(start, min(len(dataset), start + BATCH))]))
+
+
+def score(dataset, features: TrunkFeatures, memory: LatentMemory) -> tuple[np.ndarray, np.ndarray]:
+    """Image scores (N,) and maps (N, H, W) of ``dataset``."""
+    size = tuple(dataset[0].image.shape[-2:])
+    scores, maps = [], []
+    with torch.no_grad():
+        for f in batches(dataset, features):
+            m = upsampled_blur(memory(f), size)
+            scores.append(m.flatten(1).amax(1).numpy())
+            maps.append(m[:, 0].numpy())
+    return np.concatenate(scores), np.concatenate(maps)
+
+
+def run_row(dataset: str, levels: str, window: int, out: Path) -> dict:
+    root, kwargs = data_args(dataset, out)
+    splits = load_dataset(root, preprocess=Preprocess(DATASETS[dataset]["size"], None), **kwargs)
+    train_set, calibration_set = split_calibration(splits.train, CALIBRATION_FRACTION, SEED)
+    features = TrunkFeatures(splits.train[0].image.shape[0], LEVELS[levels])
+    started = time.perf_counter()
+    memory = LatentMemory(features.channels, window=window).fit(batches(train_set, features), seed=SEED)
+    fill_seconds = time.perf_counter() - started
+    calibration_scores, _ = score(calibration_set, features, memory)
+    scores, maps = score(splits.test, features, memory)
+    labels = np.asarray(splits.test.labels)
+    masks = np.stack([splits.test[i].mask[0].numpy() for i in range(len(splits.test))])
+    maps = maps / max(float(maps.max()), 1e-12)  # a rank-preserving scale onto [0, 1]
+    predicted = (scores > np.quantile(calibration_scores, QUANTILE)).astype(int)
+    types = np.asarray([r.defect_type for r in splits.test.records])
+    row = {
+        "dataset": dataset,
+        "levels": levels,
+        "window": window,
+        "channels": features.channels,
+        "n_test": len(labels),
+        "image_auroc": metrics.image_auroc(scores, labels),
+        "pixel_auroc": metrics.pixel_auroc(maps, masks),
+        "aupro": metrics.aupro(maps, masks),
+        "balanced_accuracy": metrics.balanced_accuracy(predicted, labels),
+        "pixel_auroc_by_type": {
+            t: metrics.pixel_auroc(maps[(types == t) | (labels == 0)], masks[(types == t) | (labels == 0)])
+            for t in sorted(set(types[labels == 1]))
+        },
+        "halves": {
+            name: {
+                "image_auroc": metrics.image_auroc(scores[idx], labels[idx]),
+                "pixel_auroc": metrics.pixel_auroc(maps[idx], masks[idx]),
+            }
+            for name, idx in halves(len(labels)).items()
+        },
+        "fill_seconds": round(fill_seconds, 1),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    return row
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| dataset | strides | window | image AuROC | pixel AuROC | AUPRO | bal. acc. | pixel AuROC by type | s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        by_type = ", ".join(f"{t} {v:.3f}" for t, v in r["pixel_auroc_by_type"].items())
+        lines.append(
+            f"| {r['dataset']} | {r['levels']} | {r['window']} | {r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | "
+            f"{r['aupro']:.3f} | {r['balanced_accuracy']:.3f} | {by_type} | {r['wall_seconds']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--datasets", nargs="+", default=["magnetic_tile", "bottle"], choices=list(DATASETS))
+    parser.add_argument("--levels", nargs="+", default=list(LEVELS), choices=list(LEVELS))
+    parser.add_argument("--windows", nargs="+", type=int, default=[1])
+    args = parser.parse_args(argv)
+    torch.manual_seed(SEED)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "feature_depth.json"
+    rows = json.loads(path.read_text()) if path.exists() else []
+    done = {(r["dataset"], r["levels"], r["window"]) for r in rows}
+    for dataset in args.datasets:
+        if DATASETS[dataset]["root"] is not None and not DATASETS[dataset]["root"].exists():
+            print(f"skipping {dataset}: {DATASETS[dataset]['root']} not found", file=sys.stderr)
+            continue
+        for levels in args.levels:
+            for window in args.windows:
+                if (dataset, levels, window) in done:
+                    continue
+                print(f"{dataset}, trunk strides {levels}, window {window} ...", flush=True)
+                rows.append(run_row(dataset, levels, window, args.out))
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(rows, indent=1) + "\n")
+                os.replace(tmp, path)
+                (args.out / "feature_depth.md").write_text(markdown(rows))
+                print(markdown(rows[-1:]), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
