@@ -192,6 +192,15 @@ def run_pair(dataset: str, model: str, out: Path, device: str, only: list[str] |
     }
 
 
+def save_rows(rows: list[dict], path: Path, markdown_path: Path, markdown: Callable[[list[dict]], str]) -> None:
+    """Write a study's ``rows`` to ``path`` atomically (a rerun resumes from it) and their table to
+    ``markdown_path``: after every row, so an interrupted study keeps what it finished."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rows, indent=1) + "\n")
+    os.replace(tmp, path)  # a reader never sees half a file
+    markdown_path.write_text(markdown(rows))
+
+
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -240,10 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"training {model} on {dataset} ...", flush=True)
             runs.append(run_pair(dataset, model, args.out, args.device, args.maps))
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(runs, indent=1) + "\n")
-            os.replace(tmp, path)
-            (args.out / "study.md").write_text(markdown(runs))
+            save_rows(runs, path, args.out / "study.md", markdown)
             print(markdown([runs[-1]]), flush=True)
     (args.out / "study.md").write_text(markdown(runs))
     return 0

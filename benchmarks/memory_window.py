@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -54,7 +53,7 @@ from cavga.engine.infer import MapChoice, fit_latent_memory
 from cavga.model.networks import latent_memories
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from map_study import DATASETS, METRICS, data_args, evaluate_choice, table, trained_model  # noqa: E402
+from map_study import DATASETS, METRICS, data_args, evaluate_choice, save_rows, table, trained_model  # noqa: E402
 
 CHOICE = MapChoice("latent_knn", "map_max")
 HALF_SEED = 0  # the seeded split of a test set into a development half and a held-out half
@@ -171,10 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{dataset}, (memory_window, both_scales, coarse window) {todo} ...", flush=True)
         for row in run_windows(dataset, todo, args.out, args.device):
             rows.append(row)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(rows, indent=1) + "\n")
-            os.replace(tmp, path)
-            (args.out / "memory_window.md").write_text(markdown(rows))
+            save_rows(rows, path, args.out / "memory_window.md", markdown)
             print(markdown([row]), flush=True)
     return 0
 
