@@ -24,24 +24,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from cavga import metrics
-from cavga.data import Preprocess, load_dataset
+from cavga.data import Batch, Preprocess, collate_samples, load_dataset
 from cavga.data.splits import split_calibration
 from cavga.engine.maps import upsampled_blur
-from cavga.model.efficientnet_lite import EfficientNetLite0, load_imagenet_weights
+from cavga.model.efficientnet_lite import EfficientNetLite0, load_imagenet_weights, upsampled_concat
 from cavga.model.memory import LatentMemory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from map_study import DATASETS, data_args  # noqa: E402
+from map_study import DATASETS, data_args, save_rows  # noqa: E402
 from memory_window import halves  # noqa: E402
 
 LEVELS = {"8+16": (8, 16), "16+32": (16, 32), "8+16+32": (8, 16, 32)}
@@ -61,30 +60,25 @@ class TrunkFeatures:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        maps = self.trunk.forward_features(images, strides=self.strides)
-        first = maps[self.strides[0]]
-        deeper = [
-            F.interpolate(maps[s], size=first.shape[-2:], mode="bilinear", align_corners=False)
-            for s in self.strides[1:]
-        ]
-        return torch.cat([first, *deeper], dim=1)
+        return upsampled_concat(self.trunk.forward_features(images, strides=self.strides), self.strides)
 
 
-def batches(dataset, features: TrunkFeatures):
+def batches(dataset) -> Iterator[Batch]:
+    """``dataset`` in batches of BATCH samples, each image and mask decoded once."""
     for start in range(0, len(dataset), BATCH):
-        yield features(torch.stack([dataset[i].image for i in range(start, min(len(dataset), start + BATCH))]))
+        yield collate_samples([dataset[i] for i in range(start, min(len(dataset), start + BATCH))])
 
 
-def score(dataset, features: TrunkFeatures, memory: LatentMemory) -> tuple[np.ndarray, np.ndarray]:
-    """Image scores (N,) and maps (N, H, W) of ``dataset``."""
-    size = tuple(dataset[0].image.shape[-2:])
-    scores, maps = [], []
+def score(dataset, features: TrunkFeatures, memory: LatentMemory) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image scores (N,), maps (N, H, W) and masks (N, H, W; zeros where an image has none) of ``dataset``."""
+    scores, maps, masks = [], [], []
     with torch.no_grad():
-        for f in batches(dataset, features):
-            m = upsampled_blur(memory(f), size)
+        for batch in batches(dataset):
+            m = upsampled_blur(memory(features(batch.images)), tuple(batch.images.shape[-2:]))
             scores.append(m.flatten(1).amax(1).numpy())
             maps.append(m[:, 0].numpy())
-    return np.concatenate(scores), np.concatenate(maps)
+            masks.append(batch.masks[:, 0].numpy())
+    return np.concatenate(scores), np.concatenate(maps), np.concatenate(masks)
 
 
 def pixel_split(maps: np.ndarray, masks: np.ndarray, labels: np.ndarray, limit: int = 1_000_000) -> dict:
@@ -123,12 +117,12 @@ def run_row(dataset: str, levels: str, window: int, out: Path) -> dict:
     train_set, calibration_set = split_calibration(splits.train, CALIBRATION_FRACTION, SEED)
     features = TrunkFeatures(splits.train[0].image.shape[0], LEVELS[levels])
     started = time.perf_counter()
-    memory = LatentMemory(features.channels, window=window).fit(batches(train_set, features), seed=SEED)
+    normal = (features(batch.images) for batch in batches(train_set))
+    memory = LatentMemory(features.channels, window=window).fit(normal, seed=SEED)
     fill_seconds = time.perf_counter() - started
-    calibration_scores, _ = score(calibration_set, features, memory)
-    scores, maps = score(splits.test, features, memory)
+    calibration_scores, _, _ = score(calibration_set, features, memory)
+    scores, maps, masks = score(splits.test, features, memory)
     labels = np.asarray(splits.test.labels)
-    masks = np.stack([splits.test[i].mask[0].numpy() for i in range(len(splits.test))])
     maps = maps / max(float(maps.max()), 1e-12)  # a rank-preserving scale onto [0, 1]
     predicted = (scores > np.quantile(calibration_scores, QUANTILE)).astype(int)
     types = np.asarray([r.defect_type for r in splits.test.records])
@@ -198,10 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 print(f"{dataset}, trunk strides {levels}, window {window} ...", flush=True)
                 rows.append(run_row(dataset, levels, window, args.out))
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(rows, indent=1) + "\n")
-                os.replace(tmp, path)
-                (args.out / "feature_depth.md").write_text(markdown(rows))
+                save_rows(rows, path, args.out / "feature_depth.md", markdown)
                 print(markdown(rows[-1:]), flush=True)
     return 0
 

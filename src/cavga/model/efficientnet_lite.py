@@ -32,6 +32,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cavga.errors import ConfigError, ModelFileError
@@ -246,6 +247,14 @@ class EfficientNetLite0(nn.Module):
         y = self.forward_features(x, strides=(), head=True)[HEAD]
         y = torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1)
         return self._fc(self._dropout(y))
+
+
+def upsampled_concat(maps: Mapping[int, Tensor], strides: Iterable[int]) -> Tensor:
+    """The maps of ``forward_features`` at ``strides`` (finest first), each later one bilinearly resized onto the
+    first one's grid, concatenated along channels: (N, sum of their channels, h, w) at the first stride."""
+    first, *deeper = (maps[s] for s in strides)
+    size = first.shape[-2:]
+    return torch.cat([first, *(F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in deeper)], 1)
 
 
 def imagenet_lite0_path() -> Path:

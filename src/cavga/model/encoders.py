@@ -13,11 +13,10 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cavga.errors import ConfigError
-from cavga.model.efficientnet_lite import EfficientNetLite0, load_imagenet_weights
+from cavga.model.efficientnet_lite import EfficientNetLite0, load_imagenet_weights, upsampled_concat
 
 ENCODER_WEIGHTS = ("imagenet", "none")
 RESNET18_FILE = "resnet18-f37072fd.pth"  # torchvision's file name for ResNet18_Weights.IMAGENET1K_V1
@@ -70,6 +69,4 @@ class Lite0Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         maps = self.trunk.forward_features(x, strides=(self.stride // 2, self.stride, 2 * self.stride))
-        fine, coarse = maps[self.stride], maps[2 * self.stride]
-        coarse = F.interpolate(coarse, size=fine.shape[-2:], mode="bilinear", align_corners=False)
-        return torch.cat([fine, coarse], dim=1), maps[self.stride // 2]
+        return upsampled_concat(maps, (self.stride, 2 * self.stride)), maps[self.stride // 2]
