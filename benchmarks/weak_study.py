@@ -61,7 +61,14 @@ from pathlib import Path
 
 from cavga.api import Cavga
 from cavga.api import load as load_model
-from cavga.data.splits import exclude_paths, path_key, split_calibration, weak_labels, weak_training_set
+from cavga.data.splits import (
+    exclude_paths,
+    path_key,
+    split_calibration,
+    weak_labels,
+    weak_training_set,
+    with_group_twins,
+)
 from cavga.engine.classifier import cross_fitted_classifier_weights
 from cavga.engine.infer import WEAK_PAPER_CHOICE, MapChoice
 from cavga.errors import ConfigError
@@ -125,7 +132,7 @@ def knn_classifier_weights(detector: Cavga, splits, train_set):
     anomalous, _ = weak_labels(
         splits, detector.anomalous_dir, detector.anomalous_fraction, detector.anomalous_count, config.seed
     )
-    if sorted(path_key(p) for p in anomalous.paths) != sorted(detector.excluded_paths_):
+    if sorted(path_key(p) for p in with_group_twins(splits.test, anomalous)) != sorted(detector.excluded_paths_):
         raise ConfigError("the labelled images drawn again are not the ones the model was trained with")
     examples = weak_training_set(train_set, anomalous, config.anomalous_share, config.synthetic_share, config.seed)
     return cross_fitted_classifier_weights(
@@ -172,7 +179,7 @@ def run_one(dataset: str, recipe: str, count: int, out: Path, seed: int, maps: l
         "recipe": recipe,
         "count": count,
         "seed": seed,
-        "labelled": sorted(detector.excluded_paths_),
+        "labelled": sorted(detector.excluded_paths_),  # with their exposure twins where the data has them
         "weak_labels": detector.data_info_["weak_labels"],
         "n_train": detector.data_info_["n_train"],
         "n_test": len(test),

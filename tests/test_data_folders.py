@@ -19,7 +19,8 @@ from cavga.data import (
     read_folders,
     read_magnetic_tile,
 )
-from cavga.errors import DataError
+from cavga.data.folders import magnetic_tile_groups
+from cavga.errors import ConfigError, DataError
 
 SIZE = (8, 6)
 
@@ -144,6 +145,35 @@ def test_magnetic_tile_layout(tiles):
     assert load_dataset(tiles, format="pairs", test_fraction=0.5).test.paths == splits.test.paths
 
 
+def test_magnetic_tile_groups_hand_worked():
+    names = ["exp2_num_150", "exp1_num_100", "other", "exp3_num_390", "exp1_num_1000", "exp2_num_1290", "exp1_num_2"]
+    # Sorted by frame: 2, 100, 150, 390 (gaps 98, 50, 240: one tile), 1000 (gap 610: a new one), 1290 (gap 290).
+    assert magnetic_tile_groups([Path(f"{n}.jpg") for n in names]) == [0, 0, 2, 0, 1, 1, 0]
+    # gap 100: 150 -> 390 and 1000 -> 1290 now split too.
+    assert magnetic_tile_groups([Path(f"{n}.jpg") for n in names], gap=100) == [0, 0, 4, 1, 2, 3, 0]
+
+
+def test_magnetic_tile_split_by_tile(tmp_path, image_writer):
+    """Four tiles of three exposures each: the tile split puts whole tiles in test, in the order of the seeded
+    permutation of the tiles, until half the images are there; the image split cuts tiles apart."""
+    empty = np.zeros((6, 8), dtype=np.uint8)
+    names = [f"exp{e}_num_{1000 * t + 10 * e}" for t in range(4) for e in (1, 2, 3)]
+    for n in [*names, "exp1_num_9000"]:
+        folder = "Free" if n != "exp1_num_9000" else "Crack"
+        image_writer(tmp_path / f"MT_{folder}" / "Imgs" / f"{n}.jpg", SIZE, mode="L")
+        Image.fromarray(empty).save(tmp_path / f"MT_{folder}" / "Imgs" / f"{n}.png")
+    splits = read_magnetic_tile(tmp_path, test_fraction=0.5, seed=3)
+    tiles_in_test = [int(t) for t in np.random.default_rng(3).permutation(4)[:2]]
+    expected = sorted(n + ".jpg" for n in names if int(n.split("_")[-1]) // 1000 in tiles_in_test)
+    assert _names(splits.test.paths[:6]) == expected
+    assert sorted(_names(splits.train.paths)) == sorted(set(n + ".jpg" for n in names) - set(expected))
+    assert {r.group for r in splits.test.records} == {f"Free/{t}" for t in tiles_in_test} | {"Crack/0"}
+    by_image = read_magnetic_tile(tmp_path, test_fraction=0.5, seed=3, split="image")
+    assert {r.group for r in by_image.train.records} & {r.group for r in by_image.test.records}
+    with pytest.raises(ConfigError, match=r"split must be one of \['tile', 'image'\], got 'tiles'"):
+        read_magnetic_tile(tmp_path, split="tiles")
+
+
 def test_magnetic_tile_errors(tiles, tmp_path):
     (tiles / "MT_Crack" / "Imgs" / "c0.png").unlink()
     with pytest.raises(DataError, match=r"c0\.jpg has no mask.*c0\.png"):
@@ -158,7 +188,7 @@ def test_magnetic_tile_errors(tiles, tmp_path):
 
 @pytest.fixture(scope="module")
 def real_tiles(shared_data):
-    return read_magnetic_tile(shared_data / "magnetic-tile")
+    return read_magnetic_tile(shared_data / "magnetic-tile", split="image")
 
 
 @pytest.mark.realdata
@@ -183,8 +213,43 @@ def test_real_magnetic_tile_counts_and_split(real_tiles, shared_data):
     assert set(_names(train.paths)) == {free[i] for i in order[190:]}
     assert real_tiles.info["channels"] == 1
     assert detect_format(shared_data / "magnetic-tile") == "magnetic_tile"
-    other = read_magnetic_tile(shared_data / "magnetic-tile", seed=1)
+    other = read_magnetic_tile(shared_data / "magnetic-tile", seed=1, split="image")
     assert other.train.paths != train.paths and len(other.train) == 762
+
+
+def _thumbnails(paths: list[str]) -> torch.Tensor:
+    """Each image as a 48 x 48 thumbnail with its own mean and spread removed (the exposure)."""
+    rows = []
+    for p in paths:
+        a = np.asarray(Image.open(p).convert("L").resize((48, 48)), dtype=np.float32)
+        rows.append((a - a.mean()) / (a.std() + 1e-6))
+    return torch.tensor(np.stack(rows)).flatten(1)
+
+
+@pytest.mark.realdata
+def test_real_magnetic_tile_split_by_tile_keeps_each_tiles_exposures_together(real_tiles, shared_data):
+    """Independent of the frame numbers: an MT_Free image's nearest other MT_Free image in pixels is nearly always
+    the same tile under another exposure. The image split leaves that copy in training for most normal test
+    images; the tile split for almost none."""
+    tiled = read_magnetic_tile(shared_data / "magnetic-tile")
+    assert tiled.info["split"]["by"] == "tile" and (len(tiled.train), len(tiled.test)) == (755, 589)
+    assert Counter(tiled.test.labels) == {NORMAL: 197, ANOMALOUS: 392}
+    train_groups = {r.group for r in tiled.train.records}
+    assert not train_groups & {r.group for r in tiled.test.records}
+
+    def copy_in_training(splits) -> float:
+        test = [p for p, label in zip(splits.test.paths, splits.test.labels, strict=True) if label == NORMAL]
+        paths = [*splits.train.paths, *test]
+        distances = torch.cdist(*(2 * [_thumbnails(paths)]))
+        distances.fill_diagonal_(float("inf"))
+        nearest = distances[len(splits.train) :].argmin(1)
+        return (nearest < len(splits.train)).float().mean().item()
+
+    assert copy_in_training(real_tiles) > 0.7
+    assert copy_in_training(tiled) < 0.1
+    # Six exposures a tile: the defect folders' groups too (Blowhole's 115 images are about 19 tiles).
+    blowhole = {r.group for r in tiled.test.records if r.defect_type == "Blowhole"}
+    assert 15 <= len(blowhole) <= 25
 
 
 @pytest.mark.realdata

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 import cavga
@@ -606,3 +607,35 @@ def test_an_unfitted_deviation_classifier_map_is_refused():
     x = torch.rand(2, 3, 32, 32)
     with pytest.raises(ConfigError, match="deviation classifier"):
         infer_batch(model, x, choice=MapChoice("deviation_classifier", "map_max"))
+
+
+@pytest.mark.slow
+def test_a_labelled_tiles_other_exposures_never_count_in_evaluation(tmp_path, image_writer, caplog):
+    """Magnetic Tile layout, two defective tiles of three exposures each: the one labelled image takes its tile's
+    two other exposures out of every evaluation with it; the other tile's three images stay."""
+    empty = np.zeros((32, 32), dtype=np.uint8)
+
+    def pair(folder: str, name: str, seed: int) -> None:
+        image_writer(tmp_path / f"MT_{folder}" / "Imgs" / f"{name}.jpg", (32, 32), mode="L", seed=seed)
+        Image.fromarray(empty).save(tmp_path / f"MT_{folder}" / "Imgs" / f"{name}.png")
+
+    for t in range(5):
+        for e in (1, 2, 3):
+            pair("Free", f"exp{e}_num_{1000 * t + e}", seed=10 * t + e)
+    crack = {t: [f"exp{e}_num_{1000 * t + e}" for e in (1, 2, 3)] for t in (0, 1)}
+    for t, names in crack.items():
+        for e, name in enumerate(names):
+            pair("Crack", name, seed=100 + 10 * t + e)
+    detector = cavga.Cavga("D", "w", anomalous_count=1, **TINY).fit(tmp_path, progress=False, test_fraction=0.4)
+    excluded = {Path(p).stem for p in detector.excluded_paths_}
+    assert excluded in [set(names) for names in crack.values()]
+    tile = sorted(excluded)
+    assert detector.data_info_["weak_labels"]["n_excluded_twins"] == 2
+    result = detector.evaluate(tmp_path, test_fraction=0.4)
+    assert result["n_excluded"] == 3
+    evaluated = {Path(p).stem for p in detector.last_outputs_.paths}
+    assert not evaluated & excluded and set(crack[0] + crack[1]) - evaluated == set(tile)
+    assert "evaluated on the split" not in caplog.text
+    # Another split of the same data: images the model was trained on may be test images there.
+    detector.evaluate(tmp_path, test_fraction=0.4, split="image")
+    assert "'by': 'tile'} of" in caplog.text and "evaluated on the split {'test_fraction': 0.4" in caplog.text

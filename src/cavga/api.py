@@ -29,7 +29,14 @@ from cavga.config import (
 )
 from cavga.data import AnomalyDataset, DatasetSplits, Preprocess, load_dataset
 from cavga.data.io import ImageInput, to_pil
-from cavga.data.splits import exclude_paths, path_key, split_calibration, weak_labels, weak_training_set
+from cavga.data.splits import (
+    exclude_paths,
+    path_key,
+    split_calibration,
+    weak_labels,
+    weak_training_set,
+    with_group_twins,
+)
 from cavga.data.types import ANOMALOUS
 from cavga.engine import distributed
 from cavga.engine.calibration import Calibration
@@ -77,6 +84,22 @@ def _split_options(options: dict[str, Any]) -> tuple[dict, dict, dict]:
     return model_kw, train_kw, weight_kw
 
 
+def _warn_if_split_differs(trained: dict, now: dict) -> None:
+    """Warn when a model is evaluated on another train/test split of the dataset it was trained on: its training
+    images may then be test images. A split recorded without "by" is a split by image (before tiles existed)."""
+    before, after = trained.get("split"), now.get("split")
+    if not before or not after or trained.get("root") != now.get("root"):
+        return
+    if {"by": "image", **before} != {"by": "image", **after}:
+        log.warning(
+            "this model was trained on the split %s of %s and is evaluated on the split %s: images it was trained "
+            "on may count as test images",
+            before,
+            now.get("root"),
+            after,
+        )
+
+
 class Cavga:
     """A CAVGA anomaly detector, scikit-learn style: construct with parameters, ``fit``, then ``predict``.
 
@@ -90,7 +113,9 @@ class Cavga:
     Setting "w" takes its anomalous images (labels only, never their masks) from one of: a seeded random
     ``anomalous_fraction`` of the test split's anomalous images (default 0.02, at least one image), exactly
     ``anomalous_count`` of them, or every image in ``anomalous_dir`` (a user's own labelled defect images).
-    Test images used for training are removed from every evaluation of the model (``excluded_paths_``).
+    Test images used for training are removed from every evaluation of the model (``excluded_paths_``), with
+    every test image of the same object where the dataset records one (Magnetic Tile: the tile under its other
+    exposures, ``weak_labels["n_excluded_twins"]``).
     """
 
     def __init__(
@@ -179,7 +204,9 @@ class Cavga:
             # Paper protocol: weak labels never count in an evaluation. Kept by resolved path, so that another
             # spelling of the folder still matches; anomalous_dir images are listed too, in case the folder
             # given is part of a test split.
-            self.excluded_paths_ = [path_key(p) for p in anomalous.paths]
+            # The same object under another exposure (Magnetic Tile's tiles) is excluded with it.
+            self.excluded_paths_ = [path_key(p) for p in with_group_twins(splits.test, anomalous)]
+            weak_info["n_excluded_twins"] = len(self.excluded_paths_) - len(anomalous)
             train_set = weak_training_set(train_set, anomalous, tc.anomalous_share, tc.synthetic_share, tc.seed)
             # What one epoch holds beside the normal images: the labelled ones (with augmented copies) and
             # the synthesized anomalies.
@@ -327,6 +354,7 @@ class Cavga:
         splits = (
             data if isinstance(data, DatasetSplits) else load_dataset(data, preprocess=self.preprocess_, **data_kwargs)
         )
+        _warn_if_split_differs(self.data_info_, splits.info)
         excluded = getattr(self, "excluded_paths_", [])
         test = exclude_paths(splits.test, excluded)
         n_removed = len(splits.test) - len(test)

@@ -24,6 +24,13 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--normal-class", default=None, help="one-class protocol: the class that is normal")
     p.add_argument("--split-seed", type=int, default=None, help="seed of the train/test split of normal images")
     p.add_argument("--test-fraction", type=float, default=None, help="share of normal images held out for test")
+    p.add_argument(
+        "--split-by",
+        choices=["tile", "image"],
+        default=None,
+        help="Magnetic Tile: hold out whole tiles (default; each tile is photographed under six exposures) or "
+        "single images (the split of older figures)",
+    )
 
 
 def _data_kwargs(args: argparse.Namespace) -> dict:
@@ -38,6 +45,8 @@ def _data_kwargs(args: argparse.Namespace) -> dict:
         kwargs["seed"] = args.split_seed
     if args.test_fraction is not None:
         kwargs["test_fraction"] = args.test_fraction
+    if args.split_by is not None:
+        kwargs["split"] = args.split_by
     return kwargs
 
 

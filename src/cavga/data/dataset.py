@@ -24,7 +24,9 @@ class Record:
 
     image: an image file, or an index into the dataset's in-memory uint8 array (IDX, CIFAR).
     mask: a mask file, or None. zero_mask: no file, but the sample has an all-zero mask (a normal test
-    image of a localization dataset). path: the string reported in Sample.path.
+    image of a localization dataset). path: the string reported in Sample.path. group: the physical object the
+    image shows where a dataset photographs one object several times (Magnetic Tile's tiles, each under six
+    exposures), else None; a split or an exclusion keeps a group together.
     """
 
     image: Path | int
@@ -33,6 +35,7 @@ class Record:
     path: str
     mask: Path | None = None
     zero_mask: bool = False
+    group: str | None = None
 
 
 class AnomalyDataset(torch.utils.data.Dataset):

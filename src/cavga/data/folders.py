@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+import numpy as np
 
 from cavga.data.dataset import DatasetSplits, Record, make_splits, split_indices
 from cavga.data.io import IMAGE_EXTENSIONS, list_image_files, list_subdirs
 from cavga.data.transforms import Preprocess
 from cavga.data.types import ANOMALOUS, NORMAL
-from cavga.errors import DataError
+from cavga.errors import ConfigError, DataError
 
 MAGNETIC_TILE_NORMAL = "MT_Free"
+MAGNETIC_TILE_SPLITS = ("tile", "image")
+# Magnetic Tile photographs each tile under six exposures, one after another: file names exp<k>_num_<n> where n
+# counts frames. Sorted by n, one tile's six frames lie within a few hundred of each other and a new tile starts
+# after a larger gap. Tiles closer than this gap share a group (over-merging only makes a group coarser).
+MAGNETIC_TILE_FRAME_GAP = 300
+_MAGNETIC_TILE_NAME = re.compile(r"^exp\d+_num_(\d+)$")
 
 
 def _images_without_masks(folder: Path, mask_suffix: str, mask_ext: str) -> list[Path]:
@@ -106,8 +115,47 @@ def magnetic_tile_classes(root: str | Path) -> list[Path]:
     return [p for p in list_subdirs(root) if p.name.startswith("MT_") and (p / "Imgs").is_dir()]
 
 
+def magnetic_tile_groups(paths: list[Path], gap: int = MAGNETIC_TILE_FRAME_GAP) -> list[int]:
+    """The tile of each of ``paths`` (one class folder), as a group number: the files named exp<k>_num_<n>, sorted
+    by n, start a new group where n jumps by more than ``gap``. A file named otherwise is a group of its own.
+    Numbers count from 0 in order of n, then the others in order of ``paths``."""
+    frames = {i: int(m.group(1)) for i, p in enumerate(paths) if (m := _MAGNETIC_TILE_NAME.match(p.stem))}
+    groups = [-1] * len(paths)
+    group, last = -1, None
+    for i in sorted(frames, key=lambda i: (frames[i], paths[i].name)):
+        if last is None or frames[i] - last > gap:
+            group += 1
+        groups[i], last = group, frames[i]
+    for i in range(len(paths)):
+        if groups[i] < 0:
+            group += 1
+            groups[i] = group
+    return groups
+
+
+def _tile_split(groups: list[int], test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Whole groups to test, in the order of ``numpy.random.default_rng(seed).permutation`` of the group numbers,
+    until the test split holds at least ``round(test_fraction * n)`` images; the rest to train. Ascending."""
+    if not 0.0 <= test_fraction < 1.0:
+        raise ConfigError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    wanted, test = round(test_fraction * len(groups)), []
+    for g in np.random.default_rng(seed).permutation(sorted(members)):
+        if len(test) >= wanted:
+            break
+        test.extend(members[int(g)])
+    chosen = set(test)
+    return [i for i in range(len(groups)) if i not in chosen], sorted(test)
+
+
 def read_magnetic_tile(
-    root: str | Path, test_fraction: float = 0.2, seed: int = 0, preprocess: Preprocess | None = None
+    root: str | Path,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    preprocess: Preprocess | None = None,
+    split: str = "tile",
 ) -> DatasetSplits:
     """Read the Magnetic Tile defect dataset (Huang et al. 2018) in its original layout.
 
@@ -116,11 +164,18 @@ def read_magnetic_tile(
     Masks are thresholded at 128 (their edges are anti-aliased); 4 Uneven masks are empty, those images
     stay ANOMALOUS.
 
-    The dataset has no official split, so cavga defines one: the MT_Free images sorted by file name are
-    shuffled with ``numpy.random.default_rng(seed).permutation``; the first ``round(test_fraction * n)``
-    (Python's round) go to test, the rest to train (each split then kept in file-name order). All defect
-    images go to test. With the defaults: 952 Free -> 762 train, 190 test; test = 190 + 392 = 582.
-    Normal test images get all-zero masks (the MT_Free masks are all empty and are not read).
+    The dataset has no official split, so cavga defines one. Each tile is photographed under six exposures
+    (exp1..exp6, consecutive frame numbers), so the six images of a tile are near copies; every record carries
+    its tile as ``group`` (:func:`magnetic_tile_groups`, per class folder: "Free/12").
+    ``split="tile"`` (default): whole MT_Free tiles go to test (:func:`_tile_split`), so no test tile has a copy
+    in training. With the defaults: 952 Free in 137 groups -> 755 train, 197 test; test = 197 + 392 = 589.
+    ``split="image"``: the split of cavga 0.x before the tiles were found, kept to reproduce its figures: the
+    MT_Free images sorted by file name are shuffled with ``numpy.random.default_rng(seed).permutation``; the
+    first ``round(test_fraction * n)`` (Python's round) go to test, the rest to train: 762 train, 190 test.
+    Nearly every normal test image then has its tile's other exposures in training, which makes the normal test
+    images look more normal than an unseen tile would (measured in the README).
+    Each split is kept in file-name order. All defect images go to test. Normal test images get all-zero masks
+    (the MT_Free masks are all empty and are not read).
     """
     root = Path(root)
     classes = magnetic_tile_classes(root)
@@ -130,28 +185,40 @@ def read_magnetic_tile(
             f"{root} is not laid out as Magnetic Tile: expected MT_<class>/Imgs/<name>.jpg + <name>.png, "
             f"including {MAGNETIC_TILE_NORMAL}/Imgs; found {names or 'no MT_*/Imgs folders'}"
         )
+    if split not in MAGNETIC_TILE_SPLITS:
+        raise ConfigError(f"split must be one of {list(MAGNETIC_TILE_SPLITS)}, got {split!r}")
     free = _images_without_masks(root / MAGNETIC_TILE_NORMAL / "Imgs", "", ".png")
-    train_idx, test_idx = split_indices(len(free), test_fraction, seed)
+    tiles = [f"Free/{g}" for g in magnetic_tile_groups(free)]
+    if split == "tile":
+        train_idx, test_idx = _tile_split(magnetic_tile_groups(free), test_fraction, seed)
+    else:
+        train_idx, test_idx = split_indices(len(free), test_fraction, seed)
     if not train_idx:
         raise DataError(f"test_fraction={test_fraction} leaves no training image in {root / MAGNETIC_TILE_NORMAL}")
-    train = [Record(image=free[i], label=NORMAL, defect_type="good", path=str(free[i])) for i in train_idx]
+    train = [
+        Record(image=free[i], label=NORMAL, defect_type="good", path=str(free[i]), group=tiles[i]) for i in train_idx
+    ]
     test = [
-        Record(image=free[i], label=NORMAL, defect_type="good", path=str(free[i]), zero_mask=True) for i in test_idx
+        Record(image=free[i], label=NORMAL, defect_type="good", path=str(free[i]), zero_mask=True, group=tiles[i])
+        for i in test_idx
     ]
     for folder in classes:
         if folder.name == MAGNETIC_TILE_NORMAL:
             continue
         defect = folder.name[len("MT_") :]
-        for p in _images_without_masks(folder / "Imgs", "", ".png"):
+        images = _images_without_masks(folder / "Imgs", "", ".png")
+        for p, g in zip(images, magnetic_tile_groups(images), strict=True):
             mask = p.with_suffix(".png")
             if mask == p or not mask.is_file():
                 raise DataError(f"defect image {p} has no mask: expected {p.parent / (p.stem + '.png')}")
-            test.append(Record(image=p, label=ANOMALOUS, defect_type=defect, path=str(p), mask=mask))
+            test.append(
+                Record(image=p, label=ANOMALOUS, defect_type=defect, path=str(p), mask=mask, group=f"{defect}/{g}")
+            )
     info = {
         "format": "magnetic_tile",
         "root": str(root),
         "category": None,
-        "split": {"test_fraction": test_fraction, "seed": seed, "of": MAGNETIC_TILE_NORMAL},
+        "split": {"test_fraction": test_fraction, "seed": seed, "of": MAGNETIC_TILE_NORMAL, "by": split},
         "images": len(free) + sum(1 for r in test if r.label == ANOMALOUS),
     }
     return make_splits(train, test, preprocess, info)

@@ -81,7 +81,7 @@ def detect_format(root: str | Path) -> str:
 
 _KWARGS = {
     "mvtec": set(),
-    "magnetic_tile": {"test_fraction", "seed"},
+    "magnetic_tile": {"test_fraction", "seed", "split"},
     "folders": {"normal_dir", "abnormal_dir", "mask_dir", "mask_suffix", "mask_ext", "test_fraction", "seed"},
     "oneclass": {"normal_class", "source"},
     "video": {"every", "mask_root", "test_root"},
@@ -106,9 +106,9 @@ def load_dataset(
     """Read any supported dataset; ``format`` None detects it (see detect_format).
 
     mvtec: ``category`` (optional when there is only one, or when ``root`` is the category folder).
-    magnetic_tile: test_fraction, seed. folders: normal_dir (default <root>/normal or <root>),
-    abnormal_dir (default <root>/abnormal if present), mask_dir (default <root>/masks if present),
-    mask_suffix, mask_ext, test_fraction, seed. oneclass: normal_class (required), source.
+    magnetic_tile: test_fraction, seed, split ("tile", default, or "image"). folders: normal_dir (default
+    <root>/normal or <root>), abnormal_dir (default <root>/abnormal if present), mask_dir (default <root>/masks
+    if present), mask_suffix, mask_ext, test_fraction, seed. oneclass: normal_class (required), source.
     video: every, test_root, mask_root (defaults <root>/test and <root>/test_masks when <root>/train exists).
     "pairs" is an alias: magnetic_tile when MT_* folders exist, else folders.
     Options given as None are ignored, so a CLI can pass all of its options through.

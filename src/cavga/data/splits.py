@@ -105,6 +105,15 @@ def path_key(path: str) -> str:
     return os.path.realpath(path)
 
 
+def with_group_twins(dataset: AnomalyDataset, labelled: AnomalyDataset) -> list[str]:
+    """The paths of ``labelled`` and of every image of ``dataset`` that shows the same object (the same
+    ``group``, e.g. a Magnetic Tile tile under another exposure): what a weakly supervised model must never be
+    evaluated on, since a near copy of a labelled image is as good as the label itself."""
+    groups = {r.group for r in labelled.records if r.group is not None}
+    twins = [r.path for r in dataset.records if r.group is not None and r.group in groups]
+    return list(dict.fromkeys([*labelled.paths, *twins]))
+
+
 def exclude_paths(dataset: AnomalyDataset, paths: Sequence[str]) -> AnomalyDataset:
     """``dataset`` without the images at ``paths`` (compared as resolved paths)."""
     if not paths:
