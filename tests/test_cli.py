@@ -141,3 +141,18 @@ def test_train_flags_fill_the_config_dataclasses():
         ModelConfig().gradcam_layer,
     )
     assert parser.parse_args(["data", "--flatten-latent"]).flatten_latent is True
+
+
+def test_split_by_reaches_the_magnetic_tile_reader_and_is_refused_elsewhere(tmp_path):
+    from cavga.cli import _data_kwargs, build_parser
+    from cavga.data import load_dataset
+    from cavga.errors import ConfigError
+
+    common = ["evaluate", "model", str(tmp_path), "--out", str(tmp_path / "out")]
+    args = build_parser().parse_args([*common, "--split-by", "image", "--split-seed", "3"])
+    assert _data_kwargs(args) == {"seed": 3, "split": "image"}
+    assert _data_kwargs(build_parser().parse_args(common)) == {}
+    (tmp_path / "normal").mkdir()
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "normal" / "a.png")
+    with pytest.raises(ConfigError, match=r"\['split'\] do not apply to the 'folders' format"):
+        load_dataset(tmp_path, split="image")
