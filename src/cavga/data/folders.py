@@ -188,9 +188,10 @@ def read_magnetic_tile(
     if split not in MAGNETIC_TILE_SPLITS:
         raise ConfigError(f"split must be one of {list(MAGNETIC_TILE_SPLITS)}, got {split!r}")
     free = _images_without_masks(root / MAGNETIC_TILE_NORMAL / "Imgs", "", ".png")
-    tiles = [f"Free/{g}" for g in magnetic_tile_groups(free)]
+    groups = magnetic_tile_groups(free)
+    tiles = [f"Free/{g}" for g in groups]
     if split == "tile":
-        train_idx, test_idx = _tile_split(magnetic_tile_groups(free), test_fraction, seed)
+        train_idx, test_idx = _tile_split(groups, test_fraction, seed)
     else:
         train_idx, test_idx = split_indices(len(free), test_fraction, seed)
     if not train_idx:
