@@ -53,3 +53,16 @@ def test_exclude_paths_compares_resolved_paths(tmp_path):
     ]
     kept = exclude_paths(AnomalyDataset(rows), [str(tmp_path / "link" / "1.png")])
     assert kept.paths == [str(tmp_path / "real" / "0.png"), str(tmp_path / "real" / "2.png")]
+
+
+def test_group_twins_are_the_labelled_images_and_every_image_of_their_groups():
+    from cavga.data.splits import with_group_twins
+
+    records = [
+        Record(image=Path(f"{name}.png"), label=ANOMALOUS, defect_type="Crack", path=f"{name}.png", group=group)
+        for name, group in [("a1", "Crack/0"), ("a2", "Crack/0"), ("b1", "Crack/1"), ("c1", None), ("c2", None)]
+    ]
+    test = AnomalyDataset(records)
+    assert with_group_twins(test, test.subset([0])) == ["a1.png", "a2.png"]
+    assert with_group_twins(test, test.subset([2, 3])) == ["b1.png", "c1.png"]  # no group: the image alone
+    assert with_group_twins(test, test.subset([])) == []

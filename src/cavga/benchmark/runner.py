@@ -39,7 +39,7 @@ from cavga.data import (
     load_dataset,
 )
 from cavga.data.oneclass import detect_oneclass_source, read_cifar10, read_class_folders, read_idx
-from cavga.data.splits import exclude_paths, sample_weak_labels
+from cavga.data.splits import exclude_paths, sample_weak_labels, with_group_twins
 from cavga.data.synthetic import write_quick_data
 from cavga.engine.checkpoint import atomic_write
 from cavga.engine.train import resolve_device
@@ -181,7 +181,7 @@ def run_job(
         # Every row counts the same test images: leave out the seeded sample a w model with this seed trains on
         # (a w model leaves it out itself).
         sample = sample_weak_labels(splits.test, budget.anomalous_fraction, None, seed)
-        held = [splits.test.paths[i] for i in sample]
+        held = with_group_twins(splits.test, splits.test.subset(sample))  # with their other exposures
         evaluated = DatasetSplits(splits.train, exclude_paths(splits.test, held), splits.info)
     eval_start = time.perf_counter()
     metrics = model.evaluate(evaluated)
