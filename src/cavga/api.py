@@ -33,6 +33,7 @@ from cavga.data.splits import (
     exclude_paths,
     path_key,
     split_calibration,
+    warn_if_split_differs,
     weak_labels,
     weak_training_set,
     with_group_twins,
@@ -82,22 +83,6 @@ def _split_options(options: dict[str, Any]) -> tuple[dict, dict, dict]:
         else:
             raise ConfigError(f"unknown option {key!r}")
     return model_kw, train_kw, weight_kw
-
-
-def _warn_if_split_differs(trained: dict, now: dict) -> None:
-    """Warn when a model is evaluated on another train/test split of the dataset it was trained on: its training
-    images may then be test images. A split recorded without "by" is a split by image (before tiles existed)."""
-    before, after = trained.get("split"), now.get("split")
-    if not before or not after or trained.get("root") != now.get("root"):
-        return
-    if {"by": "image", **before} != {"by": "image", **after}:
-        log.warning(
-            "this model was trained on the split %s of %s and is evaluated on the split %s: images it was trained "
-            "on may count as test images",
-            before,
-            now.get("root"),
-            after,
-        )
 
 
 class Cavga:
@@ -354,7 +339,7 @@ class Cavga:
         splits = (
             data if isinstance(data, DatasetSplits) else load_dataset(data, preprocess=self.preprocess_, **data_kwargs)
         )
-        _warn_if_split_differs(self.data_info_, splits.info)
+        warn_if_split_differs(self.data_info_, splits.info)
         excluded = getattr(self, "excluded_paths_", [])
         test = exclude_paths(splits.test, excluded)
         n_removed = len(splits.test) - len(test)

@@ -24,13 +24,8 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--normal-class", default=None, help="one-class protocol: the class that is normal")
     p.add_argument("--split-seed", type=int, default=None, help="seed of the train/test split of normal images")
     p.add_argument("--test-fraction", type=float, default=None, help="share of normal images held out for test")
-    p.add_argument(
-        "--split-by",
-        choices=["tile", "image"],
-        default=None,
-        help="Magnetic Tile: hold out whole tiles (default; each tile is photographed under six exposures) or "
-        "single images (the split of older figures)",
-    )
+    tile_help = "Magnetic Tile: hold out whole tiles (default; six exposures a tile) or single images (older figures)"
+    p.add_argument("--split-by", choices=["tile", "image"], default=None, help=tile_help)
 
 
 def _data_kwargs(args: argparse.Namespace) -> dict:

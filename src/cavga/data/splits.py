@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +16,8 @@ from cavga.data.dataset import AnomalyDataset, DatasetSplits, Record
 from cavga.data.io import list_images
 from cavga.data.types import ANOMALOUS, NORMAL
 from cavga.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ANOMALOUS_FRACTION = 0.02  # the paper's CAVGA_w protocol: 2 % of the anomalous test images
 
@@ -150,3 +153,19 @@ def weak_labels(
         "n_test_anomalous": sum(1 for label in splits.test.labels if label == ANOMALOUS),
     }
     return splits.test.subset(indices), info
+
+
+def warn_if_split_differs(trained: dict, now: dict) -> None:
+    """Warn when a model is evaluated on another train/test split of the dataset it was trained on: its training
+    images may then be test images. A split recorded without "by" is a split by image (before tiles existed)."""
+    before, after = trained.get("split"), now.get("split")
+    if not before or not after or trained.get("root") != now.get("root"):
+        return
+    if {"by": "image", **before} != {"by": "image", **after}:
+        log.warning(
+            "this model was trained on the split %s of %s and is evaluated on the split %s: images it was trained "
+            "on may count as test images",
+            before,
+            now.get("root"),
+            after,
+        )
