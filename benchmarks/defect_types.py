@@ -48,9 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--data", type=Path, default=SHARED / "magnetic-tile")
     parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--split-by", choices=["tile", "image"], default="tile", help="image: the older figures' split")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    splits = load_dataset(args.data, format="pairs", seed=0, preprocess=Preprocess(args.image_size, 1))
+    preprocess = Preprocess(args.image_size, 1)
+    splits = load_dataset(args.data, format="pairs", seed=0, split=args.split_by, preprocess=preprocess)
     baseline = PadimBaseline(image_size=args.image_size, channels=1, seed=0, device="cpu").fit(splits)
     pooled = baseline.evaluate(splits)
     rows = by_type(baseline.last_outputs_)
@@ -58,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": str(args.data),
         "model": "PaDiM",
         "image_size": args.image_size,
+        "split": splits.info["split"],
         "pooled": {k: pooled[k] for k in ("image_auroc", "pixel_auroc", "aupro")},
         "by_type": rows,
         "seconds": round(time.perf_counter() - started, 1),
