@@ -149,14 +149,35 @@ class DatasetSplits:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def _check_test_fraction(test_fraction: float) -> None:
+    if not 0.0 <= test_fraction < 1.0:
+        raise ConfigError(f"test_fraction must be in [0, 1), got {test_fraction}")
+
+
 def split_indices(n: int, test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Seeded split of range(n): shuffle with numpy.random.default_rng(seed), the first
     round(test_fraction * n) go to test, the rest to train; both returned in ascending order."""
-    if not 0.0 <= test_fraction < 1.0:
-        raise ConfigError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    _check_test_fraction(test_fraction)
     order = np.random.default_rng(seed).permutation(n)
     n_test = round(test_fraction * n)
     return sorted(int(i) for i in order[n_test:]), sorted(int(i) for i in order[:n_test])
+
+
+def split_group_indices(groups: Sequence[int], test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded split of range(len(groups)) that keeps each group (``groups[i]``: the group of item i) on one side:
+    whole groups to test, in the order of ``numpy.random.default_rng(seed).permutation`` of the sorted group
+    numbers, until test holds at least ``round(test_fraction * n)`` items; the rest to train. Ascending."""
+    _check_test_fraction(test_fraction)
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    wanted, test = round(test_fraction * len(groups)), []
+    for g in np.random.default_rng(seed).permutation(sorted(members)):
+        if len(test) >= wanted:
+            break
+        test.extend(members[int(g)])
+    chosen = set(test)
+    return [i for i in range(len(groups)) if i not in chosen], sorted(test)
 
 
 def _record_channels(record: Record, array: np.ndarray | None) -> int:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import numpy as np
-
-from cavga.data.dataset import DatasetSplits, Record, make_splits, split_indices
+from cavga.data.dataset import DatasetSplits, Record, make_splits, split_group_indices, split_indices
 from cavga.data.io import IMAGE_EXTENSIONS, list_image_files, list_subdirs
 from cavga.data.transforms import Preprocess
 from cavga.data.types import ANOMALOUS, NORMAL
@@ -133,23 +131,6 @@ def magnetic_tile_groups(paths: list[Path], gap: int = MAGNETIC_TILE_FRAME_GAP) 
     return groups
 
 
-def _tile_split(groups: list[int], test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Whole groups to test, in the order of ``numpy.random.default_rng(seed).permutation`` of the group numbers,
-    until the test split holds at least ``round(test_fraction * n)`` images; the rest to train. Ascending."""
-    if not 0.0 <= test_fraction < 1.0:
-        raise ConfigError(f"test_fraction must be in [0, 1), got {test_fraction}")
-    members: dict[int, list[int]] = {}
-    for i, g in enumerate(groups):
-        members.setdefault(g, []).append(i)
-    wanted, test = round(test_fraction * len(groups)), []
-    for g in np.random.default_rng(seed).permutation(sorted(members)):
-        if len(test) >= wanted:
-            break
-        test.extend(members[int(g)])
-    chosen = set(test)
-    return [i for i in range(len(groups)) if i not in chosen], sorted(test)
-
-
 def read_magnetic_tile(
     root: str | Path,
     test_fraction: float = 0.2,
@@ -167,8 +148,9 @@ def read_magnetic_tile(
     The dataset has no official split, so cavga defines one. Each tile is photographed under six exposures
     (exp1..exp6, consecutive frame numbers), so the six images of a tile are near copies; every record carries
     its tile as ``group`` (:func:`magnetic_tile_groups`, per class folder: "Free/12").
-    ``split="tile"`` (default): whole MT_Free tiles go to test (:func:`_tile_split`), so no test tile has a copy
-    in training. With the defaults: 952 Free in 137 groups -> 755 train, 197 test; test = 197 + 392 = 589.
+    ``split="tile"`` (default): whole MT_Free tiles go to test
+    (:func:`~cavga.data.dataset.split_group_indices`), so no test tile has a copy in training. With the
+    defaults: 952 Free in 137 groups -> 755 train, 197 test; test = 197 + 392 = 589.
     ``split="image"``: the split of cavga 0.x before the tiles were found, kept to reproduce its figures: the
     MT_Free images sorted by file name are shuffled with ``numpy.random.default_rng(seed).permutation``; the
     first ``round(test_fraction * n)`` (Python's round) go to test, the rest to train: 762 train, 190 test.
@@ -191,7 +173,7 @@ def read_magnetic_tile(
     groups = magnetic_tile_groups(free)
     tiles = [f"Free/{g}" for g in groups]
     if split == "tile":
-        train_idx, test_idx = _tile_split(groups, test_fraction, seed)
+        train_idx, test_idx = split_group_indices(groups, test_fraction, seed)
     else:
         train_idx, test_idx = split_indices(len(free), test_fraction, seed)
     if not train_idx:
