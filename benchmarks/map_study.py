@@ -30,7 +30,7 @@ import numpy as np
 
 from cavga.api import Cavga
 from cavga.api import load as load_model
-from cavga.data.splits import split_calibration
+from cavga.data.splits import split_calibration, split_differs
 from cavga.data.synthetic import DEMO_CATEGORIES, write_demo_dataset
 from cavga.engine.infer import (
     PAPER_CHOICE,
@@ -122,16 +122,14 @@ def trained_model(dataset: str, model: str, out: Path, device: str = "auto") -> 
         detector.fit(root, progress=False, **kwargs)
     else:
         detector = load_model(saved, device=device)
-        # A model saved before Magnetic Tile was split by tile has no "by" and was trained on the image split:
-        # scored on another split, its training images would count as test images.
-        split = DATASETS[dataset].get("split")
-        trained_on = detector.data_info_.get("split", {}).get("by", "image")
-        if split is not None and trained_on != split:
-            raise ConfigError(f"{saved} was trained on the split by {trained_on}, not by {split}: use another --out")
         neighbourhood = Cavga(setting="u", **options).model_config.gaussian_neighbourhood
         detector.model_config.gaussian_neighbourhood = neighbourhood
         detector.model_.config.gaussian_neighbourhood = neighbourhood
     splits = detector._load(root, **kwargs)
+    if reused and split_differs(detector.data_info_, splits.info):
+        # e.g. a model saved before Magnetic Tile was split by tile: its training images would count as test images
+        trained_on, now = detector.data_info_["split"], splits.info["split"]
+        raise ConfigError(f"{saved} was trained on the split {trained_on}, not {now}: use another --out")
     config = detector.train_config
     train_set, _ = split_calibration(splits.train, config.calibration_fraction, config.seed)
     if reused:

@@ -155,13 +155,18 @@ def weak_labels(
     return splits.test.subset(indices), info
 
 
+def split_differs(trained: dict, now: dict) -> bool:
+    """Whether two data records (``DatasetSplits.info``, a model's ``data_info_``) both record a train/test split
+    and the splits differ. A split recorded without "by" is a split by image (before tiles existed)."""
+    before, after = trained.get("split"), now.get("split")
+    return bool(before and after) and {"by": "image", **before} != {"by": "image", **after}
+
+
 def warn_if_split_differs(trained: dict, now: dict) -> None:
     """Warn when a model is evaluated on another train/test split of the dataset it was trained on: its training
-    images may then be test images. A split recorded without "by" is a split by image (before tiles existed)."""
-    before, after = trained.get("split"), now.get("split")
-    if not before or not after or trained.get("root") != now.get("root"):
-        return
-    if {"by": "image", **before} != {"by": "image", **after}:
+    images may then be test images."""
+    if trained.get("root") == now.get("root") and split_differs(trained, now):
+        before, after = trained["split"], now["split"]
         log.warning(
             "this model was trained on the split %s of %s and is evaluated on the split %s: images it was trained "
             "on may count as test images",
