@@ -11,7 +11,7 @@ The test split is the product's (the datasets' seeded splits, ``benchmarks/map_s
 threshold of the balanced accuracy is the 95th percentile of the held-out normal slice's scores (no test image).
 Pixel AuROC per defect type pools that type's images with the normal test images; ``pixel_auroc_split`` splits the
 pooled one's negatives into the normal images' pixels and the defect-free pixels of the anomalous images. Magnetic
-Tile's halves are ``benchmarks/memory_window.py``'s.
+Tile's halves are ``benchmarks/memory_window.py``'s (whole tiles to one half).
 
     python benchmarks/feature_depth.py --out runs/feature-depth
     python benchmarks/feature_depth.py --out runs/feature-depth --datasets magnetic_tile --levels 16+32 --windows 3
@@ -146,7 +146,7 @@ def run_row(dataset: str, levels: str, window: int, out: Path) -> dict:
                 "image_auroc": metrics.image_auroc(scores[idx], labels[idx]),
                 "pixel_auroc": metrics.pixel_auroc(maps[idx], masks[idx]),
             }
-            for name, idx in halves(len(labels)).items()
+            for name, idx in halves(len(labels), [r.group for r in splits.test.records]).items()
         },
         "fill_seconds": round(fill_seconds, 1),
         "wall_seconds": round(time.perf_counter() - started, 1),

@@ -26,6 +26,10 @@ The rule, written down before any figure of a window above 1 was seen:
    threshold), the map their maximum. k in {5, 9}. Step 1 on Magnetic Tile's dev half chooses among them against
    window 1 (pixel AuROC at least 0.01 above, image AuROC no more than 0.01 below; the highest dev pixel AuROC),
    step 2 decides on bottle and the demo categories against window 1, step 3 reports the held half.
+6. Written 2026-12-04, after every row above was seen on the split by image and on the split by tile: the halves
+   of a test set whose images name a group (Magnetic Tile's split by tile) are drawn by group, whole tiles to one
+   half (before, a tile's six exposures fell on both sides, so the dev half had seen the held half's tiles).
+   Steps 1-3 are applied again, unchanged, to the rows measured with halves by tile.
 
     python benchmarks/map_study.py --out runs/map-study --models L-frozen --maps latent_knn   # the models
     python benchmarks/memory_window.py --out runs/map-study --datasets magnetic_tile bottle --windows 1 3 5 9
@@ -43,11 +47,13 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from cavga import metrics
+from cavga.data.dataset import split_group_indices
 from cavga.data.splits import split_calibration
 from cavga.engine.infer import MapChoice, fit_latent_memory
 from cavga.model.networks import latent_memories
@@ -59,17 +65,28 @@ CHOICE = MapChoice("latent_knn", "map_max")
 HALF_SEED = 0  # the seeded split of a test set into a development half and a held-out half
 
 
-def halves(n: int) -> dict[str, np.ndarray]:
-    """Two disjoint halves of ``n`` test images (indices, sorted), drawn with HALF_SEED."""
-    order = np.random.default_rng(HALF_SEED).permutation(n)
-    return {"dev": np.sort(order[: n // 2]), "held": np.sort(order[n // 2 :])}
+def halves(n: int, groups: Sequence[str | None] | None = None) -> dict[str, np.ndarray]:
+    """Two disjoint halves of ``n`` test images (indices, sorted), drawn with HALF_SEED.
+
+    ``groups``: each image's group (``Record.group``: Magnetic Tile's tile, the same for its exposures), or None.
+    Where any image has one, whole groups go to one half (:func:`split_group_indices`; an image without a group
+    is a group of its own), so that no half chooses on the exposures of a tile the other half is judged on."""
+    if groups is None or all(g is None for g in groups):
+        order = np.random.default_rng(HALF_SEED).permutation(n)
+        return {"dev": np.sort(order[: n // 2]), "held": np.sort(order[n // 2 :])}
+    if len(groups) != n:
+        raise ValueError(f"{len(groups)} groups for {n} test images")
+    keys = [("group", g) if g is not None else ("image", str(i)) for i, g in enumerate(groups)]
+    number = {key: k for k, key in enumerate(sorted(set(keys)))}
+    held, dev = split_group_indices([number[key] for key in keys], 0.5, HALF_SEED)
+    return {"dev": np.asarray(dev, dtype=int), "held": np.asarray(held, dtype=int)}
 
 
-def half_metrics(outputs) -> dict[str, dict[str, float]]:
-    """Image and pixel AuROC of each half of the test images, on the raw scores and raw maps."""
+def half_metrics(outputs, groups: Sequence[str | None] | None = None) -> dict[str, dict[str, float]]:
+    """Image and pixel AuROC of each half of the test images (:func:`halves`), on the raw scores and raw maps."""
     maps = outputs.raw_maps / max(float(outputs.raw_maps.max()), 1e-12)  # a rank-preserving scale onto [0, 1]
     result = {}
-    for name, idx in halves(len(outputs.labels)).items():
+    for name, idx in halves(len(outputs.labels), groups).items():
         result[name] = {
             "image_auroc": metrics.image_auroc(outputs.raw_scores[idx], outputs.labels[idx]),
             "pixel_auroc": metrics.pixel_auroc(maps[idx], outputs.masks[idx]),
@@ -87,6 +104,7 @@ def run_windows(dataset: str, windows: list[tuple[int, bool, int]], out: Path, d
     config = detector.train_config
     train_set, calibration_set = split_calibration(splits.train, config.calibration_fraction, config.seed)
     side = model.config.image_size // model.config.latent_stride
+    groups = [record.group for record in splits.test.records]
     for window, both, coarse in windows:
         device_of = model.latent_memory.bank.device
         model.config.memory_window = detector.model_config.memory_window = window
@@ -109,7 +127,8 @@ def run_windows(dataset: str, windows: list[tuple[int, bool, int]], out: Path, d
             "wall_seconds": round(time.perf_counter() - started, 1),
             "n_test": len(splits.test),
             **row,
-            "halves": half_metrics(outputs),
+            "halves": half_metrics(outputs, groups),
+            "halves_by": "image" if all(g is None for g in groups) else "group",
         }
 
 
@@ -138,7 +157,8 @@ def _label(row: dict) -> str:
 
 def _halves_cell(row: dict) -> str:
     h = row["halves"]
-    return " / ".join(f"{h[k]['image_auroc']:.3f}, {h[k]['pixel_auroc']:.3f}" for k in ("dev", "held"))
+    cell = " / ".join(f"{h[k]['image_auroc']:.3f}, {h[k]['pixel_auroc']:.3f}" for k in ("dev", "held"))
+    return cell + (" (halves by tile)" if row.get("halves_by") == "group" else "")
 
 
 def main(argv: list[str] | None = None) -> int:
