@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -32,6 +33,37 @@ def test_fit_evaluate_reports_every_metric(fitted):
     assert result["n_images"] == 6
     for key in ("image_auroc", "pixel_auroc", "iou", "iou_pooled", "aupro", "balanced_accuracy"):
         assert 0.0 <= result[key] <= 1.0, key
+    assert "per_group" not in result  # the MVTec layout names no object shown twice
+
+
+@pytest.mark.slow
+def test_evaluate_reports_per_object_metrics_where_images_name_their_object(fitted):
+    """The same test images grouped as three objects (a tile's exposures): per_group matches sklearn on the
+    objects' max scores and on their any-image decisions."""
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+    from cavga.data import AnomalyDataset, DatasetSplits, load_dataset
+
+    root, detector = fitted
+    splits = load_dataset(root, category="bottle", preprocess=detector.preprocess_)
+    test = splits.test
+    normal = [i for i, label in enumerate(test.labels) if label == 0]
+    names = {i: ("n" if i in normal[:2] else "d" if i % 2 else None) for i in range(len(test))}
+    records = [dataclasses.replace(r, group=names[i]) for i, r in enumerate(test.records)]
+    grouped = DatasetSplits(splits.train, AnomalyDataset(records, test.preprocess), splits.info)
+    result = detector.evaluate(grouped)
+    assert test.groups is None and grouped.test.groups == [names[i] for i in range(len(test))]
+    outputs = detector.last_outputs_
+    objects: dict = {}
+    for i in range(len(test)):
+        objects.setdefault(names[i] or i, []).append(i)
+    truth = [max(test.labels[i] for i in m) for m in objects.values()]
+    top = [max(outputs.raw_scores[i] for i in m) for m in objects.values()]
+    called = [max(detector.calibration_.normalize(outputs.raw_scores)[m] > 0.5) for m in objects.values()]
+    group = result["per_group"]
+    assert group["n_groups"] == len(objects) < len(test)
+    assert group["image_auroc"] == pytest.approx(roc_auc_score(truth, top))
+    assert group["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(truth, called))
 
 
 @pytest.mark.slow

@@ -457,3 +457,51 @@ def test_thin_curve_keeps_ends_and_shape():
     assert len(small_f) <= 200 and (small_f[0], small_t[0]) == (0, 0) and (small_f[-1], small_t[-1]) == (1, 1)
     assert np.all(np.diff(small_f) >= 0)
     assert metrics.curve_area(small_f, small_t) == pytest.approx(metrics.curve_area(fpr, tpr), abs=0.01)
+
+
+def test_per_group_hand_worked():
+    """Tiles a (normal, 2 images), b (defective), c (defective, one image flagged) and two ungrouped images."""
+    scores = [0.1, 0.6, 0.3, 0.5, 0.2, 0.9, 0.4]
+    labels = [0, 0, 1, 1, 1, 0, 1]
+    pred = [0, 1, 0, 0, 0, 1, 0]
+    groups = ["a", "a", "b", "c", "c", None, None]
+    out = metrics.per_group(scores, pred, labels, groups)
+    # Objects: a (0.6, normal), b (0.3), c (0.5), image 5 (0.9, normal), image 6 (0.4). Anomalous b, c, 6
+    # against normal a and 5: by the max no anomalous object beats a's 0.6, nor 5's 0.9 -> AuROC 0.
+    assert out["n_groups"] == 5 and out["n_anomalous_groups"] == 3
+    assert out["image_auroc"] == pytest.approx(roc_auc_score([0, 1, 1, 0, 1], [0.6, 0.3, 0.5, 0.9, 0.4]))
+    assert out["image_auroc"] == 0.0
+    # By the mean: a 0.35, c 0.35, b 0.3, 6 0.4. Of the 3 x 2 pairs, c ties a (half) and 6 beats a: 1.5 / 6.
+    assert out["image_auroc_mean"] == pytest.approx(roc_auc_score([0, 1, 1, 0, 1], [0.35, 0.3, 0.35, 0.9, 0.4]))
+    assert out["image_auroc_mean"] == pytest.approx((0.5 + 0 + 1 + 0 + 0 + 0) / 6)
+    # Predicted anomalous: a (one image flagged) and 5; none of the anomalous: 0.5 * (0/3 + 0/2) = 0.
+    assert out["balanced_accuracy"] == 0.0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_per_group_matches_sklearn_on_grouped_data(seed):
+    rng = np.random.default_rng(seed)
+    n = 60
+    groups = [f"t{g}" if g < 15 else None for g in rng.integers(0, 20, n)]
+    tile_label = {f"t{g}": int(rng.random() < 0.5) for g in range(15)}
+    labels = np.array([tile_label[g] if g else int(rng.random() < 0.5) for g in groups])
+    scores = rng.random(n) + 0.3 * labels
+    pred = (scores > 0.7).astype(int)
+    out = metrics.per_group(scores, pred, labels, groups)
+    objects: dict = {}
+    for i, g in enumerate(groups):
+        objects.setdefault(g if g is not None else ("image", i), []).append(i)
+    members = list(objects.values())
+    truth = [labels[m].max() for m in members]
+    assert out["n_groups"] == len(members) and out["n_anomalous_groups"] == sum(truth)
+    assert out["image_auroc"] == pytest.approx(roc_auc_score(truth, [scores[m].max() for m in members]))
+    assert out["image_auroc_mean"] == pytest.approx(roc_auc_score(truth, [scores[m].mean() for m in members]))
+    called = [pred[m].max() for m in members]
+    assert out["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(truth, called))
+
+
+def test_per_group_checks_lengths_and_one_class():
+    with pytest.raises(ValueError, match="groups has 2 entries but labels has 3"):
+        metrics.per_group([0.1, 0.2, 0.3], [0, 0, 1], [0, 0, 1], ["a", "b"])
+    out = metrics.per_group([0.1, 0.2], [0, 0], [0, 0], ["a", "a"])
+    assert out["image_auroc"] is None and out["balanced_accuracy"] is None and out["n_groups"] == 1

@@ -65,6 +65,28 @@ def test_page_content_is_self_contained(tmp_path):
     assert 'src="../run/overlays/0.png"' in linked
 
 
+def test_per_object_metrics_get_a_row_and_a_line(tmp_path):
+    """A run on tiles (several exposures of one object) shows the per-object metrics beside the per-image ones."""
+    from cavga.report.outputs import format_metrics_table
+
+    run = write_fake_run(tmp_path / "run")
+    group = {"image_auroc": 0.8125, "image_auroc_mean": 0.6875, "balanced_accuracy": 0.625}
+    group |= {"n_groups": 4, "n_anomalous_groups": 2}
+    metrics = json.loads((run / "metrics.json").read_text()) | {"per_group": group}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    page = write_report(run).read_text()
+    row = re.search(r'<tr class="per-object"><td>run, per object</td>(.*?)</tr>', page)
+    assert row is not None
+    assert re.findall(r"<td>(.*?)</td>", row.group(1)) == ["0.812", "-", "-", "-", "-", "0.625", "4 objects"]
+    assert "per object" not in write_report(write_fake_run(tmp_path / "plain")).read_text()
+    table = format_metrics_table({"model": metrics})
+    assert table.splitlines()[-1] == (
+        "model, per object: 4 objects (2 anomalous), each scored by the maximum of its images: image_auroc 0.812 "
+        "(by the mean 0.688), balanced_accuracy 0.625"
+    )
+    assert "per object" not in format_metrics_table({"model": {"image_auroc": 0.5}})
+
+
 def test_find_runs_of_a_demo_folder(tmp_path):
     write_fake_run(tmp_path / "demo" / "predictions" / "wood", n=4)
     write_fake_run(tmp_path / "demo" / "predictions" / "pill", n=6, seed=1)

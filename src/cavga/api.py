@@ -330,7 +330,8 @@ class Cavga:
         self, data: DatasetSplits | str | os.PathLike, residual_maps: bool = False, **data_kwargs: Any
     ) -> dict:
         """Metrics on the test split of ``data``: image_auroc, pixel_auroc, iou, iou_pooled, aupro,
-        balanced_accuracy, n_images (pixel metrics None where no masks exist).
+        balanced_accuracy, n_images (pixel metrics None where no masks exist); per_group where the images name
+        the object they show (Magnetic Tile's tiles: :func:`cavga.metrics.per_group`).
 
         The decoder runs only where the map or the score needs x_hat; ``residual_maps=True`` runs it anyway and
         keeps the blurred residual |x - x_hat| of every test image in ``last_outputs_`` (for the residual map
@@ -352,12 +353,13 @@ class Cavga:
             )
         outputs = infer_dataset(self.model_, test, calibration=self.calibration_, reconstruct=residual_maps)
         self.last_outputs_ = outputs
-        result = evaluate_outputs(outputs, self.calibration_)
+        groups = getattr(test, "groups", None)  # per object too where a dataset shows one in several images
+        result = evaluate_outputs(outputs, self.calibration_, groups=groups)
         paper = getattr(self, "paper_calibration_", None)
         if paper is not None:
             choice = paper_choice(self.model_config.setting)
             paper_outputs = infer_dataset(self.model_, test, calibration=paper, choice=choice, reconstruct=False)
-            result["paper_map"] = evaluate_outputs(paper_outputs, paper)
+            result["paper_map"] = evaluate_outputs(paper_outputs, paper, groups=groups)
         if excluded:
             result["n_excluded"] = n_removed
         return result

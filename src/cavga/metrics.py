@@ -28,6 +28,7 @@ __all__ = [
     "curve_area",
     "image_auroc",
     "iou",
+    "per_group",
     "pixel_auroc",
     "roc_curve",
     "thin_curve",
@@ -398,6 +399,36 @@ def compute_all(
     result["iou_pooled"] = _iou(maps, gt, thr, "pooled")
     result["aupro"] = _aupro(maps, gt, 0.3, None)
     return result
+
+
+def per_group(scores: Any, pred_labels: Any, labels: Any, groups: list[str | None]) -> dict[str, float | int | None]:
+    """Image-level metrics of the objects that ``groups`` names, where a dataset shows one object in several
+    images (Magnetic Tile: a tile under six exposures). ``groups[i]``: the object of image i, or None (an
+    object of its own). An object is anomalous if any of its images is; it scores the maximum of its images'
+    scores (``image_auroc``; the mean of them in ``image_auroc_mean``) and is predicted anomalous if any of its
+    images is (``balanced_accuracy``). Keys also ``n_groups``, ``n_anomalous_groups``; None as in compute_all."""
+    values = _validate_scores(scores)
+    pred = _validate_binary(pred_labels, "pred_labels", stack=False)
+    truth = _validate_binary(labels, "labels", stack=False)
+    _same_length(values, truth, "scores", "labels")
+    _same_length(pred, truth, "pred_labels", "labels")
+    if len(groups) != truth.size:
+        raise ValueError(f"groups has {len(groups)} entries but labels has {truth.size}")
+    keys = [("group", g) if g is not None else ("image", i) for i, g in enumerate(groups)]
+    index = {key: k for k, key in enumerate(dict.fromkeys(keys))}
+    ids, n = np.array([index[key] for key in keys], dtype=np.int64), len(index)
+    top = np.full(n, -np.inf)
+    np.maximum.at(top, ids, values.astype(np.float64))
+    mean = np.bincount(ids, weights=values.astype(np.float64), minlength=n) / np.bincount(ids, minlength=n)
+    any_truth = np.bincount(ids, weights=truth.astype(np.float64), minlength=n) > 0
+    any_pred = np.bincount(ids, weights=pred.astype(np.float64), minlength=n) > 0
+    return {
+        "image_auroc": _auroc(top, any_truth),
+        "image_auroc_mean": _auroc(mean, any_truth),
+        "balanced_accuracy": _balanced_accuracy(any_pred, any_truth),
+        "n_groups": n,
+        "n_anomalous_groups": int(any_truth.sum()),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -187,9 +187,13 @@ def run_job(
     metrics = model.evaluate(evaluated)
     # The paper-literal map of the same model (CAVGA-L), kept beside its own metrics.
     paper = metrics.pop("paper_map", None)
+    per_group = metrics.pop("per_group", None)  # Magnetic Tile: the same metrics per tile
+    if paper is not None:
+        paper.pop("per_group", None)
     return {
         "metrics": _floats(metrics),
         **({"paper_map": _floats(paper)} if paper is not None else {}),
+        **({"per_group": _floats(per_group)} if per_group is not None else {}),
         "train_seconds": round(model.train_seconds_, 2),
         "eval_seconds": round(time.perf_counter() - eval_start, 2),
         "wall_seconds": round(time.perf_counter() - started, 2),

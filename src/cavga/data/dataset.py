@@ -86,6 +86,12 @@ class AnomalyDataset(torch.utils.data.Dataset):
         return [r.defect_type for r in self.records]
 
     @property
+    def groups(self) -> list[str | None] | None:
+        """The object each image shows (Record.group), or None where no image names one."""
+        groups = [r.group for r in self.records]
+        return groups if any(g is not None for g in groups) else None
+
+    @property
     def has_masks(self) -> bool:
         """True when samples carry pixel ground truth (all-zero masks of normal test images count)."""
         return any(r.mask is not None or r.zero_mask for r in self.records)

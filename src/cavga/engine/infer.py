@@ -450,9 +450,13 @@ def _ranking(values: np.ndarray) -> np.ndarray:
     return values / max(float(values.max()), 1e-12) if values.min() >= 0 else values
 
 
-def evaluate_outputs(outputs: DatasetOutputs, calibration: Calibration, anomaly_map: str | None = None) -> dict:
+def evaluate_outputs(
+    outputs: DatasetOutputs, calibration: Calibration, anomaly_map: str | None = None, groups: list | None = None
+) -> dict:
     """The metrics of ``outputs``. ``anomaly_map="residual"`` scores the calibrated residual map instead of the
     model's own map (for reporting the alternative beside the paper's 1 - A without running inference twice).
+    ``groups`` (the object each image shows, :attr:`AnomalyDataset.groups`): also ``per_group``, the image
+    metrics of the objects (:func:`cavga.metrics.per_group`).
 
     The threshold-free metrics (image and pixel AuROC, AUPRO) rank the raw scores and raw maps: calibration
     clips at 1, and a clipped score or pixel ties with every other one above twice its threshold. Balanced
@@ -484,4 +488,6 @@ def evaluate_outputs(outputs: DatasetOutputs, calibration: Calibration, anomaly_
         has = np.asarray(outputs.has_mask, dtype=bool)
         result["iou"] = metrics.iou(maps[has], outputs.masks[has], THRESHOLD, "mean")
         result["iou_pooled"] = metrics.iou(maps[has], outputs.masks[has], THRESHOLD, "pooled")
+    if groups is not None:
+        result["per_group"] = metrics.per_group(outputs.raw_scores, pred_labels, outputs.labels, groups)
     return result

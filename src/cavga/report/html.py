@@ -207,6 +207,7 @@ table.metrics { border-collapse: collapse; background: #fff; }
 table.metrics th, table.metrics td { border: 1px solid #ddd; padding: .3em .6em; text-align: right; }
 table.metrics th:first-child, table.metrics td:first-child { text-align: left; }
 table.metrics tr.mean td { font-weight: 600; background: #f0f0f0; }
+table.metrics tr.per-object td { font-style: italic; }
 .charts { display: flex; flex-wrap: wrap; gap: 12px; }
 svg.chart { background: #fff; border: 1px solid #ddd; font-size: 11px; }
 svg.chart .title { font-weight: 600; font-size: 12px; }
@@ -273,6 +274,10 @@ def _metrics_table(runs: list[Run], top: dict | None) -> str:
     rows = [(run.name, run.metrics, "") for run in runs if run.metrics]
     if top and len(runs) > 1 and any(top.get(k) is not None for k in METRIC_KEYS):
         rows.append(("mean", top, "mean"))
+    for name, m, _ in list(rows):  # an object shown in several images (a tile's exposures) counted once
+        if m.get("per_group"):
+            g = m["per_group"]
+            rows.append((f"{name}, per object", {**g, "n_images": f"{g['n_groups']} objects"}, "per-object"))
     if not rows:
         return "<p>No metrics: these images had no ground truth (a prediction run).</p>"
     head = "".join(f"<th>{k}</th>" for k in METRIC_KEYS)

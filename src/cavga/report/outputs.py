@@ -307,4 +307,21 @@ def format_metrics_table(rows: dict[str, dict]) -> str:
             value = metrics.get(key)
             cells.append("-" if value is None else (str(value) if key == "n_images" else f"{value:.3f}"))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for name, metrics in rows.items():
+        group = metrics.get("per_group")
+        if group:
+            lines.append(f"{name}, per object: {per_object_summary(group)}")
     return "\n".join(lines)
+
+
+def per_object_summary(group: dict) -> str:
+    """One line for :func:`cavga.metrics.per_group`'s metrics (an object scored by the max of its images)."""
+
+    def cell(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    return (
+        f"{group['n_groups']} objects ({group['n_anomalous_groups']} anomalous), each scored by the maximum of its "
+        f"images: image_auroc {cell(group['image_auroc'])} (by the mean {cell(group['image_auroc_mean'])}), "
+        f"balanced_accuracy {cell(group['balanced_accuracy'])}"
+    )
