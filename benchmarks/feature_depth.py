@@ -5,7 +5,8 @@ channels). This probe leaves CAVGA out: it fills the product's :class:`cavga.mod
 coreset, window 1 unless told) with the raw trunk features of the normal training images and scores the test images
 by the distance to it, upsampled and blurred as the product's maps are, the image score the map's maximum. It asks
 whether deeper features (``16+32``: 112 + 320 channels at stride 16; ``8+16+32``: all three at stride 8, 472
-channels) find Magnetic Tile's large "Uneven" regions, and what they cost on bottle's small defects.
+channels) find Magnetic Tile's large "Uneven" regions, and what they cost on bottle's small defects; and whether a
+finer map (``4+8+16``: 24 + 40 + 112 channels at stride 4) finds its thin cracks.
 
 The test split is the product's (the datasets' seeded splits, ``benchmarks/map_study.py``'s DATASETS); the
 threshold of the balanced accuracy is the 95th percentile of the held-out normal slice's scores (no test image).
@@ -43,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from map_study import DATASETS, data_args, save_rows  # noqa: E402
 from memory_window import halves  # noqa: E402
 
-LEVELS = {"8+16": (8, 16), "16+32": (16, 32), "8+16+32": (8, 16, 32)}
+LEVELS = {"8+16": (8, 16), "16+32": (16, 32), "8+16+32": (8, 16, 32), "4+8+16": (4, 8, 16)}
 CALIBRATION_FRACTION, SEED, QUANTILE, BATCH = 0.1, 0, 0.95, 16
 
 

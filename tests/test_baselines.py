@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sklearn.metrics import roc_auc_score
 
 from cavga.baselines import AutoencoderBaseline, ConvAutoencoder, gaussian_window, residual, ssim_map, top_mean
 from cavga.data import AnomalyDataset, DatasetSplits, Preprocess, Record
@@ -131,3 +134,12 @@ def test_fit_calibrates_on_normal_images_and_finds_squares(kind, tmp_path):
     # A bright 10 x 10 square on a smooth gradient is an easy anomaly for both residuals.
     assert metrics["image_auroc"] > 0.9
     assert metrics["pixel_auroc"] > 0.8
+    # The same images as 8 objects of two images each: per_group scores an object by the max of its images.
+    assert "per_group" not in metrics
+    test = splits.test
+    objects = [dataclasses.replace(r, group=f"o{i // 2}") for i, r in enumerate(test.records)]
+    grouped = DatasetSplits(splits.train, AnomalyDataset(objects, test.preprocess, test.array), {})
+    by_object = model.evaluate(grouped)["per_group"]
+    top = model.last_outputs_.raw_scores.reshape(8, 2).max(1)
+    assert by_object["n_groups"] == 8 and by_object["n_anomalous_groups"] == 4
+    assert by_object["image_auroc"] == pytest.approx(roc_auc_score([0] * 4 + [1] * 4, top))

@@ -123,6 +123,19 @@ def test_summary_mean_and_spread_over_seeds_by_hand():
     assert "| bottle | 0.500 ± 0.141 (0.30) |" in text
     assert "| **mean** | 0.325 ± 0.035 (0.41) |" in text
     assert "| wood | 0.150 ± 0.071 (0.56) |" in text
+    assert "Per object" not in text  # no record names objects
+
+
+def test_markdown_lists_per_object_metrics_of_the_records_that_have_them():
+    specs = [ModelSpec("CAVGA-D_u", "cavga")]
+    records = [_record("CAVGA-D_u", "tiles", 0, 0.4), _record("CAVGA-D_u", "tiles", 1, 0.5)]
+    records[1]["per_group"] = {"image_auroc": 0.875, "image_auroc_mean": None, "balanced_accuracy": 0.75,
+                               "n_groups": 12.0, "n_anomalous_groups": 8.0}  # fmt: skip
+    meta = {"suite": "pairs", "paper_table": None, "budget": vars(Budget()), "seeds": [0, 1], "data": "/d",
+            "cavga_version": "x", "torch": "t", "threads": 2, "git_commit": None}  # fmt: skip
+    text = markdown_report(meta, specs, ["tiles"], records, summarize("pairs", None, specs, ["tiles"], records))
+    rows = _table(text, "Per object (a tile's exposures counted once)")
+    assert rows[2:] == ["| CAVGA-D_u | tiles | 1 | 12 (8) | 0.875 | n/a | 0.750 |"]
 
 
 def _table(text: str, heading: str) -> list[str]:

@@ -194,7 +194,7 @@ class AutoencoderBaseline:
         if not hasattr(self, "model_"):
             raise ConfigError("this baseline is not fitted yet: call fit()")
         self.last_outputs_ = self._infer(splits.test, self.calibration_)
-        return evaluate_outputs(self.last_outputs_, self.calibration_)
+        return evaluate_outputs(self.last_outputs_, self.calibration_, groups=getattr(splits.test, "groups", None))
 
     def config_dict(self) -> dict:
         return asdict(self.config)
@@ -285,7 +285,7 @@ class PadimBaseline:
         if not hasattr(self, "gaussian_"):
             raise ConfigError("this baseline is not fitted yet: call fit()")
         self.last_outputs_ = self._infer(splits.test, self.calibration_)
-        return evaluate_outputs(self.last_outputs_, self.calibration_)
+        return evaluate_outputs(self.last_outputs_, self.calibration_, groups=getattr(splits.test, "groups", None))
 
     def config_dict(self) -> dict:
         return asdict(self.config)

@@ -100,6 +100,31 @@ def metric_table(metric: str, specs: Sequence[ModelSpec], categories: Sequence[s
     return "\n".join(lines)
 
 
+def per_object_table(records: Sequence[dict]) -> list[str]:
+    """The records' per-object metrics (an object shown in several images counted once: Magnetic Tile's tiles,
+    :func:`cavga.metrics.per_group`), a row per run; nothing where no record has them."""
+    grouped = [r for r in records if r.get("per_group")]
+    if not grouped:
+        return []
+    lines = [
+        "## Per object (a tile's exposures counted once)",
+        "",
+        "| model | category | seed | objects (anomalous) | image AuROC | image AuROC, mean score | balanced acc. |",
+        "|---" * 7 + "|",
+    ]
+    for r in grouped:
+        g = r["per_group"]
+        lines.append(
+            f"| {r['model']} | {r['category']} | {r['seed']} | {g['n_groups']:.0f} ({g['n_anomalous_groups']:.0f}) "
+            f"| {fmt(g['image_auroc'])} | {fmt(g['image_auroc_mean'])} | {fmt(g['balanced_accuracy'])} |"
+        )
+    note = (
+        "An object is anomalous if any of its images is, scores the maximum of its images' scores (beside: their "
+        "mean) and is called anomalous if any of its images is."
+    )
+    return [*lines, "", note, ""]
+
+
 def markdown_report(
     meta: dict, specs: Sequence[ModelSpec], categories: Sequence[str], records: Sequence[dict], summary: dict
 ) -> str:
@@ -132,6 +157,7 @@ def markdown_report(
         lines += [f"## {METRIC_TITLES[metric]}", "", metric_table(metric, specs, categories, summary), ""]
     if suite == "ablation":
         lines += ["Columns: " + "; ".join(f"{s.name} = {s.title}" for s in specs), ""]
+    lines += per_object_table(records)
     lines += [
         "## Runs",
         "",
