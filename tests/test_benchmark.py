@@ -183,10 +183,11 @@ def test_quick_suite_files_layout_and_resume(suite, tmp_path):
         assert len({r["metrics"]["n_images"] for r in data["results"]}) == 1
     text = (out / "results.md").read_text()
     table = _table(text, heading)
-    # One-class: each CAVGA model's paper-literal score (the same model) is a column right after it.
-    columns = models
-    if suite == "oneclass":
-        columns = [c for m in models for c in ([m, m + " (paper score)"] if m.startswith("CAVGA") else [m])]
+    # The default CAVGA-L_u's and the one-class defaults' paper-literal map and score (the same model) is a column
+    # right after each.
+    with_paper = {m for m in models if m == "CAVGA-L_u" or (suite == "oneclass" and m.startswith("CAVGA"))}
+    assert with_paper == {r["model"] for r in data["results"] if r.get("paper_map")}
+    columns = [c for m in models for c in ([m, m + " (paper score)"] if m in with_paper else [m])]
     assert table[0].startswith("| category | ") and table[0].count("|") == len(columns) + 2
     header = [c.strip() for c in table[0].split("|")[2:-1]]
     assert [h.split(":")[0] for h in header] == columns
@@ -194,7 +195,7 @@ def test_quick_suite_files_layout_and_resume(suite, tmp_path):
     mean_cells = [c.strip() for c in table[-1].split("|")[2:-1]]
     assert len(mean_cells) == len(columns)
     if paper_mean:  # on the first of the paper's models (the default CAVGA-L_u has no paper row)
-        first = 1 if models[0] == "CAVGA-L_u" else 0
+        first = columns.index(next(m for m in models if m != "CAVGA-L_u"))
         assert mean_cells[first].endswith(paper_mean) and not any("(" in c for c in mean_cells[:first])
     else:
         assert "(" not in table[-1]

@@ -340,9 +340,9 @@ def write_results(
     out: Path, meta: dict, specs: Sequence[ModelSpec], categories: Sequence[str], records: Sequence[dict]
 ) -> tuple[Path, Path]:
     """Write ``results.json`` (meta, every record, the summary) and ``results.md`` (the tables)."""
-    columns, column_records = list(specs), list(records)
-    if meta["suite"] == "oneclass":  # the one-class defaults' paper-literal score beside them
-        columns, column_records = with_paper_score_columns(specs, records)
+    # Each model's paper-literal map and score (the same trained model; the default CAVGA-L's, the one-class
+    # defaults') as a column beside it.
+    columns, column_records = with_paper_score_columns(specs, records)
     summary = summarize(meta["suite"], meta.get("paper_table"), columns, categories, column_records)
     results_json, results_md = out / "results.json", out / "results.md"
     _write_json(results_json, {**meta, "results": list(records), "summary": summary})
