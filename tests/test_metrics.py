@@ -501,7 +501,7 @@ def test_per_group_matches_sklearn_on_grouped_data(seed):
 
 
 def test_per_group_checks_lengths_and_one_class():
-    with pytest.raises(ValueError, match="groups has 2 entries but labels has 3"):
+    with pytest.raises(ValueError, match="groups and labels differ in length: 2 vs 3"):
         metrics.per_group([0.1, 0.2, 0.3], [0, 0, 1], [0, 0, 1], ["a", "b"])
     out = metrics.per_group([0.1, 0.2], [0, 0], [0, 0], ["a", "a"])
     assert out["image_auroc"] is None and out["balanced_accuracy"] is None and out["n_groups"] == 1

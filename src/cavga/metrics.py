@@ -412,14 +412,13 @@ def per_group(scores: Any, pred_labels: Any, labels: Any, groups: list[str | Non
     truth = _validate_binary(labels, "labels", stack=False)
     _same_length(values, truth, "scores", "labels")
     _same_length(pred, truth, "pred_labels", "labels")
-    if len(groups) != truth.size:
-        raise ValueError(f"groups has {len(groups)} entries but labels has {truth.size}")
+    _same_length(np.asarray(groups, dtype=object), truth, "groups", "labels")
     keys = [("group", g) if g is not None else ("image", i) for i, g in enumerate(groups)]
     index = {key: k for k, key in enumerate(dict.fromkeys(keys))}
     ids, n = np.array([index[key] for key in keys], dtype=np.int64), len(index)
     top = np.full(n, -np.inf)
-    np.maximum.at(top, ids, values.astype(np.float64))
-    mean = np.bincount(ids, weights=values.astype(np.float64), minlength=n) / np.bincount(ids, minlength=n)
+    np.maximum.at(top, ids, values)  # _validate_scores gives float64
+    mean = np.bincount(ids, weights=values, minlength=n) / np.bincount(ids, minlength=n)
     any_truth = np.bincount(ids, weights=truth.astype(np.float64), minlength=n) > 0
     any_pred = np.bincount(ids, weights=pred.astype(np.float64), minlength=n) > 0
     return {
