@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import cavga
-from cavga.cli import RESOLVED_BY_THE_ESTIMATOR, config_fields, train_options
+from cavga.cli_options import RESOLVED_BY_THE_ESTIMATOR, config_fields, train_options
 from cavga.config import LossWeights, ModelConfig, TrainConfig
 from tiny_data import write_tiny_mvtec
 
@@ -144,7 +144,8 @@ def test_train_flags_fill_the_config_dataclasses():
 
 
 def test_split_by_reaches_the_magnetic_tile_reader_and_is_refused_elsewhere(tmp_path):
-    from cavga.cli import _data_kwargs, build_parser
+    from cavga.cli import build_parser
+    from cavga.cli_options import data_kwargs as _data_kwargs
     from cavga.data import load_dataset
     from cavga.errors import ConfigError
 

@@ -10,145 +10,32 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from cavga._version import __version__
-from cavga.config import ENCODER_VARIANTS, oneclass_options
+from cavga.cli_options import (
+    PARSER_TEXT,
+    HelpFormatter,
+    add_data_options,
+    add_train_options,
+    config_options,
+    data_kwargs,
+    file_defaults,
+    train_options,
+)
+from cavga.config import oneclass_options
 from cavga.errors import CavgaError, ConfigError
 
-DATA_FORMATS = ("mvtec", "pairs", "magnetic_tile", "folders", "folder", "oneclass", "video")
-
-
-def _add_data_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--format", choices=DATA_FORMATS, default=None, help="dataset layout (detected when left out)")
-    p.add_argument("--category", default=None, help="MVTec-layout category (needed when several are present)")
-    p.add_argument("--normal-class", default=None, help="one-class protocol: the class that is normal")
-    p.add_argument("--split-seed", type=int, default=None, help="seed of the train/test split of normal images")
-    p.add_argument("--test-fraction", type=float, default=None, help="share of normal images held out for test")
-    tile_help = "Magnetic Tile: hold out whole tiles (default; six exposures a tile) or single images (older figures)"
-    p.add_argument("--split-by", choices=["tile", "image"], default=None, help=tile_help)
-
-
-def _data_kwargs(args: argparse.Namespace) -> dict:
-    kwargs: dict = {}
-    if args.format is not None:
-        kwargs["format"] = "folders" if args.format == "folder" else args.format
-    if args.category is not None:
-        kwargs["category"] = args.category
-    if args.normal_class is not None:
-        kwargs["normal_class"] = args.normal_class
-    if args.split_seed is not None:
-        kwargs["seed"] = args.split_seed
-    if args.test_fraction is not None:
-        kwargs["test_fraction"] = args.test_fraction
-    if args.split_by is not None:
-        kwargs["split"] = args.split_by
-    return kwargs
-
-
-# Options the estimator resolves itself when left out (so their flags default to None, not the dataclass value).
-RESOLVED_BY_THE_ESTIMATOR = {
-    "channels": "read from the images",
-}
-_FLAG_TYPES = {"int": int, "float": float, "str": str, "str | None": str, "int | None": int}
-
-
-def config_fields() -> list[dataclasses.Field]:
-    """Every field a user may set in ``cavga train``: ModelConfig, TrainConfig (but its nested weights) and
-    LossWeights. Each gets the flag ``--field-name`` with the dataclass default and the field's help line."""
-    from cavga.config import LossWeights, ModelConfig, TrainConfig
-
-    fields = [*dataclasses.fields(ModelConfig), *dataclasses.fields(TrainConfig), *dataclasses.fields(LossWeights)]
-    return [f for f in fields if f.name != "weights"]
-
-
-def _add_config_options(p: argparse.ArgumentParser) -> None:
-    group = p.add_argument_group("model and training options (the fields of ModelConfig, TrainConfig, LossWeights)")
-    for f in config_fields():
-        flag = "--" + f.name.replace("_", "-")
-        meta = f.metadata
-        if f.type == "bool":
-            group.add_argument(flag, action="store_true", default=f.default, help=meta["help"])
-            continue
-        if f.type == "bool | None":  # unset: the variant decides (VARIANT_DEFAULTS)
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=meta["help"])
-            continue
-        default = None if f.name in RESOLVED_BY_THE_ESTIMATOR else f.default
-        shown = RESOLVED_BY_THE_ESTIMATOR.get(f.name, f.default)
-        group.add_argument(
-            flag,
-            type=_FLAG_TYPES[f.type],
-            default=default,
-            choices=meta.get("choices"),
-            help=meta["help"] if shown is None else f"{meta['help']} (default: {shown})",
-        )
-    # The encoder by name (timm-style), a second spelling of --variant.
-    group.add_argument(
-        "--encoder",
-        choices=sorted(ENCODER_VARIANTS),
-        default=None,
-        help="the encoder by name: dcgan (= --variant D), resnet18 (R, the paper's), efficientnet_lite0 (L)",
-    )
-
-
-def _config_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
-    """The config options given on the command line (those that differ from their flag's default)."""
-    options = {
-        f.name: getattr(args, f.name) for f in config_fields() if getattr(args, f.name) != parser.get_default(f.name)
-    }
-    encoder = getattr(args, "encoder", None)
-    if encoder is not None:
-        variant = ENCODER_VARIANTS[encoder]
-        if options.get("variant", variant) != variant:
-            raise ConfigError(f"--encoder {encoder} is variant {variant}, but --variant {options['variant']} was given")
-        options["variant"] = variant
-    return options
-
-
-def train_options() -> argparse.ArgumentParser:
-    """The options of ``cavga train`` (a parent parser: its defaults are what "not given" means)."""
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("data", type=Path, nargs="?", help="dataset folder (left out with --resume)")
-    p.add_argument("--out", type=Path, default=None, help="model directory to write")
-    p.add_argument(
-        "--run-dir",
-        type=Path,
-        default=None,
-        help="folder for run.json, train.log, the checkpoint and TensorBoard files "
-        "(default: OUT.run beside the model directory)",
-    )
-    p.add_argument(
-        "--tensorboard",
-        action="store_true",
-        help="write loss scalars and image grids (inputs, reconstructions, anomaly maps) to RUN_DIR/tensorboard "
-        "(needs: pip install 'cavga[tensorboard]')",
-    )
-    p.add_argument(
-        "--resume",
-        type=Path,
-        default=None,
-        metavar="RUN_DIR",
-        help="continue an interrupted run exactly from RUN_DIR's checkpoint, with its own settings "
-        "(only --epochs, --device and --no-progress may be given)",
-    )
-    p.add_argument("--checkpoint-steps", type=int, default=0, help="write the checkpoint every N steps")
-    _add_data_options(p)
-    weak = p.add_mutually_exclusive_group()
-    weak.add_argument(
-        "--anomalous-fraction",
-        type=float,
-        default=None,
-        help="setting w: share of the test split's anomalous images used as labels (default 0.02, >= 1 image); "
-        "they are left out of every evaluation",
-    )
-    weak.add_argument(
-        "--anomalous-count", type=int, default=None, help="setting w: this many anomalous test images instead"
-    )
-    weak.add_argument(
-        "--anomalous-dir", type=Path, default=None, help="setting w: your own labelled defect images (a folder)"
-    )
-    _add_config_options(p)
-    p.add_argument("--no-progress", action="store_true")
-    return p
+SUITES_HELP = """the experiment:
+  mvtec: Table 3, every category of an MVTec-layout root
+  pairs: the same table on image + mask pairs (Magnetic Tile, folders)
+  oneclass: Table 7, one class normal (MNIST, Fashion-MNIST, CIFAR-10)
+  ablation: Table 8's eight columns (flattened or conv z, L_ae, L_cga)"""
+# Budget.image_size_l (CAVGA-L and PaDiM, whose ImageNet trunk needs its own size) is not set by --image-size.
+BENCHMARK_IMAGE_SIZE_HELP = (
+    "image side of CAVGA-D, CAVGA-R and the autoencoder baselines; CAVGA-L and PaDiM keep the suite's size "
+    "(default: each model's size in the suite's budget)"
+)
 
 
 def _add_serve_options(p: argparse.ArgumentParser) -> None:
@@ -165,32 +52,41 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-connections", type=int, default=None, help="open connections; beyond: 503")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default min(4, CPUs))")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1 ...")
-    p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+    levels = "how much the server logs: debug (the most), info, warning (default), error (the least)"
+    p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"), help=levels)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
+    """The ``cavga`` parser; ``train_defaults`` (a --config file's values) replace the train options' defaults."""
     parser = argparse.ArgumentParser(
         prog="cavga",
         description="Find anomalies in images and show where they are (CAVGA, ECCV 2020).",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"cavga {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("make-data", help="write the built-in demo dataset (MVTec layout)")
+    def add_command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, **{"formatter_class": HelpFormatter, **kwargs})
+
+    p = add_command("make-data", help="write the built-in demo dataset (MVTec layout)")
     p.add_argument("out", type=Path, help="folder to write")
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("demo", help="generate demo data, train, evaluate and predict, all on the CPU in minutes")
+    p = add_command("demo", help="generate demo data, train, evaluate and predict, all on the CPU in minutes")
     p.add_argument("--out", type=Path, default=Path("cavga-demo"))
     p.add_argument("--epochs", type=int, default=None, help="training epochs per category (demo default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--categories", nargs="+", default=None, help="demo categories to run (default: all)")
     p.add_argument("--no-progress", action="store_true")
 
-    sub.add_parser("train", parents=[train_options()], help="train a model on a dataset folder (also under torchrun)")
+    p = add_command("train", help="train a model on a dataset folder (also under torchrun)", **PARSER_TEXT)
+    add_train_options(p)
+    if train_defaults:
+        p.set_defaults(**train_defaults)
 
-    p = sub.add_parser("predict", help="score and localize images with a saved model")
+    p = add_command("predict", help="score and localize images with a saved model")
     p.add_argument("model", type=Path)
     p.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
     p.add_argument("--out", type=Path, required=True)
@@ -203,17 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-errors", action="store_true", help="exit 0 even if some files could not be read")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("serve", help="serve a saved model over HTTP (POST /predict, GET /health, GET /model)")
+    p = add_command("serve", help="serve a saved model over HTTP (POST /predict, GET /health, GET /model)")
     _add_serve_options(p)
 
-    p = sub.add_parser("evaluate", help="metrics of a saved model on a dataset's test split")
+    p = add_command("evaluate", help="metrics of a saved model on a dataset's test split")
     p.add_argument("model", type=Path)
     p.add_argument("data", type=Path)
     p.add_argument("--out", type=Path, required=True)
-    _add_data_options(p)
+    add_data_options(p)
     p.add_argument("--no-report", action="store_true", help="write only metrics.json (no overlays, no report)")
 
-    p = sub.add_parser("report", help="write the HTML report of an evaluate/predict/demo output folder")
+    p = add_command("report", help="write the HTML report of an evaluate/predict/demo output folder")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--out", type=Path, default=None, help="HTML file to write (default RUN_DIR/report.html)")
     p.add_argument("--title", default=None)
@@ -221,19 +117,24 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--embed", dest="embed", action="store_true", default=None, help="images as data URIs")
     embed.add_argument("--link", dest="embed", action="store_false", help="link the image files beside the page")
 
-    p = sub.add_parser("export", help="export a saved model to ONNX or torch.export pt2 (anomaly map in the graph)")
+    p = add_command("export", help="export a saved model to ONNX or torch.export pt2 (anomaly map in the graph)")
     p.add_argument("model", type=Path)
     p.add_argument(
-        "--format", choices=("onnx", "pt2", "torchscript"), default="onnx", help="torchscript: deprecated, one release"
+        "--format",
+        choices=("onnx", "pt2", "torchscript"),
+        default="onnx",
+        metavar="FORMAT",
+        help="what to write:\n  onnx: an ONNX graph (default)\n  pt2: a torch.export program (torch.export.load)\n"
+        "  torchscript: TorchScript (deprecated: removed in the next release)",
     )
-    p.add_argument("--out", type=Path, default=None, help="file to write (default MODEL/model.onnx or model.pt)")
+    p.add_argument("--out", type=Path, default=None, help="file to write (default MODEL/model.onnx, .pt2 or .pt)")
 
-    p = sub.add_parser("benchmark", help="run a suite of the paper's experiments (Tables 3, 6, 7, 8); resumable")
-    p.add_argument("suite", choices=("mvtec", "pairs", "oneclass", "ablation"))
+    p = add_command("benchmark", help="run a suite of the paper's experiments (Tables 3, 6, 7, 8); resumable")
+    p.add_argument("suite", choices=("mvtec", "pairs", "oneclass", "ablation"), metavar="SUITE", help=SUITES_HELP)
     p.add_argument("--data", type=Path, default=None, help="dataset root (left out with --quick: tiny generated data)")
     p.add_argument("--out", type=Path, required=True, help="folder for results.json, results.md and the cache")
     p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--image-size", type=int, default=None, help="one image size for every model")
+    p.add_argument("--image-size", type=int, default=None, help=BENCHMARK_IMAGE_SIZE_HELP)
     p.add_argument("--categories", nargs="+", default=None, help="categories / classes to run (default: all)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--models", nargs="+", default=None, help="models to run (default: the suite's)")
@@ -241,7 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None, help="base channel width of every model")
     p.add_argument("--max-train", type=int, default=None, help="seeded cap on training images per category")
     p.add_argument("--max-test", type=int, default=None, help="seeded cap on test images per category")
-    p.add_argument("--paper-dataset", choices=("mnist", "fashion-mnist", "cifar10"), default=None)
+    p.add_argument(
+        "--paper-dataset",
+        choices=("mnist", "fashion-mnist", "cifar10"),
+        default=None,
+        help="oneclass: which of Table 7's columns (mnist, fashion-mnist, cifar10) the results sit beside "
+        "(default: guessed from the data folder's name)",
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--quick", action="store_true", help="tiny budget (and data) that runs in seconds")
     p.add_argument("--progress", action="store_true", help="show training progress bars")
@@ -249,12 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(message)s",
     )
     try:
+        if getattr(args, "config", None) is not None:  # the file's values become the defaults: flags win
+            args = build_parser(file_defaults(args)).parse_args(argv)
         return COMMANDS[args.command](args)
     except CavgaError as exc:
         print(f"cavga: error: {exc}", file=sys.stderr)
@@ -274,7 +184,7 @@ def cmd_make_data(args: argparse.Namespace) -> int:
 
 
 _RESUME_OVERRIDES = ("epochs", "device", "no_progress", "verbose", "resume", "command")
-_PATH_ARGS = ("data", "out", "run_dir", "anomalous_dir")
+_PATH_ARGS = ("data", "out", "run_dir", "anomalous_dir", "config")
 
 
 def default_run_dir(out: Path) -> Path:
@@ -317,7 +227,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError("train needs DATA and --out (or --resume RUN_DIR)")
         run_dir = args.run_dir if args.run_dir is not None else default_run_dir(args.out)
         args.run_dir = run_dir
-        options = _config_options(args, parser)
+        options = config_options(args, parser)
         if is_oneclass(args.data, args.format):
             options = oneclass_options(options)  # the one-class protocol's measured defaults (README)
         detector = Cavga(
@@ -335,7 +245,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             checkpoint_steps=args.checkpoint_steps,
             tensorboard=args.tensorboard,
             command=_command_args(args),
-            **_data_kwargs(args),
+            **data_kwargs(args),
         )
         out = args.out
     # Under torchrun every rank runs this command; only rank 0 writes the model and prints.
@@ -414,7 +324,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from cavga.report.outputs import format_metrics_table
 
     detector = load(args.model)
-    result = detector.evaluate(args.data, **_data_kwargs(args))
+    result = detector.evaluate(args.data, **data_kwargs(args))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     print(format_metrics_table({"model": result}))
