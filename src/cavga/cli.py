@@ -155,16 +155,26 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """The command line's arguments; a --config file's values fill the options not given on the command line."""
+    args = build_parser().parse_args(argv)
+    if getattr(args, "config", None) is not None:  # the file's values become the defaults: given flags win
+        args = build_parser(file_defaults(args)).parse_args(argv)
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except CavgaError as exc:  # an unreadable or wrong --config file
+        print(f"cavga: error: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(message)s",
     )
     try:
-        if getattr(args, "config", None) is not None:  # the file's values become the defaults: flags win
-            args = build_parser(file_defaults(args)).parse_args(argv)
         return COMMANDS[args.command](args)
     except CavgaError as exc:
         print(f"cavga: error: {exc}", file=sys.stderr)
