@@ -8,6 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
 import cavga
@@ -33,7 +34,7 @@ def _tiny_l(**kw) -> ModelConfig:
 def test_the_registry_names_every_map_and_refuses_others():
     assert set(maps.ANOMALY_MAPS) == {
         "attention", "attention_flip", "attention_advae", "residual", "latent_gaussian", "feature_residual", "fusion",
-        "class_gaussian", "deviation_classifier", "latent_knn", "knn_classifier",
+        "class_gaussian", "deviation_classifier", "latent_knn", "knn_classifier", "trunk_knn",
     }  # fmt: skip
     with pytest.raises(ConfigError, match="anomaly_map must be one of"):
         maps.map_spec("heat")
@@ -165,6 +166,35 @@ def test_latent_knn_is_the_blurred_distance_of_mu_to_its_nearest_memory_vector()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
 
 
+def test_trunk_knn_is_the_blurred_distance_of_the_trunks_patch_features_to_the_nearest_normal_one():
+    from scipy.spatial.distance import cdist
+
+    model, out, x, x_hat = _model_and_output()
+    with pytest.raises(ConfigError, match="trunk memory filled"):
+        maps.trunk_knn(model, out, x, x_hat)
+    # The patch features, computed independently from the ImageNet trunk: levels 4, 8, 16, each 3 x 3-averaged.
+    trunk = load_imagenet_weights(EfficientNetLite0(3, classifier=False), classifier=False).eval()
+    with torch.no_grad():
+        levels = trunk.forward_features(x, strides=(4, 8, 16))
+    pooled = {s: F.avg_pool2d(m, 3, 1, 1, count_include_pad=False) for s, m in levels.items()}
+    patches = torch.cat([F.avg_pool2d(pooled[4], 2), pooled[8],
+                         F.interpolate(pooled[16], size=(8, 8), mode="bilinear", align_corners=False)], 1)  # fmt: skip
+    assert patches.shape == (3, 24 + 40 + 112, 8, 8) and model.trunk_memory.bank.shape[1] == 176
+    normal = patches[:2].permute(0, 2, 3, 1).reshape(-1, patches.shape[1]).numpy()  # images 0, 1 are "normal"
+    model.config.trunk_pool = 3  # PatchCore's neighbourhood (the default is 1)
+    model.trunk_memory.fit([patches[:2]])
+    with torch.no_grad():
+        got = maps.trunk_knn(model, out, x, x_hat)
+    query = patches[2].permute(1, 2, 0).reshape(-1, patches.shape[1]).numpy()
+    nearest = torch.tensor(cdist(query, normal).min(1), dtype=torch.float32).view(1, 1, 8, 8)
+    torch.testing.assert_close(got[2:], maps.upsampled_blur(nearest, (64, 64)), rtol=1e-3, atol=2e-3)
+    assert got[:2].abs().max() < 0.05 * got[2].max()  # a memory image is (all but) at distance 0 from itself
+    with pytest.raises(ConfigError, match="variant 'L'"):
+        d_model = build_model(ModelConfig(variant="D", image_size=64))
+        d_out = d_model(torch.rand(1, 3, 64, 64), sample=False)
+        maps.trunk_knn(d_model, d_out, x[:1], x[:1])
+
+
 def test_feature_residual_vanishes_when_the_reconstruction_is_the_input():
     model, out, x, _ = _model_and_output()
     with torch.no_grad():
@@ -230,6 +260,48 @@ def test_latent_knn_fills_its_memory_and_calibrates_from_training_images_only(ti
     own = infer_batch(detector.model_, torch.stack([train_set[i].image for i in range(len(train_set))]),
                       choice=MapChoice("latent_knn", "map_max")).raw_scores  # fmt: skip
     assert len(left_out) == 11 and (left_out > np.asarray(own) + 1e-6).all() and np.abs(own).max() < 1e-2
+
+
+def test_trunk_knn_masks_threshold_at_a_high_quantile_of_normal_pixels_left_out_by_brute_force(tiny_root, read_paths):
+    """The trunk memory reads the training folder only; the image threshold comes from the left-out and held-out
+    normal scores, the mask threshold apart from it: MASK_QUANTILE of those images' pixels, recomputed here with
+    scipy's distances (each training image without its own rows)."""
+    from scipy.spatial.distance import cdist
+
+    from cavga.data.splits import split_calibration
+    from cavga.engine.infer import MASK_QUANTILE
+    from cavga.model.memory import patch_features
+
+    detector = cavga.Cavga(
+        image_size=64, width=4, latent_channels=4, batch_size=4, anomaly_map="trunk_knn", trunk_pool=3
+    )
+    detector.fit(tiny_root, category="bottle", progress=False)
+    assert read_paths and all("/train/" in p for p in read_paths)
+    model = detector.model_
+    assert int(model.trunk_memory.n_vectors) == 11 * 64  # every position of the 11 fit images: no coreset
+    splits = load_dataset(tiny_root, category="bottle", preprocess=detector.preprocess_)
+    train_set, cal_set = split_calibration(splits.train, 0.1, 0)
+    with torch.no_grad():
+        def patches(ds):
+            x = torch.stack([ds[i].image for i in range(len(ds))])
+            return patch_features(model(x, sample=False, decode=False).levels, pool=3)
+
+        train, held = patches(train_set), patches(cal_set)
+    rows = train.permute(0, 2, 3, 1).reshape(11, 64, -1).numpy()
+    maps_ = []
+    for i in range(11):  # each training image against the other ten's rows
+        others = np.concatenate([rows[j] for j in range(11) if j != i])
+        maps_.append(cdist(rows[i], others).min(1))
+    for v in held.permute(0, 2, 3, 1).reshape(len(cal_set), 64, -1).numpy():
+        maps_.append(cdist(v, rows.reshape(-1, rows.shape[-1])).min(1))
+    blurred = maps.upsampled_blur(torch.tensor(np.array(maps_), dtype=torch.float32).view(-1, 1, 8, 8), (64, 64))
+    calibration = detector.calibration_
+    assert calibration.n_images == 12 and calibration.map_peak_fraction == 0.0
+    np.testing.assert_allclose(calibration.map_threshold, np.quantile(blurred.numpy(), MASK_QUANTILE), rtol=2e-3)
+    np.testing.assert_allclose(
+        calibration.score_threshold, np.quantile(blurred.flatten(1).amax(1).numpy(), 0.95), rtol=2e-3
+    )
+    assert calibration.map_threshold != calibration.score_threshold  # the mask's threshold is its own
 
 
 def test_calibrate_refuses_anomalous_images(tiny_root):

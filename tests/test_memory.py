@@ -206,3 +206,36 @@ def test_a_coarse_memory_is_filled_with_its_unit_from_the_left_out_normal_scores
         ModelConfig(memory_window=3, memory_coarse_window=3).validate()
     with pytest.raises(ConfigError, match="memory_coarse_window"):
         ModelConfig(memory_coarse_window=4).validate()
+
+
+def test_patch_features_average_each_level_then_meet_on_the_middle_grid_worked_by_hand():
+    from cavga.model.memory import patch_features
+
+    fine = torch.arange(16.0).view(1, 1, 4, 4)  # stride 4: 4 x 4
+    middle = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 1, 2, 2)  # stride 8: 2 x 2
+    coarse = torch.full((1, 1, 1, 1), 7.0)  # stride 16: 1 x 1
+    got = patch_features({4: fine, 8: middle, 16: coarse}, pool=1)
+    assert got.shape == (1, 3, 2, 2)
+    # the fine level's 2 x 2 blocks averaged: top-left block 0, 1, 4, 5 -> 2.5
+    np.testing.assert_allclose(got[0, 0].numpy(), [[2.5, 4.5], [10.5, 12.5]])
+    np.testing.assert_allclose(got[0, 1].numpy(), middle[0, 0].numpy())
+    np.testing.assert_allclose(got[0, 2].numpy(), np.full((2, 2), 7.0))
+    # 3 x 3 pooling at the level's own resolution, the border averaged over the positions it holds:
+    # on the 2 x 2 middle level every window holds all four values -> their mean 2.5
+    pooled = patch_features({4: fine, 8: middle, 16: coarse}, pool=3)
+    np.testing.assert_allclose(pooled[0, 1].numpy(), np.full((2, 2), 2.5))
+    # the fine level's corner (0, 0): mean of 0, 1, 4, 5 (its 3 x 3 window cut at the border) = 2.5
+    fine_pooled = torch.nn.functional.avg_pool2d(fine, 3, 1, 1, count_include_pad=False)
+    assert float(fine_pooled[0, 0, 0, 0]) == 2.5
+    np.testing.assert_allclose(pooled[0, 0].numpy(), torch.nn.functional.avg_pool2d(fine_pooled, 2)[0, 0].numpy())
+
+
+def test_coreset_on_a_random_projection_still_takes_one_vector_of_each_far_cluster():
+    rng = np.random.default_rng(3)
+    centres = rng.normal(scale=50.0, size=(6, 300))  # wider than PROJECTION_DIM: selected on a projection
+    points = np.concatenate([c + rng.normal(size=(40, 300)) for c in centres])
+    chosen = greedy_coreset(torch.tensor(points, dtype=torch.float32), 6, seed=0).numpy()
+    assert sorted(chosen // 40) == list(range(6))
+    # and the projection is what ran: with it turned off the same clusters are found, by other members
+    plain = greedy_coreset(torch.tensor(points, dtype=torch.float32), 6, seed=0, projection=0).numpy()
+    assert sorted(plain // 40) == list(range(6))

@@ -50,6 +50,7 @@ from cavga.engine.infer import (
     evaluate_outputs,
     fit_latent_gaussian,
     fit_latent_memory,
+    fit_trunk_memory,
     infer_batch,
     infer_dataset,
     paper_choice,
@@ -230,8 +231,11 @@ class Cavga:
                 weak_info["classifier_refit"] = refit_classifier(self.model_, train_set, tc.classifier_steps, tc.seed)
             self.train_seconds_ = time.perf_counter() - start
             fit_latent_gaussian(self.model_, normal_train_set)
-            if map_spec(self.model_config.anomaly_map).needs_memory:
+            spec = map_spec(self.model_config.anomaly_map)
+            if spec.needs_memory:
                 fit_latent_memory(self.model_, normal_train_set, tc.seed)
+            if spec.needs_trunk_memory:
+                fit_trunk_memory(self.model_, normal_train_set, tc.seed)
             if self.model_.deviation_classifier is not None and tc.classifier_steps > 0:
                 weak_info["deviation_classifier"] = fit_deviation_classifier(
                     self.model_, train_set, tc.classifier_steps, tc.seed
@@ -426,7 +430,9 @@ class Cavga:
         # So do CAVGA_w files written before the deviation classifier: it stays unfitted (n_examples 0).
         # And files written before the latent memory: it stays empty (n_vectors 0).
         # And files written before the memory's unit: 1.
+        # And files written before the trunk memory: it stays empty.
         later = ("latent_gaussian.", "deviation_classifier.", "latent_memory.", "latent_memory_coarse.")
+        later += ("trunk_memory.",)
         state = {**{k: v for k, v in fresh.items() if k.startswith(later)}, **state}
         try:
             model.load_state_dict(state, strict=True)

@@ -142,6 +142,14 @@ class ModelConfig:
     memory_size: int = _option(
         16384, "latent_knn: normal mu vectors the memory keeps (a greedy coreset where there are more)"
     )
+    trunk_memory_size: int = _option(
+        2048, "trunk_knn (CAVGA-L): normal patch features of the frozen trunk the memory keeps (a greedy coreset of "
+        "every training image's positions)",
+    )  # fmt: skip
+    trunk_pool: int = _option(
+        1, "trunk_knn: each trunk level is averaged over this many x this many positions before the levels meet "
+        "(odd; PatchCore's 3; 1: none, the measured default, docs/research/default-map.md)",
+    )  # fmt: skip
     memory_window: int = _option(
         1, "latent_knn: the memory compares the mean mu of this many x this many latent positions around each "
         "position (odd; 1: the position alone)",
@@ -193,11 +201,14 @@ class ModelConfig:
             raise ConfigError("score 'probability' is C's, which setting u has no classifier for")
         if not 0.0 < self.score_top_fraction <= 1.0:
             raise ConfigError(f"score_top_fraction must lie in (0, 1], got {self.score_top_fraction}")
-        for name in ("latent_channels", "latent_stride", "width", "flat_latent_dim", "memory_size"):
+        positive = ("latent_channels", "latent_stride", "width", "flat_latent_dim", "memory_size", "trunk_memory_size")
+        for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.gaussian_neighbourhood < 0:
             raise ConfigError(f"gaussian_neighbourhood must be >= 0 cells, got {self.gaussian_neighbourhood}")
+        if self.trunk_pool < 1 or self.trunk_pool % 2 == 0:
+            raise ConfigError(f"trunk_pool must be a positive odd number of positions, got {self.trunk_pool}")
         if self.memory_window < 1 or self.memory_window % 2 == 0:
             raise ConfigError(f"memory_window must be a positive odd number of positions, got {self.memory_window}")
         if self.memory_both_scales and self.memory_window == 1:

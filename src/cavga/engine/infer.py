@@ -35,7 +35,7 @@ from cavga.errors import ConfigError
 from cavga.metrics import THRESHOLD
 from cavga.model.gaussian import cross_fitted_scores, latent_positions
 from cavga.model.gradcam import has_closed_form
-from cavga.model.memory import two_memory_distance
+from cavga.model.memory import patch_features, two_memory_distance
 from cavga.model.networks import CavgaNet
 
 
@@ -267,22 +267,26 @@ def infer_dataset(
 
 @torch.no_grad()
 def _normal_latents(
-    model: CavgaNet, normal_dataset: Dataset, batch_size: int
+    model: CavgaNet, normal_dataset: Dataset, batch_size: int, trunk: bool = False
 ) -> tuple[list[torch.Tensor], tuple[int, int]]:
     """``mu`` (as positions, :func:`cavga.model.gaussian.latent_positions`) of every batch of NORMAL images, in
-    eval mode and without sampling, as inference computes it; and the images' size."""
+    eval mode and without sampling, as inference computes it; and the images' size. ``trunk=True``: the trunk's
+    patch features instead (:func:`cavga.model.memory.patch_features`, the trunk_knn map's vectors)."""
     _require_normal(normal_dataset)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    mus, size = [], (0, 0)
+    vectors, size = [], (0, 0)
     try:
-        for batch in DataLoader(normal_dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_samples):
-            mus.append(latent_positions(model(batch.images.to(device), sample=False, decode=False).mu))
-            size = tuple(batch.images.shape[-2:])
+        with torch.no_grad():
+            for batch in DataLoader(normal_dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_samples):
+                out = model(batch.images.to(device), sample=False, decode=False)
+                pool = model.config.trunk_pool
+                vectors.append(patch_features(out.levels, pool) if trunk else latent_positions(out.mu))
+                size = tuple(batch.images.shape[-2:])
     finally:
         model.train(was_training)
-    return mus, size
+    return vectors, size
 
 
 def fit_latent_gaussian(model: CavgaNet, normal_dataset: Dataset, batch_size: int = 32) -> None:
@@ -306,6 +310,14 @@ def fit_latent_memory(model: CavgaNet, normal_dataset: Dataset, seed: int = 0, b
         for memory in (model.latent_memory, coarse) if len(normal_dataset) > 1 else ():  # one image: units 1
             scores = _left_out_scores(lambda mu, own, memory=memory: memory(mu, leave_out=own), mus, size)
             memory.unit.fill_(max(float(np.quantile(scores, MEMORY_UNIT_QUANTILE)), 1e-12))
+
+
+def fit_trunk_memory(model: CavgaNet, normal_dataset: Dataset, seed: int = 0, batch_size: int = 32) -> None:
+    """Fill CAVGA-L's memory of the trunk's normal patch features (the ``trunk_knn`` map) from NORMAL images."""
+    if model.trunk_memory is None:
+        raise ConfigError("the trunk_knn map needs CAVGA-L's ImageNet trunk (variant 'L')")
+    features, _ = _normal_latents(model, normal_dataset, batch_size, trunk=True)
+    model.trunk_memory.fit(features, seed=seed)
 
 
 def _blurred_max(distances: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -333,7 +345,16 @@ def cross_fitted_latent_scores(model: CavgaNet, normal_dataset: Dataset, batch_s
 
 
 # The choices calibrated on leave-one-image-out scores of the memory's own images.
-MEMORY_LEFT_OUT = (MapChoice("latent_knn", "map_max"), MapChoice("knn_classifier", "map_max"))
+MEMORY_LEFT_OUT = (
+    MapChoice("latent_knn", "map_max"),
+    MapChoice("knn_classifier", "map_max"),
+    MapChoice("trunk_knn", "map_max"),
+)
+# Maps whose mask threshold is a high quantile of normal images' pixels (their own, left-out where the memory holds
+# them), apart from the image threshold: the masks of a map tied to the image threshold (and to half its peak)
+# cover a fifth of the defects (docs/research/default-map.md).
+PIXEL_QUANTILE_MAPS = ("trunk_knn",)
+MASK_QUANTILE = 0.9999
 
 
 def left_out_memory_scores(
@@ -341,31 +362,43 @@ def left_out_memory_scores(
     training_normals: Dataset,
     batch_size: int = 32,
     weights: torch.Tensor | None = None,
+    anomaly_map: str = "latent_knn",
+    pixels: list[torch.Tensor] | None = None,
 ) -> np.ndarray:
-    """The ``latent_knn`` / ``map_max`` raw score of every image the memory was filled from
-    (:func:`fit_latent_memory`, the same dataset in the same order), each measured without that image's own rows:
-    the score it would get were it a new normal image. ``weights`` (N, 1, h, w), one per image in that order:
-    ``knn_classifier``'s, each distance multiplied by them
-    (:func:`cavga.engine.classifier.cross_fitted_classifier_weights`)."""
-    mus, size = _normal_latents(model, training_normals, batch_size)
+    """The ``map_max`` raw score of the memory's map (``latent_knn``, ``knn_classifier`` or ``trunk_knn``) of every
+    image the memory was filled from (:func:`fit_latent_memory` / :func:`fit_trunk_memory`, the same dataset in the
+    same order), each measured without that image's own rows: the score it would get were it a new normal image.
+    ``weights`` (N, 1, h, w), one per image in that order: ``knn_classifier``'s, each distance multiplied by them
+    (:func:`cavga.engine.classifier.cross_fitted_classifier_weights`). ``pixels``: a list that receives the
+    left-out maps (B, 1, H, W) batch by batch."""
+    trunk = anomaly_map == "trunk_knn"
+    vectors, size = _normal_latents(model, training_normals, batch_size, trunk=trunk)
 
-    def distance(mu: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
-        d = two_memory_distance(model.latent_memory, model.latent_memory_coarse, mu, leave_out=own)
+    def distance(v: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+        if trunk:
+            return model.trunk_memory(v, leave_out=own)
+        d = two_memory_distance(model.latent_memory, model.latent_memory_coarse, v, leave_out=own)
         return d if weights is None else d * weights[own.cpu()].to(d)
 
-    return _left_out_scores(distance, mus, size)
+    return _left_out_scores(distance, vectors, size, pixels)
 
 
 def _left_out_scores(
-    distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], mus: list[torch.Tensor], size: tuple[int, int]
+    distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    mus: list[torch.Tensor],
+    size: tuple[int, int],
+    pixels: list[torch.Tensor] | None = None,
 ) -> np.ndarray:
     """The ``map_max`` score of each image of ``mus`` (batches, in the memory's fill order) from ``distance``(mu,
-    the indices of the batch's images), which leaves those images' own rows out."""
+    the indices of the batch's images), which leaves those images' own rows out (``pixels``: receives the maps)."""
     scores, seen = [], 0
     with torch.no_grad():
         for mu in mus:
             own = torch.arange(seen, seen + mu.shape[0], device=mu.device)
-            scores.append(_blurred_max(distance(mu, own), size))
+            maps = upsampled_blur(distance(mu, own), size)
+            scores.append(maps.flatten(1).amax(dim=1))
+            if pixels is not None:
+                pixels.append(maps.cpu())
             seen += mu.shape[0]
     return torch.cat(scores).double().cpu().numpy()
 
@@ -419,6 +452,7 @@ def calibrate(
     # C's probability too: its 0.5 would mean whatever few labels made it mean; the normal quantile means what it
     # means in setting u (the share of held-out normal images called anomalous).
     raw = outputs.raw_scores
+    normal_maps: list[torch.Tensor] = []  # the memory's own images' left-out maps, where it holds them
     if choice == CROSS_FITTED and training_normals is not None and can_cross_fit(training_normals, normal_dataset):
         # The cross-fitted scores (and n_images) include the training images; paths name the held-out slice.
         raw = cross_fitted_latent_scores(model, ConcatDataset([training_normals, normal_dataset]), batch_size)
@@ -429,12 +463,16 @@ def calibrate(
         and (choice.anomaly_map != "knn_classifier" or memory_weights is not None)
     ):
         # The memory's own images scored without their own rows, beside the held-out slice's scores.
-        left_out = left_out_memory_scores(model, training_normals, batch_size, memory_weights)
+        left_out = left_out_memory_scores(
+            model, training_normals, batch_size, memory_weights, choice.anomaly_map, normal_maps
+        )
         raw = np.concatenate([left_out, raw])
     calibration = fit_calibration(raw, quantile, outputs.paths)
     calibration.residual_threshold = residual_threshold
     if map_spec(choice.anomaly_map).calibrated:
-        if choice.score == "map_max":
+        if choice.anomaly_map in PIXEL_QUANTILE_MAPS:
+            calibration.map_threshold = mask_threshold([*normal_maps, torch.from_numpy(outputs.raw_maps)])
+        elif choice.score == "map_max":
             calibration.map_threshold = calibration.score_threshold
             calibration.map_peak_fraction = MAP_PEAK_FRACTION
         else:
@@ -442,6 +480,13 @@ def calibrate(
     elif choice.score != "probability":
         calibration.map_threshold = residual_threshold  # as before: used for the residual map reported beside
     return calibration
+
+
+def mask_threshold(normal_maps: list[torch.Tensor]) -> float:
+    """The raw map value that the mask threshold 0.5 stands for: the MASK_QUANTILE of every pixel of the normal
+    images' maps (each a tensor of any shape), a threshold of the pixels' own, apart from the image threshold."""
+    pixels = torch.cat([m.reshape(-1).float().cpu() for m in normal_maps]).numpy()
+    return float(np.quantile(pixels, MASK_QUANTILE))
 
 
 def _ranking(values: np.ndarray) -> np.ndarray:

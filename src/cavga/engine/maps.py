@@ -28,7 +28,7 @@ from cavga.errors import ConfigError
 from cavga.model.efficientnet_lite import EfficientNetLite0, load_imagenet_weights
 from cavga.model.gaussian import latent_positions
 from cavga.model.gradcam import class_attention, output_attention
-from cavga.model.memory import two_memory_distance
+from cavga.model.memory import patch_features, two_memory_distance
 from cavga.model.networks import CavgaNet, CavgaOutput
 
 BLUR_SIGMA_FRACTION = 1 / 64  # deviation maps are blurred with sigma = image side / 64 (4 px at 256 px)
@@ -118,6 +118,19 @@ def latent_knn(model: CavgaNet, out: CavgaOutput, images: torch.Tensor, x_hat: t
         raise ConfigError("the latent_knn map needs the latent memory filled from normal images (fit() does it)")
     distance = two_memory_distance(model.latent_memory, model.latent_memory_coarse, latent_positions(out.mu))
     return upsampled_blur(distance, _size(images))
+
+
+def trunk_knn(model: CavgaNet, out: CavgaOutput, images: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """CAVGA-L: distance of the frozen ImageNet trunk's patch features at every latent position (the encoder's
+    three levels, each averaged over its ``trunk_pool`` neighbourhood: :func:`cavga.model.memory.patch_features`) to the
+    nearest of a memory of normal ones (PatchCore's map, on the features the latent heads read), upsampled and
+    blurred. It reads the trunk only: what CAVGA's training learns does not change it."""
+    memory = model.trunk_memory
+    if memory is None or out.levels is None:
+        raise ConfigError("the trunk_knn map needs CAVGA-L's ImageNet trunk (variant 'L')")
+    if not torch.compiler.is_exporting() and not memory.fitted:
+        raise ConfigError("the trunk_knn map needs the trunk memory filled from normal images (fit() does it)")
+    return upsampled_blur(memory(patch_features(out.levels, model.config.trunk_pool)), _size(images))
 
 
 def _memories_fitted(model: CavgaNet) -> bool:
@@ -212,6 +225,7 @@ class MapSpec:
     exportable: bool = True  # computable inside the exported graph from the model's own tensors
     needs_reconstruction: bool = True  # False: drawn from the encoder's outputs alone (no decoder pass needed)
     needs_memory: bool = False  # True: reads the latent memory, which fit() fills (a coreset: it costs time)
+    needs_trunk_memory: bool = False  # True: reads the trunk memory (CAVGA-L), which fit() fills
 
 
 ANOMALY_MAPS: dict[str, MapSpec] = {
@@ -221,6 +235,7 @@ ANOMALY_MAPS: dict[str, MapSpec] = {
     "residual": MapSpec(pixel_residual, calibrated=True),
     "latent_gaussian": MapSpec(latent_gaussian, calibrated=True, needs_reconstruction=False),
     "latent_knn": MapSpec(latent_knn, calibrated=True, needs_reconstruction=False, needs_memory=True),
+    "trunk_knn": MapSpec(trunk_knn, calibrated=True, needs_reconstruction=False, needs_trunk_memory=True),
     "feature_residual": MapSpec(feature_residual, calibrated=True, exportable=False),
     "fusion": MapSpec(fusion, calibrated=True),
     "class_gaussian": MapSpec(class_gaussian, calibrated=True, needs_reconstruction=False),

@@ -67,6 +67,23 @@ class Lite0Encoder(nn.Module):
             self.trunk.eval()  # see the class docstring
         return self
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        maps = self.trunk.forward_features(x, strides=(self.stride // 2, self.stride, 2 * self.stride))
+    @property
+    def level_strides(self) -> tuple[int, int, int]:
+        """The strides of the three trunk maps the encoder reads: ``stride / 2``, ``stride``, ``2 * stride``."""
+        return (self.stride // 2, self.stride, 2 * self.stride)
+
+    @property
+    def patch_channels(self) -> int:
+        """Channels of :func:`cavga.model.memory.patch_features` of this encoder's levels (176 at stride 8)."""
+        return sum(EfficientNetLite0.feature_channels(s) for s in self.level_strides)
+
+    def forward_levels(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        """The trunk's maps at :attr:`level_strides`, by stride."""
+        return self.trunk.forward_features(x, strides=self.level_strides)
+
+    def combine(self, maps: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(features, mid)`` of the trunk's maps (see the class docstring)."""
         return upsampled_concat(maps, (self.stride, 2 * self.stride)), maps[self.stride // 2]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.combine(self.forward_levels(x))

@@ -39,24 +39,49 @@ DEFAULT_MEMORY_SIZE = 16384
 # Greedy selection reads every candidate once per member; beyond this many, a seeded random share of the normal
 # vectors are the candidates (a 256 px category of 700 images has 700 000).
 CANDIDATE_LIMIT = 262144
+PROJECTION_DIM = 128  # greedy_coreset selects on a random projection of wider vectors to this many dims
 _CHUNK = 2048  # memory rows per distance block: (B, P, _CHUNK) floats at a time
 
 
-def greedy_coreset(vectors: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
+def greedy_coreset(vectors: torch.Tensor, size: int, seed: int = 0, projection: int = PROJECTION_DIM) -> torch.Tensor:
     """Indices (size,) of a greedy k-center coreset of ``vectors`` (N, C), N > size: a seeded first member, then
-    each time the vector whose distance to its nearest member so far is largest."""
+    each time the vector whose distance to its nearest member so far is largest.
+
+    Where C exceeds ``projection`` (0: never) the distances are those of a seeded Gaussian random projection to
+    ``projection`` dimensions (PatchCore's own trick, Johnson-Lindenstrauss: distances kept to a small factor),
+    which makes the selection's one pass over the candidates per member cheaper; the rows kept are the originals.
+    The candidates are held transposed (C, N): a row times a (C, N) matrix reads memory in order, several times
+    faster on a CPU than the (N, C) matrix times a vector."""
     n = vectors.shape[0]
     generator = torch.Generator().manual_seed(seed)
+    if projection and vectors.shape[1] > projection:
+        matrix = torch.randn(vectors.shape[1], projection, generator=generator) / projection**0.5
+        vectors = vectors @ matrix.to(vectors)
     squared = vectors.pow(2).sum(1)
+    columns = vectors.T.contiguous()
     nearest = torch.full((n,), float("inf"), dtype=vectors.dtype, device=vectors.device)
     chosen = torch.empty(size, dtype=torch.long)
     current = int(torch.randint(n, (1,), generator=generator))
     for i in range(size):
         chosen[i] = current
-        distance = squared - 2.0 * (vectors @ vectors[current]) + squared[current]
+        distance = (vectors[current][None] @ columns)[0].mul_(-2.0).add_(squared).add_(squared[current])
         torch.minimum(nearest, distance, out=nearest)
         current = int(nearest.argmax())
     return chosen
+
+
+def patch_features(levels: dict[int, torch.Tensor], pool: int = 1) -> torch.Tensor:
+    """Patch features of a trunk's maps ``levels`` (stride -> (B, C_s, h_s, w_s), three strides), as PatchCore
+    builds them: each map averaged over its ``pool`` x ``pool`` neighbourhood (PatchCore's 3) at its own
+    resolution (the border averaged over the positions it holds), then brought onto the middle stride's grid
+    (the finer one by averaging its blocks, the coarser one bilinearly) and concatenated: (B, sum of C_s, h, w)."""
+    finer, middle, coarser = (levels[s] for s in sorted(levels))
+    if pool > 1:
+        finer, middle, coarser = (window_mean(m, pool) for m in (finer, middle, coarser))
+    ratio = finer.shape[-1] // middle.shape[-1]
+    finer = F.avg_pool2d(finer, ratio) if ratio > 1 else finer
+    coarser = F.interpolate(coarser, size=middle.shape[-2:], mode="bilinear", align_corners=False)
+    return torch.cat([finer, middle, coarser], dim=1)
 
 
 def window_mean(features: torch.Tensor, window: int) -> torch.Tensor:

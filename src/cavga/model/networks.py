@@ -44,6 +44,8 @@ class CavgaOutput:
     logvar: torch.Tensor
     z: torch.Tensor  # reparameterized sample when sampling, else mu
     x_hat_logits: torch.Tensor | None  # (B, C, H, W), before the sigmoid; None where not decoded
+    # CAVGA-L: the trunk's maps at stride / 2, stride and 2 * stride (the trunk_knn map's input); None otherwise.
+    levels: dict[int, torch.Tensor] | None = None
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -258,6 +260,10 @@ class CavgaNet(nn.Module):
         self.deviation_classifier = None
         # The latent memories (the latent_knn map; a coarser one beside where configured): filled after training.
         self.latent_memory, self.latent_memory_coarse = latent_memories(config)
+        # CAVGA-L: a memory of the frozen trunk's normal patch features (the trunk_knn map), filled after training.
+        self.trunk_memory = None
+        if isinstance(encoder, Lite0Encoder):
+            self.trunk_memory = LatentMemory(encoder.patch_channels, config.trunk_memory_size)
         if config.flatten_latent:
             self.latent_gaussian = PositionGaussian(config.flat_latent_dim, 1, 1)
         else:
@@ -270,13 +276,20 @@ class CavgaNet(nn.Module):
         inference whose map and score need no reconstruction)."""
         if sample is None:
             sample = self.training
-        encoded, mid = self.encoder(x)
+        levels = None
+        if isinstance(self.encoder, Lite0Encoder):
+            levels = self.encoder.forward_levels(x)
+            encoded, mid = self.encoder.combine(levels)
+        else:
+            encoded, mid = self.encoder(x)
         features = mid if self.config.gradcam_layer == "encoder_mid" else encoded
         mu = self.mu_head(encoded)
         logvar = self.logvar_head(encoded)
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu) if sample else mu
         x_hat_logits = self.decoder(z) if decode else None
-        return CavgaOutput(features=features, mu=mu, logvar=logvar, z=z, x_hat_logits=x_hat_logits)
+        return CavgaOutput(
+            features=features, mu=mu, logvar=logvar, z=z, x_hat_logits=x_hat_logits, levels=levels
+        )
 
     def classify(self, z: torch.Tensor) -> torch.Tensor:
         """Class logits (B, 2) of ``z``: class 0 normal, 1 anomalous (CAVGA_w only)."""
