@@ -105,7 +105,9 @@ def test_load_dataset_folders_layout(folders):
     assert len(splits.test) == 5 and splits.test.has_masks
     assert load_dataset(folders, format="pairs", mask_suffix="_mask").test.paths == splits.test.paths
     assert detect_format(folders / "normal") == "folders"  # a bare folder of normal images
-    assert len(load_dataset(folders / "normal").train) == 8
+    bare = load_dataset(folders / "normal")  # no abnormal images: nothing to test on, every image trains
+    assert len(bare.train) == 10 and len(bare.test) == 0 and bare.info["split"]["test_fraction"] == 0.0
+    assert len(load_dataset(folders / "normal", test_fraction=0.2).train) == 8  # a split where one is asked for
 
 
 # ---------------------------------------------------------------- Magnetic Tile layout

@@ -12,6 +12,7 @@ from cavga.data.types import ANOMALOUS, NORMAL
 from cavga.errors import ConfigError, DataError
 
 MAGNETIC_TILE_NORMAL = "MT_Free"
+FOLDERS_TEST_FRACTION = 0.2  # read_folders' share of normal test images beside an abnormal folder
 MAGNETIC_TILE_SPLITS = ("tile", "image")
 # Magnetic Tile photographs each tile under six exposures, one after another: file names exp<k>_num_<n> where n
 # counts frames. Sorted by n, one tile's six frames lie within a few hundred of each other and a new tile starts
@@ -41,11 +42,15 @@ def read_folders(
     mask_dir: str | Path | None = None,
     mask_suffix: str = "",
     mask_ext: str = ".png",
-    test_fraction: float = 0.2,
+    test_fraction: float | None = None,
     seed: int = 0,
     preprocess: Preprocess | None = None,
 ) -> DatasetSplits:
     """Normal images (split seeded into train/test, see split_indices) plus optional abnormal test images.
+
+    ``test_fraction``: the share of the normal images held out as test images; unset: 0.2 beside an abnormal
+    folder, and none without one (a plain folder of normal images trains whole: with no anomalous image there is
+    nothing a test split could measure).
 
     Folders are read non-recursively. The mask of abnormal image ``<stem>.<ext>`` is
     ``<mask_dir or the image's folder>/<stem><mask_suffix><mask_ext>``. If no abnormal image has a mask,
@@ -57,6 +62,8 @@ def read_folders(
     # Masks beside the images only when no mask folder is given; otherwise every image file counts.
     beside = mask_dir is None
     normal = _images_without_masks(normal_dir, mask_suffix, mask_ext) if beside else _all_images(normal_dir)
+    if test_fraction is None:
+        test_fraction = FOLDERS_TEST_FRACTION if abnormal_dir is not None else 0.0
     train_idx, test_idx = split_indices(len(normal), test_fraction, seed)
     if not train_idx:
         raise DataError(f"test_fraction={test_fraction} leaves no training image among {len(normal)} in {normal_dir}")
