@@ -111,7 +111,8 @@ def data_args(name: str, out: Path) -> tuple[Path, dict]:
 def trained_model(dataset: str, model: str, out: Path, device: str = "auto") -> tuple[Cavga, bool]:
     """The study's model of ``dataset``: loaded from OUT/models when a run saved it (second value True), else
     trained and saved. A loaded model's latent Gaussian is refitted as this cavga fits it (the model may come
-    from a run before a change to that fit; training does not depend on it); its memory is filled if it has none."""
+    from a run before a change to that fit; training does not depend on it), a new one's fitted where fit() left
+    it out (its map reads none); its memory is filled if it has none."""
     root, kwargs = data_args(dataset, out)
     options = {**(L_OPTIONS if MODELS[model]["variant"] == "L" else {}), **MODELS[model]}
     options.setdefault("image_size", DATASETS[dataset]["size"])
@@ -132,7 +133,9 @@ def trained_model(dataset: str, model: str, out: Path, device: str = "auto") -> 
         raise ConfigError(f"{saved} was trained on the split {trained_on}, not {now}: use another --out")
     config = detector.train_config
     train_set, _ = split_calibration(splits.train, config.calibration_fraction, config.seed)
-    if reused:
+    gaussian = detector.model_.latent_gaussian
+    if reused or (gaussian is not None and not gaussian.fitted):
+        # The latent_gaussian rows' Gaussian: fit() fits it only where the model's own map or score reads it.
         fit_latent_gaussian(detector.model_, train_set)
     # The latent_knn row's memory: fit() fills it where it is the model's map; a file without one is filled here.
     detector.memory_seconds_ = fill_memory(detector, train_set)

@@ -37,7 +37,7 @@ from cavga.data.splits import split_calibration
 from cavga.data.transforms import Preprocess
 from cavga.data.types import ANOMALOUS, NORMAL
 from cavga.engine.calibration import fit_calibration
-from cavga.engine.infer import PAPER_CHOICE, MapChoice, infer_dataset
+from cavga.engine.infer import PAPER_CHOICE, MapChoice, fit_latent_gaussian, infer_dataset
 from cavga.engine.scores import IMAGE_SCORES
 from cavga.metrics import image_auroc
 
@@ -142,7 +142,10 @@ def run_one(splits: DatasetSplits, options: dict, args: argparse.Namespace, chan
     started = time.perf_counter()
     model.fit(splits, progress=False)
     train_seconds = time.perf_counter() - started
-    _, cal = split_calibration(splits.train, model.train_config.calibration_fraction, model.train_config.seed)
+    fit_set, cal = split_calibration(splits.train, model.train_config.calibration_fraction, model.train_config.seed)
+    gaussian = model.model_.latent_gaussian
+    if gaussian is not None and not gaussian.fitted:  # the Gaussian scores' (fit() fits it for its own score only)
+        fit_latent_gaussian(model.model_, fit_set)
     labels = np.asarray(splits.test.labels)
     raw: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for score in SCORES:

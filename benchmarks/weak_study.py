@@ -69,8 +69,8 @@ from cavga.data.splits import (
     weak_training_set,
     with_group_twins,
 )
-from cavga.engine.classifier import cross_fitted_classifier_weights
-from cavga.engine.infer import WEAK_PAPER_CHOICE, MapChoice
+from cavga.engine.classifier import cross_fitted_classifier_weights, fit_deviation_classifier
+from cavga.engine.infer import WEAK_PAPER_CHOICE, MapChoice, fit_latent_gaussian
 from cavga.errors import ConfigError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -125,19 +125,40 @@ def u_model(dataset: str, out: Path) -> Cavga:
     return _U_MODELS[dataset, out]
 
 
-def knn_classifier_weights(detector: Cavga, splits, train_set):
-    """knn_classifier's cross-fitted weights of the memory's normal images, from the w model's own training set
-    rebuilt (the same seeded labels, augmented copies and synthesized anomalies as its fit)."""
+def weak_examples(detector: Cavga, splits, train_set):
+    """The w model's own training set rebuilt (the same seeded labels, augmented copies and synthesized anomalies
+    as its fit)."""
     config = detector.train_config
     anomalous, _ = weak_labels(
         splits, detector.anomalous_dir, detector.anomalous_fraction, detector.anomalous_count, config.seed
     )
     if sorted(path_key(p) for p in with_group_twins(splits.test, anomalous)) != sorted(detector.excluded_paths_):
         raise ConfigError("the labelled images drawn again are not the ones the model was trained with")
-    examples = weak_training_set(train_set, anomalous, config.anomalous_share, config.synthetic_share, config.seed)
+    return weak_training_set(train_set, anomalous, config.anomalous_share, config.synthetic_share, config.seed)
+
+
+def knn_classifier_weights(detector: Cavga, splits, train_set):
+    """knn_classifier's cross-fitted weights of the memory's normal images, from the w model's own training set
+    rebuilt."""
+    config = detector.train_config
+    examples = weak_examples(detector, splits, train_set)
     return cross_fitted_classifier_weights(
         detector.model_, examples, len(train_set), config.classifier_steps, config.seed
     )
+
+
+def fit_row_statistics(detector: Cavga, splits, train_set) -> None:
+    """The latent Gaussian and the deviation classifier the w rows read, fitted as fit() fits them where it left
+    them out (it fits them only where the model's own map reads them)."""
+    model, config = detector.model_, detector.train_config
+    if model.latent_gaussian is not None and not model.latent_gaussian.fitted:
+        fit_latent_gaussian(model, train_set)
+    head = model.deviation_classifier
+    if head is not None and not head.fitted and config.classifier_steps > 0:
+        examples = weak_examples(detector, splits, train_set)
+        detector.data_info_["weak_labels"]["deviation_classifier"] = fit_deviation_classifier(
+            model, examples, config.classifier_steps, config.seed
+        )
 
 
 def run_one(dataset: str, recipe: str, count: int, out: Path, seed: int, maps: list[str] | None = None) -> dict:
@@ -156,6 +177,7 @@ def run_one(dataset: str, recipe: str, count: int, out: Path, seed: int, maps: l
         splits.train, detector.train_config.calibration_fraction, detector.train_config.seed
     )
     memory_seconds = fill_memory(detector, train_set)  # the latent_knn rows' memory (fit() fills only its own map's)
+    fit_row_statistics(detector, splits, train_set)
     detector.save(saved)
     rows = {}
     for label, choice in W_CHOICES.items():

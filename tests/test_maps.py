@@ -227,7 +227,7 @@ def test_fit_and_calibration_read_no_test_image(tiny_root, read_paths):
     """Everything fit() computes (weights, latent Gaussian, both calibrations) comes from the training folder."""
     read = read_paths
     detector = cavga.Cavga(image_size=64, width=4, latent_channels=4, batch_size=4, anomaly_map="latent_gaussian")
-    detector.fit(tiny_root, category="bottle", progress=False)
+    detector.fit(tiny_root, category="bottle", progress=False, paper_map=True)
     assert read and all("/train/" in p for p in read), [p for p in read if "/train/" not in p][:3]
     assert detector.model_.latent_gaussian.fitted
     assert detector.calibration_.map_threshold == detector.calibration_.score_threshold  # the map_max rule
@@ -396,7 +396,7 @@ def test_evaluate_skips_the_decoder_unless_residual_maps_are_asked_and_gives_the
 
     detector = cavga.Cavga(image_size=64, width=4, latent_channels=4, batch_size=4, anomaly_map="latent_knn")
     detector.fit(tiny_root, category="bottle", progress=False)
-    detector.paper_calibration_ = None  # the paper's map reads x_hat; leave it out of this count
+    assert detector.paper_calibration_ is None  # the paper's map (it reads x_hat) is not asked for
     calls: list[int] = []
     hook = detector.model_.decoder.register_forward_hook(lambda *_: calls.append(1))
     fast = detector.evaluate(tiny_root, category="bottle")

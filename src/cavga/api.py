@@ -33,6 +33,7 @@ from cavga.data.splits import (
     exclude_paths,
     path_key,
     split_calibration,
+    validate_weak_options,
     warn_if_split_differs,
     weak_labels,
     weak_training_set,
@@ -42,20 +43,14 @@ from cavga.data.types import ANOMALOUS
 from cavga.engine import distributed
 from cavga.engine.calibration import Calibration
 from cavga.engine.checkpoint import atomic_write
-from cavga.engine.classifier import cross_fitted_classifier_weights, fit_deviation_classifier, refit_classifier
-from cavga.engine.infer import (
-    MapChoice,
-    calibrate,
-    check_anomaly_map,
-    evaluate_outputs,
-    fit_latent_gaussian,
-    fit_latent_memory,
-    fit_trunk_memory,
-    infer_batch,
-    infer_dataset,
-    paper_choice,
+from cavga.engine.classifier import refit_classifier
+from cavga.engine.fitting import (
+    calibrate_model,
+    describe_data,
+    fit_normal_statistics,
+    paper_calibration,
 )
-from cavga.engine.maps import map_spec
+from cavga.engine.infer import check_anomaly_map, evaluate_outputs, infer_batch, infer_dataset, paper_choice
 from cavga.engine.runlog import RUN_FILE, read_run_file
 from cavga.engine.train import resolve_device, seed_everything, train
 from cavga.errors import ConfigError, DataError, ModelFileError
@@ -93,7 +88,7 @@ class Cavga:
     measured best of ``benchmarks/map_study.py``), or the paper's "D" (DCGAN) and "R" (ResNet-18); ``setting`` "u"
     (normal images only) or "w" (plus a few labelled anomalous images). Fields left unset take the variant's
     defaults (:data:`cavga.config.VARIANT_DEFAULTS`); the paper-literal map is ``anomaly_map="attention",
-    score="top_mean"``, and ``evaluate`` reports it beside the model's own (key ``paper_map``).
+    score="top_mean"``, which ``evaluate(..., paper_map=True)`` reports beside the model's own.
     Other keyword options are any field of :class:`ModelConfig`, :class:`TrainConfig` or :class:`LossWeights`.
 
     Setting "w" takes its anomalous images (labels only, never their masks) from one of: a seeded random
@@ -135,7 +130,7 @@ class Cavga:
         self.model_config.validate()
         check_anomaly_map(self.model_config.anomaly_map)
         self.train_config.validate()
-        _validate_weak_options(setting, anomalous_fraction, anomalous_count, self.anomalous_dir)
+        validate_weak_options(setting, anomalous_fraction, anomalous_count, self.anomalous_dir)
 
     # ---------------------------------------------------------------- fitting
     def _preprocess(self) -> Preprocess:
@@ -163,6 +158,7 @@ class Cavga:
         checkpoint_steps: int = 0,
         tensorboard: bool = False,
         command: dict[str, Any] | None = None,
+        paper_map: bool = False,
         **data_kwargs: Any,
     ) -> Cavga:
         """Train on the normal training images of ``data`` (a DatasetSplits or a dataset folder); setting "w"
@@ -174,7 +170,13 @@ class Cavga:
         exactly from the checkpoint (same parameters and data; :meth:`resume` rebuilds them from ``run.json``).
         ``tensorboard=True`` also writes loss scalars and image grids of inputs, reconstructions and anomaly maps
         to ``run_dir/tensorboard`` (``pip install 'cavga[tensorboard]'``). Under ``torchrun`` every process trains
-        its shard; ``is_main_process_`` says whether this one should write the results."""
+        its shard; ``is_main_process_`` says whether this one should write the results.
+
+        Only what the model's own map and score read is fitted after training (:mod:`cavga.engine.fitting`);
+        ``paper_map=True`` also calibrates the paper-literal map and score on the same held-out images, kept with
+        the model, so that :meth:`evaluate` reports them beside the model's own (the benchmark tables do).
+        What it trains and calibrates on is logged (logger ``cavga.api``, INFO; a warning under 20 calibration
+        images)."""
         if tensorboard and run_dir is None:
             raise ConfigError("tensorboard=True needs a run_dir to write to")
         splits = self._load(data, **data_kwargs)
@@ -205,11 +207,13 @@ class Cavga:
                 "data": None if isinstance(data, DatasetSplits) else _resolved(data),
                 "data_kwargs": data_kwargs,
             }
-            fit_args |= {"checkpoint_steps": checkpoint_steps, "tensorboard": tensorboard}
+            fit_args |= {"checkpoint_steps": checkpoint_steps, "tensorboard": tensorboard, "paper_map": paper_map}
             run_info = {"estimator": self.params, "fit": fit_args, "command": command}
         # Under torchrun every rank runs this; the process group is joined once here and left after calibration.
         ctx = distributed.setup(self.train_config.device)
         try:
+            if ctx.is_main:
+                describe_data(splits, len(normal_train_set), len(calibration_set), tc.calibration_fraction)
             # Seeded here, not only in train(): the initial weights must follow the seed too (a fresh process's
             # default torch seed is random), or two runs with one seed differ and a resumed run has no twin.
             seed_everything(self.train_config.seed)
@@ -230,34 +234,23 @@ class Cavga:
             if self.model_config.setting == "w" and tc.classifier_steps > 0:
                 weak_info["classifier_refit"] = refit_classifier(self.model_, train_set, tc.classifier_steps, tc.seed)
             self.train_seconds_ = time.perf_counter() - start
-            fit_latent_gaussian(self.model_, normal_train_set)
-            spec = map_spec(self.model_config.anomaly_map)
-            if spec.needs_memory:
-                fit_latent_memory(self.model_, normal_train_set, tc.seed)
-            if spec.needs_trunk_memory:
-                fit_trunk_memory(self.model_, normal_train_set, tc.seed)
-            if self.model_.deviation_classifier is not None and tc.classifier_steps > 0:
-                weak_info["deviation_classifier"] = fit_deviation_classifier(
-                    self.model_, train_set, tc.classifier_steps, tc.seed
-                )
-            weights = None  # knn_classifier's calibration: its classifier's weights of the memory's images
-            if self.model_config.anomaly_map == "knn_classifier" and "deviation_classifier" in weak_info:
-                weights = cross_fitted_classifier_weights(
-                    self.model_, train_set, len(normal_train_set), tc.classifier_steps, tc.seed
-                )
-            self.calibration_ = calibrate(
+            show = progress and ctx.is_main
+            weak_info |= fit_normal_statistics(self.model_, normal_train_set, train_set, tc, show)
+            self.calibration_ = calibrate_model(
                 self.model_,
                 calibration_set,
+                normal_train_set,
+                train_set,
                 self.calibration_quantile,
-                training_normals=normal_train_set,
-                memory_weights=weights,
+                tc,
+                show,
+                has_classifier="deviation_classifier" in weak_info,
             )
-            # The paper-literal map and score of the same model, reported beside the model's own (README).
+            # The paper-literal map and score of the same model, where asked for (evaluate reports it beside).
             self.paper_calibration_ = None
-            paper = paper_choice(self.model_config.setting)
-            if MapChoice.of(self.model_config) != paper:
-                self.paper_calibration_ = calibrate(
-                    self.model_, calibration_set, self.calibration_quantile, choice=paper
+            if paper_map:
+                self.paper_calibration_ = paper_calibration(
+                    self.model_, calibration_set, self.calibration_quantile, show
                 )
         finally:
             distributed.cleanup()
@@ -291,6 +284,7 @@ class Cavga:
             checkpoint_steps=fit_args["checkpoint_steps"],
             tensorboard=fit_args["tensorboard"],
             command=info.get("command"),
+            paper_map=fit_args.get("paper_map", False),
             **fit_args["data_kwargs"],
         )
 
@@ -331,7 +325,11 @@ class Cavga:
         return results
 
     def evaluate(
-        self, data: DatasetSplits | str | os.PathLike, residual_maps: bool = False, **data_kwargs: Any
+        self,
+        data: DatasetSplits | str | os.PathLike,
+        residual_maps: bool = False,
+        paper_map: bool | None = None,
+        **data_kwargs: Any,
     ) -> dict:
         """Metrics on the test split of ``data``: image_auroc, pixel_auroc, iou, iou_pooled, aupro,
         balanced_accuracy, n_images (pixel metrics None where no masks exist); per_group where the images name
@@ -339,12 +337,19 @@ class Cavga:
 
         The decoder runs only where the map or the score needs x_hat; ``residual_maps=True`` runs it anyway and
         keeps the blurred residual |x - x_hat| of every test image in ``last_outputs_`` (for the residual map
-        reported beside)."""
+        reported beside).
+
+        ``paper_map=True`` also reports the paper-literal map and score of the same model (key ``paper_map``; a
+        second pass over the test images), calibrated as ``fit(..., paper_map=True)`` calibrates them, or on the
+        same held-out normal images of ``data`` now where the model was fitted without; None (default): where the
+        model holds their calibration. No key where the model's own map and score are the paper's."""
         self._check_fitted()
         splits = (
             data if isinstance(data, DatasetSplits) else load_dataset(data, preprocess=self.preprocess_, **data_kwargs)
         )
         warn_if_split_differs(self.data_info_, splits.info)
+        if len(splits.test) == 0:
+            raise DataError("this dataset has no test split to evaluate on (a folder of normal images trains whole)")
         excluded = getattr(self, "excluded_paths_", [])
         test = exclude_paths(splits.test, excluded)
         n_removed = len(splits.test) - len(test)
@@ -359,7 +364,7 @@ class Cavga:
         self.last_outputs_ = outputs
         groups = getattr(test, "groups", None)  # per object too where a dataset shows one in several images
         result = evaluate_outputs(outputs, self.calibration_, groups=groups)
-        paper = getattr(self, "paper_calibration_", None)
+        paper = self._paper_calibration(splits, paper_map)
         if paper is not None:
             choice = paper_choice(self.model_config.setting)
             paper_outputs = infer_dataset(self.model_, test, calibration=paper, choice=choice, reconstruct=False)
@@ -367,6 +372,17 @@ class Cavga:
         if excluded:
             result["n_excluded"] = n_removed
         return result
+
+    def _paper_calibration(self, splits: DatasetSplits, paper_map: bool | None) -> Calibration | None:
+        """The paper-literal map's calibration that :meth:`evaluate` reports with, if any (see there)."""
+        held = getattr(self, "paper_calibration_", None)
+        if paper_map is False or held is not None or not paper_map:
+            return None if paper_map is False else held
+        # Asked for, and fitted without: the same seeded held-out slice of the normal training images as fit().
+        _, calibration_set = split_calibration(
+            splits.train, self.train_config.calibration_fraction, self.train_config.seed
+        )
+        return paper_calibration(self.model_, calibration_set, self.calibration_quantile)
 
     # ---------------------------------------------------------------- saving
     def config_dict(self) -> dict:
@@ -470,22 +486,6 @@ def load(path: str | os.PathLike, device: str = "auto") -> Cavga:
     except Exception as exc:  # safetensors has its own error type for a file that is not safetensors (a pickle)
         raise ModelFileError(f"{weights_path}: not safetensors weights that match config.json ({exc})") from exc
     return Cavga.from_config_dict(config, state, device=device, source=weights_path)
-
-
-def _validate_weak_options(setting: str, fraction: float | None, count: int | None, directory: str | None) -> None:
-    given = [
-        name
-        for name, v in (("anomalous_fraction", fraction), ("anomalous_count", count), ("anomalous_dir", directory))
-        if v is not None
-    ]
-    if given and setting != "w":
-        raise ConfigError(f"{given[0]} applies to setting 'w' only (got setting={setting!r})")
-    if len(given) > 1:
-        raise ConfigError(f"give at most one of anomalous_fraction, anomalous_count, anomalous_dir; got {given}")
-    if fraction is not None and not 0.0 < fraction <= 1.0:
-        raise ConfigError(f"anomalous_fraction must lie in (0, 1], got {fraction}")
-    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
-        raise ConfigError(f"anomalous_count must be an integer >= 1, got {count!r}")
 
 
 def _jsonable(value: Any) -> Any:

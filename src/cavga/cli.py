@@ -14,6 +14,7 @@ from typing import Any
 
 from cavga._version import __version__
 from cavga.cli_options import (
+    PAPER_MAP_HELP,
     PARSER_TEXT,
     HelpFormatter,
     add_data_options,
@@ -108,6 +109,7 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     add_data_options(p)
     p.add_argument("--no-report", action="store_true", help="write only metrics.json (no overlays, no report)")
+    p.add_argument("--paper-map", action="store_true", help=PAPER_MAP_HELP)
 
     p = add_command("report", help="write the HTML report of an evaluate/predict/demo output folder")
     p.add_argument("run_dir", type=Path)
@@ -174,6 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(message)s",
     )
+    # What a fit trains and calibrates on (cavga.engine.fitting's notes) shows without -v; the per-epoch lines
+    # of training stay in the run's train.log.
+    logging.getLogger("cavga.api").setLevel(logging.INFO)
     try:
         return COMMANDS[args.command](args)
     except CavgaError as exc:
@@ -255,6 +260,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             checkpoint_steps=args.checkpoint_steps,
             tensorboard=args.tensorboard,
             command=_command_args(args),
+            paper_map=args.paper_map,
             **data_kwargs(args),
         )
         out = args.out
@@ -334,10 +340,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from cavga.report.outputs import format_metrics_table
 
     detector = load(args.model)
-    result = detector.evaluate(args.data, **data_kwargs(args))
+    result = detector.evaluate(args.data, paper_map=True if args.paper_map else None, **data_kwargs(args))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(format_metrics_table({"model": result}))
+    rows = {"model": result} | ({"paper's map": result["paper_map"]} if "paper_map" in result else {})
+    print(format_metrics_table(rows))
     print(f"wrote {args.out / 'metrics.json'}")
     if not args.no_report:
         from cavga.report.html import write_report

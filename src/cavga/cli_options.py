@@ -17,6 +17,10 @@ from cavga.errors import ConfigError
 
 DATA_FORMATS = ("mvtec", "pairs", "magnetic_tile", "folders", "folder", "oneclass", "video")
 # The config fields `cavga train --help` shows; every other field (and every field added later) is advanced.
+PAPER_MAP_HELP = (
+    "also report the paper's own map and score (1 - A, the residual score; CAVGA_w: the class Grad-CAM, C's "
+    "probability) beside the model's, as metrics.json's paper_map (a second pass over the test images)"
+)
 BASIC_FIELDS = ("variant", "setting", "image_size", "epochs", "seed", "device")
 # Options the estimator resolves itself when left out (so their flags default to None, not the dataclass value).
 RESOLVED_BY_THE_ESTIMATOR = {
@@ -296,6 +300,7 @@ def add_train_options(p: argparse.ArgumentParser, show_advanced: bool = False) -
     )
     run.add_argument("--checkpoint-steps", type=int, default=0, help="write the checkpoint every N steps")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--paper-map", action="store_true", help=PAPER_MAP_HELP + " (calibrated now, kept with the model)")
     advanced = p.add_argument_group("advanced: model and training (ModelConfig, TrainConfig, LossWeights fields)")
     for f in config_fields():
         _add_config_option(basic if f.name in BASIC_FIELDS else advanced, f)

@@ -43,9 +43,9 @@ def run_demo(
     for category in categories:
         print(f"[{category}] training {MODEL_NAME} ...")
         detector = Cavga(epochs=epochs or DEMO_EPOCHS, seed=seed, **DEMO_OPTIONS)
-        detector.fit(data_root, format="mvtec", category=category, progress=progress)
+        detector.fit(data_root, format="mvtec", category=category, progress=progress, paper_map=True)
         detector.save(out / "models" / category)
-        result = detector.evaluate(data_root, residual_maps=True, format="mvtec", category=category)
+        result = detector.evaluate(data_root, residual_maps=True, paper_map=True, format="mvtec", category=category)
         result["train_seconds"] = round(detector.train_seconds_, 1)
         # The documented alternative map, reported beside the paper's: calibrated residual |x - x_hat|.
         residual = evaluate_outputs(detector.last_outputs_, detector.calibration_, anomaly_map="residual")

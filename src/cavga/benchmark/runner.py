@@ -175,7 +175,9 @@ def run_job(
             spec.variant, spec.setting, image_size=size, channels=channels, batch_size=budget.batch_size,
             seed=seed, device=budget.device, **options,
         )  # fmt: skip
-    model.fit(splits, progress=progress)
+    # CAVGA's rows keep the paper-literal map of the same model beside its own (a column of the tables).
+    paper = {"paper_map": True} if isinstance(model, Cavga) else {}
+    model.fit(splits, progress=progress, **paper)
     evaluated = splits
     if hold_out_weak and spec.setting != "w":
         # Every row counts the same test images: leave out the seeded sample a w model with this seed trains on
@@ -184,15 +186,15 @@ def run_job(
         held = with_group_twins(splits.test, splits.test.subset(sample))  # with their other exposures
         evaluated = DatasetSplits(splits.train, exclude_paths(splits.test, held), splits.info)
     eval_start = time.perf_counter()
-    metrics = model.evaluate(evaluated)
+    metrics = model.evaluate(evaluated, **paper)
     # The paper-literal map of the same model (CAVGA-L), kept beside its own metrics.
-    paper = metrics.pop("paper_map", None)
+    paper_metrics = metrics.pop("paper_map", None)
     per_group = metrics.pop("per_group", None)  # Magnetic Tile: the same metrics per tile
-    if paper is not None:
-        paper.pop("per_group", None)
+    if paper_metrics is not None:
+        paper_metrics.pop("per_group", None)
     return {
         "metrics": _floats(metrics),
-        **({"paper_map": _floats(paper)} if paper is not None else {}),
+        **({"paper_map": _floats(paper_metrics)} if paper_metrics is not None else {}),
         **({"per_group": _floats(per_group)} if per_group is not None else {}),
         "train_seconds": round(model.train_seconds_, 2),
         "eval_seconds": round(time.perf_counter() - eval_start, 2),

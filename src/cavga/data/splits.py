@@ -36,6 +36,23 @@ def split_calibration(dataset: AnomalyDataset, fraction: float, seed: int) -> tu
     return dataset.subset(fit), dataset.subset(cal)
 
 
+def validate_weak_options(setting: str, fraction: float | None, count: int | None, directory: str | None) -> None:
+    """Refuse CAVGA_w's options where they do not apply or contradict one another."""
+    given = [
+        name
+        for name, v in (("anomalous_fraction", fraction), ("anomalous_count", count), ("anomalous_dir", directory))
+        if v is not None
+    ]
+    if given and setting != "w":
+        raise ConfigError(f"{given[0]} applies to setting 'w' only (got setting={setting!r})")
+    if len(given) > 1:
+        raise ConfigError(f"give at most one of anomalous_fraction, anomalous_count, anomalous_dir; got {given}")
+    if fraction is not None and not 0.0 < fraction <= 1.0:
+        raise ConfigError(f"anomalous_fraction must lie in (0, 1], got {fraction}")
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        raise ConfigError(f"anomalous_count must be an integer >= 1, got {count!r}")
+
+
 def sample_weak_labels(
     test: AnomalyDataset,
     fraction: float | None = DEFAULT_ANOMALOUS_FRACTION,

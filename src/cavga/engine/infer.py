@@ -30,6 +30,7 @@ from cavga.engine.calibration import (
     normalize_map,
 )
 from cavga.engine.maps import PAPER_MAP, PAPER_SCORE, anomalous_probability, map_spec, residual_map, upsampled_blur
+from cavga.engine.progress import advance
 from cavga.engine.scores import image_score
 from cavga.errors import ConfigError
 from cavga.metrics import THRESHOLD
@@ -231,6 +232,7 @@ def collect_outputs(
         parts["labels"].append(batch.labels.numpy())
         parts["defects"].extend(batch.defect_types)
         parts["paths"].extend(batch.paths)
+        advance(len(batch.paths))
     if not parts["raw"]:
         raise ConfigError("no images to run inference on")
     return DatasetOutputs(
@@ -284,6 +286,7 @@ def _normal_latents(
                 pool = model.config.trunk_pool
                 vectors.append(patch_features(out.levels, pool) if trunk else latent_positions(out.mu))
                 size = tuple(batch.images.shape[-2:])
+                advance(batch.images.shape[0])
     finally:
         model.train(was_training)
     return vectors, size
