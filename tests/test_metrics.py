@@ -185,11 +185,14 @@ def test_iou_undefined_cases():
     masks=hnp.arrays(np.bool_, (3, 3, 4)),
     threshold=st.floats(0, 1),
 )
-def test_iou_lies_in_unit_interval(maps, masks, threshold):
+def test_iou_is_the_count_of_pixels_in_both_over_pixels_in_either(maps, masks, threshold):
+    pred = maps > threshold
+    inter, union = (pred & masks).sum(axis=(1, 2)), (pred | masks).sum(axis=(1, 2))
+    shown = masks.any(axis=(1, 2))  # the mean runs over the images with a defect
     if masks.any():
-        assert 0.0 <= metrics.iou(maps, masks, threshold) <= 1.0
-    if masks.any() or (maps > threshold).any():
-        assert 0.0 <= metrics.iou(maps, masks, threshold, reduction="pooled") <= 1.0
+        assert metrics.iou(maps, masks, threshold) == pytest.approx(np.mean(inter[shown] / union[shown]))
+    if masks.any() or pred.any():
+        assert metrics.iou(maps, masks, threshold, reduction="pooled") == pytest.approx(inter.sum() / union.sum())
 
 
 # ------------------------------------------------------------------------------------------------------------
