@@ -190,12 +190,12 @@ def test_unknown_option_is_named():
 
 @pytest.mark.slow
 def test_the_default_model_saves_loads_and_predicts_the_same(tmp_path):
-    # CAVGA-L_u as shipped: a frozen ImageNet trunk and the latent_knn map; loading must not read the
+    # CAVGA-L_u as shipped: a frozen ImageNet trunk and the trunk_knn map; loading must not read the
     # pretrained weights again nor trip over the frozen trunk.
     root = write_tiny_mvtec(tmp_path / "mvtec")
     detector = cavga.Cavga(**{**TINY, "image_size": 64}).fit(root, category="bottle", progress=False)
     assert detector.model_config.variant == "L" and detector.model_config.freeze_encoder
-    assert detector.model_config.anomaly_map == "latent_knn" and detector.model_.latent_memory.fitted
+    assert detector.model_config.anomaly_map == "trunk_knn" and detector.model_.trunk_memory.fitted
     images = sorted((root / "bottle/test/spot").glob("*.png"))
     before = detector.predict(images)
     loaded = cavga.load(detector.save(tmp_path / "model"))

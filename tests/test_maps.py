@@ -47,11 +47,11 @@ def test_variants_default_to_their_own_map_and_score():
     default = ModelConfig()
     assert (default.variant, default.anomaly_map, default.score, default.image_size) == (
         "L",
-        "latent_knn",
+        "trunk_knn",
         "map_max",
         256,
     )
-    assert ModelConfig(setting="w").anomaly_map == "latent_knn"  # CAVGA-L_w's own measured default, as u's
+    assert ModelConfig(setting="w").anomaly_map == "trunk_knn"  # CAVGA-L_w's default follows u's
     assert default.freeze_encoder and not ModelConfig(variant="L", encoder_weights="none").freeze_encoder
     with pytest.raises(ConfigError, match="trained from scratch"):
         build_model(ModelConfig(variant="D", freeze_encoder=True))
@@ -64,7 +64,7 @@ def test_setting_w_takes_its_own_map_and_score_defaults_and_old_files_read_as_th
         cfg = ModelConfig(variant=variant, setting="w")
         assert (cfg.anomaly_map, cfg.score) == ("attention", "probability")  # the paper's
     cfg = ModelConfig(setting="w")
-    assert (cfg.anomaly_map, cfg.score) == ("latent_knn", "map_max")
+    assert (cfg.anomaly_map, cfg.score) == ("trunk_knn", "map_max")
     with pytest.raises(ConfigError, match="setting w scores"):
         ModelConfig(setting="w", score="top_mean").validate()
     with pytest.raises(ConfigError, match="no classifier"):
@@ -262,7 +262,7 @@ def test_latent_knn_fills_its_memory_and_calibrates_from_training_images_only(ti
     assert len(left_out) == 11 and (left_out > np.asarray(own) + 1e-6).all() and np.abs(own).max() < 1e-2
 
 
-def test_trunk_knn_masks_threshold_at_a_high_quantile_of_normal_pixels_left_out_by_brute_force(tiny_root, read_paths):
+def test_trunk_knn_masks_threshold_at_a_high_quantile_of_left_out_normal_pixels(tiny_root, read_paths):
     """The trunk memory reads the training folder only; the image threshold comes from the left-out and held-out
     normal scores, the mask threshold apart from it: MASK_QUANTILE of those images' pixels, recomputed here with
     scipy's distances (each training image without its own rows)."""
@@ -355,7 +355,7 @@ def test_default_model_exports_with_eager_parity(tiny_root, tmp_path, setting, e
 def test_map_choice_reads_the_config_and_overrides():
     model, out, x, _ = _model_and_output()
     paper = infer_tensors(model, x, CalibrationConstants(), PAPER_CHOICE)
-    assert MapChoice.of(model.config) == MapChoice("latent_knn", "map_max")
+    assert MapChoice.of(model.config) == MapChoice("trunk_knn", "map_max")
     torch.testing.assert_close(paper.anomaly_map, maps.attention(model, model(x, sample=False), x, None)[:, 0])
 
 
@@ -390,8 +390,8 @@ def test_predict_skips_the_decoder_only_where_map_and_score_need_no_reconstructi
 
 
 def test_evaluate_skips_the_decoder_unless_residual_maps_are_asked_and_gives_the_same_metrics(tiny_root):
-    """The default map (latent_knn) and score (map_max) read no x_hat: evaluate() runs no decoder for them, and the
-    metrics are those of a run that does; the residual map beside needs ``residual_maps=True``."""
+    """The map latent_knn (as the default trunk_knn) and score map_max read no x_hat: evaluate() runs no decoder
+    for them, and the metrics are those of a run that does; the residual map beside needs ``residual_maps=True``."""
     from cavga.engine.infer import evaluate_outputs
 
     detector = cavga.Cavga(image_size=64, width=4, latent_channels=4, batch_size=4, anomaly_map="latent_knn")

@@ -233,11 +233,14 @@ def test_speed_benchmark_quick_writes_json_and_table(tmp_path: Path) -> None:
         assert _positive(c["peak_rss_mib"]) and 50 < c["peak_rss_mib"] < 64 * 1024
         if c["kind"] == "cavga":
             assert flops["train"] >= flops["train_plain"]
-            if c.get("options", {}).get("anomaly_map", "latent_knn") == "latent_knn" and c["variant"] == "L":
-                # Inference compares every latent position with the memory's rows (16384 x C_z, a multiply-add
-                # each): at least that many FLOPs, which training (no memory) does not do.
+            amap = c.get("options", {}).get("anomaly_map", "trunk_knn")
+            if amap in ("latent_knn", "trunk_knn") and c["variant"] == "L":
+                # Inference compares every latent position with the memory's rows (16384 x C_z for latent_knn,
+                # 8192 x 176 for trunk_knn, a multiply-add each): at least that many FLOPs, which training (no
+                # memory) does not do.
                 positions = (c["size"] // 8) ** 2
-                assert flops["infer"] >= 2 * positions * 16384 * 64
+                rows = 16384 * 64 if amap == "latent_knn" else 8192 * 176
+                assert flops["infer"] >= 2 * positions * rows
             else:  # training does a forward, a backward and D's passes: more work per image than inference
                 assert flops["train"] > flops["infer"]
             q = c["ratios"]

@@ -355,9 +355,9 @@ MEMORY_LEFT_OUT = (
 )
 # Maps whose mask threshold is a high quantile of normal images' pixels (their own, left-out where the memory holds
 # them), apart from the image threshold: the masks of a map tied to the image threshold (and to half its peak)
-# cover a fifth of the defects (docs/research/default-map.md).
+# cover a fifth of the defects (docs/research/2026-12-06-default-map.md).
 PIXEL_QUANTILE_MAPS = ("trunk_knn",)
-MASK_QUANTILE = 0.9999
+MASK_QUANTILE = 0.999  # chosen over 0.99-0.9999 and the image threshold (docs/research/2026-12-06-default-map.md)
 
 
 def left_out_memory_scores(
