@@ -195,6 +195,28 @@ def test_trunk_knn_is_the_blurred_distance_of_the_trunks_patch_features_to_the_n
         maps.trunk_knn(d_model, d_out, x[:1], x[:1])
 
 
+def test_trunk_knn_reads_no_trained_weight_two_differently_trained_models_draw_the_same_map():
+    """What CAVGA's training adds to the default map: nothing, by construction. Two models whose heads, decoder
+    and discriminator differ (other seeds, one of them trained a step) give the same trunk_knn map."""
+    x = torch.rand(4, 3, 64, 64)
+    drawn = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = build_model(_tiny_l(trunk_memory_size=64))
+        if seed == 1:  # one training step of every trainable part changes the latent heads, not the trunk
+            with torch.no_grad():
+                for p in model.generator_parameters():
+                    if p.requires_grad:
+                        p.add_(torch.randn_like(p))
+        model.eval()
+        with torch.no_grad():
+            out = model(x, sample=False, decode=False)
+            model.trunk_memory.fit([maps.patch_features(out.levels, model.config.trunk_pool)[:2]])
+            drawn.append((maps.trunk_knn(model, out, x, x), out.mu))
+    assert not torch.allclose(drawn[0][1], drawn[1][1])  # the latents differ
+    torch.testing.assert_close(drawn[0][0], drawn[1][0])  # the default map does not
+
+
 def test_feature_residual_vanishes_when_the_reconstruction_is_the_input():
     model, out, x, _ = _model_and_output()
     with torch.no_grad():
