@@ -36,12 +36,13 @@ FIXED_TRAIN_OPTIONS = {
     "--anomalous-dir": (["defects"], "anomalous_dir", Path("defects")),
     "--encoder": (["resnet18"], "encoder", "resnet18"),
     "--no-progress": ([], "no_progress", True),
+    "--paper-map": ([], "paper_map", True),
 }
 # The config fields the short help shows (issue 34's list); every other one is advanced.
 SHORT_HELP_FIELDS = {"variant", "setting", "image_size", "epochs", "seed", "device"}
 # (--no-progress is advanced too, but --resume's help names it)
 ADVANCED_FIXED = ("--run-dir", "--tensorboard", "--checkpoint-steps", "--normal-class", "--split-seed",
-                  "--test-fraction", "--split-by", "--encoder")  # fmt: skip
+                  "--test-fraction", "--split-by", "--encoder", "--paper-map")  # fmt: skip
 
 
 def flag(name: str) -> str:

@@ -97,6 +97,7 @@ CHOICES: dict[str, tuple[str, dict[str, str]]] = {
             "residual": "blurred residual |x - x_hat|",
             "latent_gaussian": "Mahalanobis distance of mu at each position from the normal images' Gaussian there",
             "latent_knn": "distance of mu at each position to the nearest normal mu vector (any position)",
+            "trunk_knn": "L: distance of the frozen trunk's patch features to the nearest normal ones (PatchCore)",
             "feature_residual": "distance of frozen ImageNet features of x and x_hat (not exportable)",
             "fusion": "latent_gaussian weighted by 1 - A",
             "class_gaussian": "setting w: latent_gaussian weighted by (1 + the anomalous class's Grad-CAM) / 2",
