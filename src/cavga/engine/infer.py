@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from cavga import metrics
-from cavga.data.types import NORMAL, collate_samples
+from cavga.data.types import collate_samples
 from cavga.engine.calibration import (
     MAP_PEAK_FRACTION,
     MAP_QUANTILE,
@@ -29,14 +29,25 @@ from cavga.engine.calibration import (
     fit_calibration,
     normalize_map,
 )
-from cavga.engine.maps import PAPER_MAP, PAPER_SCORE, anomalous_probability, map_spec, residual_map, upsampled_blur
+from cavga.engine.maps import PAPER_MAP, PAPER_SCORE, anomalous_probability, map_spec, residual_map
+
+# The fits on normal images live in normal_fits; their names stay importable from here, where they were.
+from cavga.engine.normal_fits import (  # noqa: F401
+    GAUSSIAN_FOLDS,
+    MEMORY_UNIT_QUANTILE,
+    _require_normal,
+    can_cross_fit,
+    cross_fitted_latent_scores,
+    fit_latent_gaussian,
+    fit_latent_memory,
+    fit_trunk_memory,
+    left_out_memory_scores,
+)
 from cavga.engine.progress import advance
 from cavga.engine.scores import image_score
 from cavga.errors import ConfigError
 from cavga.metrics import THRESHOLD
-from cavga.model.gaussian import cross_fitted_scores, latent_positions
 from cavga.model.gradcam import has_closed_form
-from cavga.model.memory import patch_features, two_memory_distance
 from cavga.model.networks import CavgaNet
 
 
@@ -267,86 +278,7 @@ def infer_dataset(
     return collect_outputs(dataset, run, batch_size, device)
 
 
-@torch.no_grad()
-def _normal_latents(
-    model: CavgaNet, normal_dataset: Dataset, batch_size: int, trunk: bool = False
-) -> tuple[list[torch.Tensor], tuple[int, int]]:
-    """``mu`` (as positions, :func:`cavga.model.gaussian.latent_positions`) of every batch of NORMAL images, in
-    eval mode and without sampling, as inference computes it; and the images' size. ``trunk=True``: the trunk's
-    patch features instead (:func:`cavga.model.memory.patch_features`, the trunk_knn map's vectors)."""
-    _require_normal(normal_dataset)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    vectors, size = [], (0, 0)
-    try:
-        with torch.no_grad():
-            for batch in DataLoader(normal_dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_samples):
-                out = model(batch.images.to(device), sample=False, decode=False)
-                pool = model.config.trunk_pool
-                vectors.append(patch_features(out.levels, pool) if trunk else latent_positions(out.mu))
-                size = tuple(batch.images.shape[-2:])
-                advance(batch.images.shape[0])
-    finally:
-        model.train(was_training)
-    return vectors, size
-
-
-def fit_latent_gaussian(model: CavgaNet, normal_dataset: Dataset, batch_size: int = 32) -> None:
-    """Fit the model's per-position Gaussian of ``mu`` (the ``latent_gaussian`` map) on NORMAL images."""
-    if model.latent_gaussian is None:
-        return
-    mus, _ = _normal_latents(model, normal_dataset, batch_size)
-    model.latent_gaussian.fit(mus, neighbourhood=model.config.gaussian_neighbourhood)
-
-
-MEMORY_UNIT_QUANTILE = 0.95  # two memories: each distance's unit, this quantile of its left-out normal scores
-
-
-def fit_latent_memory(model: CavgaNet, normal_dataset: Dataset, seed: int = 0, batch_size: int = 32) -> None:
-    """Fill the model's memory of normal ``mu`` vectors (the ``latent_knn`` map) from NORMAL images."""
-    mus, size = _normal_latents(model, normal_dataset, batch_size)
-    model.latent_memory.fit(mus, seed=seed)
-    coarse = model.latent_memory_coarse
-    if coarse is not None:  # two memories: each distance's unit, from its own images scored without their rows
-        coarse.fit(mus, seed=seed)
-        for memory in (model.latent_memory, coarse) if len(normal_dataset) > 1 else ():  # one image: units 1
-            scores = _left_out_scores(lambda mu, own, memory=memory: memory(mu, leave_out=own), mus, size)
-            memory.unit.fill_(max(float(np.quantile(scores, MEMORY_UNIT_QUANTILE)), 1e-12))
-
-
-def fit_trunk_memory(model: CavgaNet, normal_dataset: Dataset, seed: int = 0, batch_size: int = 32) -> None:
-    """Fill CAVGA-L's memory of the trunk's normal patch features (the ``trunk_knn`` map) from NORMAL images."""
-    if model.trunk_memory is None:
-        raise ConfigError("the trunk_knn map needs CAVGA-L's ImageNet trunk (variant 'L')")
-    features, _ = _normal_latents(model, normal_dataset, batch_size, trunk=True)
-    model.trunk_memory.fit(features, seed=seed)
-
-
-def _blurred_max(distances: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """The ``map_max`` score (B,) of coarse distance maps (B, 1, h, w), as the deviation maps draw them."""
-    return upsampled_blur(distances, size).flatten(1).amax(dim=1)
-
-
-GAUSSIAN_FOLDS = 5  # cross-fitting of the latent Gaussian's calibration scores (calibrate)
 CROSS_FITTED = MapChoice("latent_gaussian", "map_max")  # the choice whose scores calibrate cross-fitted
-
-
-def cross_fitted_latent_scores(model: CavgaNet, normal_dataset: Dataset, batch_size: int = 32) -> np.ndarray:
-    """The ``latent_gaussian`` / ``map_max`` raw score of every image of ``normal_dataset``, each from a Gaussian
-    of mu fitted on the other folds (:func:`cavga.model.gaussian.cross_fitted_scores`), as
-    :func:`fit_latent_gaussian` fits the model's own."""
-    mus, size = _normal_latents(model, normal_dataset, batch_size)
-    scores = cross_fitted_scores(
-        torch.cat(mus),
-        lambda d: _blurred_max(d, size),
-        GAUSSIAN_FOLDS,
-        batch_size=batch_size,
-        neighbourhood=model.config.gaussian_neighbourhood,
-    )
-    return scores.numpy()
-
-
 # The choices calibrated on leave-one-image-out scores of the memory's own images.
 MEMORY_LEFT_OUT = (
     MapChoice("latent_knn", "map_max"),
@@ -358,73 +290,6 @@ MEMORY_LEFT_OUT = (
 # cover a fifth of the defects (docs/research/2026-12-06-default-map.md).
 PIXEL_QUANTILE_MAPS = ("trunk_knn",)
 MASK_QUANTILE = 0.999  # chosen over 0.99-0.9999 and the image threshold (docs/research/2026-12-06-default-map.md)
-
-
-def left_out_memory_scores(
-    model: CavgaNet,
-    training_normals: Dataset,
-    batch_size: int = 32,
-    weights: torch.Tensor | None = None,
-    anomaly_map: str = "latent_knn",
-    pixels: list[torch.Tensor] | None = None,
-) -> np.ndarray:
-    """The ``map_max`` raw score of the memory's map (``latent_knn``, ``knn_classifier`` or ``trunk_knn``) of every
-    image the memory was filled from (:func:`fit_latent_memory` / :func:`fit_trunk_memory`, the same dataset in the
-    same order), each measured without that image's own rows: the score it would get were it a new normal image.
-    ``weights`` (N, 1, h, w), one per image in that order: ``knn_classifier``'s, each distance multiplied by them
-    (:func:`cavga.engine.classifier.cross_fitted_classifier_weights`). ``pixels``: a list that receives the
-    left-out maps (B, 1, H, W) batch by batch."""
-    trunk = anomaly_map == "trunk_knn"
-    vectors, size = _normal_latents(model, training_normals, batch_size, trunk=trunk)
-
-    def distance(v: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
-        if trunk:
-            return model.trunk_memory(v, leave_out=own)
-        d = two_memory_distance(model.latent_memory, model.latent_memory_coarse, v, leave_out=own)
-        return d if weights is None else d * weights[own.cpu()].to(d)
-
-    return _left_out_scores(distance, vectors, size, pixels)
-
-
-def _left_out_scores(
-    distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    mus: list[torch.Tensor],
-    size: tuple[int, int],
-    pixels: list[torch.Tensor] | None = None,
-) -> np.ndarray:
-    """The ``map_max`` score of each image of ``mus`` (batches, in the memory's fill order) from ``distance``(mu,
-    the indices of the batch's images), which leaves those images' own rows out (``pixels``: receives the maps)."""
-    scores, seen = [], 0
-    with torch.no_grad():
-        for mu in mus:
-            own = torch.arange(seen, seen + mu.shape[0], device=mu.device)
-            maps = upsampled_blur(distance(mu, own), size)
-            scores.append(maps.flatten(1).amax(dim=1))
-            if pixels is not None:
-                pixels.append(maps.cpu())
-            seen += mu.shape[0]
-    return torch.cat(scores).double().cpu().numpy()
-
-
-def can_cross_fit(*datasets: Dataset) -> bool:
-    """Enough normal images for two per fold; fewer calibrate on the held-out slice alone."""
-    return sum(len(d) for d in datasets) >= 2 * GAUSSIAN_FOLDS
-
-
-def _require_normal(dataset: Dataset, what: str = "the normal-image statistics") -> None:
-    """Refuse a dataset with an anomalous image before any work is done on it, naming the image."""
-    if isinstance(dataset, ConcatDataset):
-        for part in dataset.datasets:
-            _require_normal(part, what)
-        return
-    labels = getattr(dataset, "labels", None)
-    if labels is None:  # a dataset without the labels attribute: read each sample's
-        labels = [dataset[i].label for i in range(len(dataset))]
-    bad = [i for i, label in enumerate(labels) if label != NORMAL]
-    if bad:
-        paths = getattr(dataset, "paths", None)
-        name = paths[bad[0]] if paths is not None else f"image {bad[0]}"
-        raise ConfigError(f"{what} must use normal images only; got anomalous ones such as {name}")
 
 
 def calibrate(
