@@ -121,6 +121,7 @@ def _batch(images: torch.Tensor, setting: str) -> Batch:
 def build(spec: dict):
     """The untrained model a configuration names, its latent Gaussian (and memory) fitted on random images where
     its map needs one (a fitted Gaussian or memory costs what a trained one does)."""
+    from cavga.model.memory import patch_features
     from cavga.model.networks import build_model
 
     config = ModelConfig(
@@ -128,11 +129,13 @@ def build(spec: dict):
         **spec.get("options", {}),
     )  # fmt: skip
     model = build_model(config)
-    if config.anomaly_map in ("latent_gaussian", "fusion", "latent_knn"):
+    if config.anomaly_map in ("latent_gaussian", "fusion", "latent_knn", "trunk_knn"):
         with torch.inference_mode():
-            mu = model.eval()(torch.rand(4, config.channels, spec["size"], spec["size"]), sample=False).mu
-        model.latent_gaussian.fit([mu])
-        model.latent_memory.fit([mu])  # all memory_size rows are compared at inference, however few were filled
+            out = model.eval()(torch.rand(4, config.channels, spec["size"], spec["size"]), sample=False)
+        model.latent_gaussian.fit([out.mu])
+        model.latent_memory.fit([out.mu])  # all memory_size rows are compared at inference, however few were filled
+        if model.trunk_memory is not None:  # the same for the trunk memory (trunk_knn)
+            model.trunk_memory.fit([patch_features(out.levels, config.trunk_pool)])
     return model
 
 

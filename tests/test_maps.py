@@ -304,6 +304,7 @@ def test_trunk_knn_masks_threshold_at_a_high_quantile_of_left_out_normal_pixels(
     splits = load_dataset(tiny_root, category="bottle", preprocess=detector.preprocess_)
     train_set, cal_set = split_calibration(splits.train, 0.1, 0)
     with torch.no_grad():
+
         def patches(ds):
             x = torch.stack([ds[i].image for i in range(len(ds))])
             return patch_features(model(x, sample=False, decode=False).levels, pool=3)

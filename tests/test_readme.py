@@ -161,8 +161,11 @@ def test_checker_accepts_good_commands_and_skips_other_blocks():
 
 def test_readme_copy_with_a_made_up_flag_fails():
     text = README.read_text(encoding="utf-8")
-    broken = text.replace("cavga predict models/bottle images/ --out predictions/",
-                          "cavga predict models/bottle images/ --out predictions/ --fast-mode", 1)
+    broken = text.replace(
+        "cavga predict models/bottle images/ --out predictions/",
+        "cavga predict models/bottle images/ --out predictions/ --fast-mode",
+        1,
+    )
     assert broken != text, "the README's predict example changed: update this test"
     _, problems = check_commands(broken)
     assert any("--fast-mode" in p for p in problems)

@@ -287,9 +287,7 @@ class CavgaNet(nn.Module):
         logvar = self.logvar_head(encoded)
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu) if sample else mu
         x_hat_logits = self.decoder(z) if decode else None
-        return CavgaOutput(
-            features=features, mu=mu, logvar=logvar, z=z, x_hat_logits=x_hat_logits, levels=levels
-        )
+        return CavgaOutput(features=features, mu=mu, logvar=logvar, z=z, x_hat_logits=x_hat_logits, levels=levels)
 
     def classify(self, z: torch.Tensor) -> torch.Tensor:
         """Class logits (B, 2) of ``z``: class 0 normal, 1 anomalous (CAVGA_w only)."""
