@@ -1,5 +1,5 @@
 """``cavga demo``: the whole job on built-in data. Generate a small MVTec-layout dataset, train cavga's default
-model (CAVGA-L_u: frozen ImageNet Lite0 trunk, latent_knn map) per category on the CPU, evaluate it with the
+model (CAVGA-L_u: frozen ImageNet Lite0 trunk, trunk_knn map) per category on the CPU, evaluate it with the
 paper's map (1 - A) of the same model beside, write predictions and a metrics table."""
 
 from __future__ import annotations
