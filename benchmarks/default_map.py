@@ -41,14 +41,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from cavga import metrics
 from cavga.data import Preprocess, collate_samples, load_dataset
 from cavga.data.splits import split_calibration
 from cavga.engine.maps import upsampled_blur
 from cavga.model.efficientnet_lite import EfficientNetLite0, load_imagenet_weights
-from cavga.model.memory import LatentMemory, patch_features, window_mean
+from cavga.model.memory import LatentMemory, patch_features
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from map_study import DATASETS, data_args, save_rows  # noqa: E402
@@ -110,13 +109,11 @@ class Levels:
 
 
 def features(levels: dict[int, torch.Tensor], which: str, pool: int) -> torch.Tensor:
-    """The memory's vectors of one candidate: :func:`patch_features` of the three levels, or for ``8+16`` the same
-    without the stride-4 map."""
+    """The memory's vectors of one candidate: :func:`patch_features` of the three levels, or for ``8+16`` of the
+    stride-8 and 16 maps alone, on the stride-8 grid."""
     if which == "4+8+16":
         return patch_features(levels, pool)
-    middle, coarser = (window_mean(levels[s], pool) for s in (8, 16))
-    coarser = F.interpolate(coarser, size=middle.shape[-2:], mode="bilinear", align_corners=False)
-    return torch.cat([middle, coarser], dim=1)
+    return patch_features({s: levels[s] for s in (8, 16)}, pool, grid=8)
 
 
 def distance_maps(memory: LatentMemory, feats: torch.Tensor, size, leave_out: bool = False) -> np.ndarray:

@@ -376,8 +376,10 @@ class Cavga:
     def _paper_calibration(self, splits: DatasetSplits, paper_map: bool | None) -> Calibration | None:
         """The paper-literal map's calibration that :meth:`evaluate` reports with, if any (see there)."""
         held = getattr(self, "paper_calibration_", None)
-        if paper_map is False or held is not None or not paper_map:
-            return None if paper_map is False else held
+        if paper_map is False:
+            return None
+        if held is not None or paper_map is None:
+            return held
         # Asked for, and fitted without: the same seeded held-out slice of the normal training images as fit().
         _, calibration_set = split_calibration(
             splits.train, self.train_config.calibration_fraction, self.train_config.seed

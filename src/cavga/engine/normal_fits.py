@@ -33,12 +33,11 @@ def _normal_latents(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    vectors, size = [], (0, 0)
+    vectors, size, pool = [], (0, 0), model.config.trunk_pool
     try:
         with torch.no_grad():
             for batch in DataLoader(normal_dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_samples):
                 out = model(batch.images.to(device), sample=False, decode=False)
-                pool = model.config.trunk_pool
                 vectors.append(patch_features(out.levels, pool) if trunk else latent_positions(out.mu))
                 size = tuple(batch.images.shape[-2:])
                 advance(batch.images.shape[0])

@@ -70,18 +70,24 @@ def greedy_coreset(vectors: torch.Tensor, size: int, seed: int = 0, projection: 
     return chosen
 
 
-def patch_features(levels: dict[int, torch.Tensor], pool: int = 1) -> torch.Tensor:
-    """Patch features of a trunk's maps ``levels`` (stride -> (B, C_s, h_s, w_s), three strides), as PatchCore
-    builds them: each map averaged over its ``pool`` x ``pool`` neighbourhood (PatchCore's 3) at its own
-    resolution (the border averaged over the positions it holds), then brought onto the middle stride's grid
-    (the finer one by averaging its blocks, the coarser one bilinearly) and concatenated: (B, sum of C_s, h, w)."""
-    finer, middle, coarser = (levels[s] for s in sorted(levels))
-    if pool > 1:
-        finer, middle, coarser = (window_mean(m, pool) for m in (finer, middle, coarser))
-    ratio = finer.shape[-1] // middle.shape[-1]
-    finer = F.avg_pool2d(finer, ratio) if ratio > 1 else finer
-    coarser = F.interpolate(coarser, size=middle.shape[-2:], mode="bilinear", align_corners=False)
-    return torch.cat([finer, middle, coarser], dim=1)
+def patch_features(levels: dict[int, torch.Tensor], pool: int = 1, grid: int | None = None) -> torch.Tensor:
+    """Patch features of a trunk's maps ``levels`` (stride -> (B, C_s, h_s, w_s)), as PatchCore builds them: each
+    map averaged over its ``pool`` x ``pool`` neighbourhood (PatchCore's 3) at its own resolution (the border
+    averaged over the positions it holds), then brought onto the grid of stride ``grid`` (default: the middle
+    stride; finer maps by averaging their blocks, coarser ones bilinearly) and concatenated, finest first:
+    (B, sum of C_s, h, w)."""
+    strides = sorted(levels)
+    size = levels[strides[len(strides) // 2] if grid is None else grid].shape[-2:]
+    parts = []
+    for stride in strides:
+        level = window_mean(levels[stride], pool)
+        ratio = level.shape[-1] // size[-1]
+        if ratio > 1:
+            level = F.avg_pool2d(level, ratio)
+        elif level.shape[-2:] != size:
+            level = F.interpolate(level, size=size, mode="bilinear", align_corners=False)
+        parts.append(level)
+    return torch.cat(parts, dim=1)
 
 
 def window_mean(features: torch.Tensor, window: int) -> torch.Tensor:
