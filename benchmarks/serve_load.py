@@ -161,7 +161,7 @@ def load_phase(url: str, images: list[bytes], clients: int, requests: int) -> di
                 latencies.append(elapsed)
                 statuses.append(status)
                 if status == 200:
-                    scores.append((i % len(images), body["score"]))
+                    scores.append((i % len(images), body["pred_score"]))
         conn.close()
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
@@ -199,7 +199,7 @@ def fault_phase(url: str, good: bytes, good_score: float, bodies: dict, rounds: 
             results[name]["error"] = answer.get("error")
             status, answer = post(conn, "/predict", good, "image/png")
             good_total += 1
-            good_ok += status == 200 and abs(answer["score"] - good_score) <= 1e-6
+            good_ok += status == 200 and abs(answer["pred_score"] - good_score) <= 1e-6
     conn.close()
     return {"bodies": results, "good_requests": good_total, "good_correct": good_ok}
 
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, data in enumerate(images):
             paths.append(tmp / f"request_{i}.png")
             paths[-1].write_bytes(data)
-        reference = [pred.score for pred in cavga.load(model_dir, device="cpu").predict(paths)]
+        reference = [pred.pred_score for pred in cavga.load(model_dir, device="cpu").predict(paths)]
         model_info = json.loads((Path(model_dir) / "config.json").read_text())["model"]
 
         load_rows = []

@@ -89,8 +89,8 @@ def test_save_load_predict_gives_identical_maps(fitted, tmp_path):
     after = loaded.predict(images)
     for a, b in zip(before, after, strict=True):
         np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
-        assert a.score == b.score and a.label == b.label
-        np.testing.assert_array_equal(a.mask, a.anomaly_map > 0.5)
+        assert a.pred_score == b.pred_score and a.pred_label == b.pred_label
+        np.testing.assert_array_equal(a.pred_mask, a.anomaly_map > 0.5)
 
 
 @pytest.mark.slow
@@ -174,7 +174,7 @@ def test_a_model_saved_before_the_setting_moved_into_the_model_config_still_load
     images = sorted((root / "bottle/test/spot").glob("*.png"))
     for a, b in zip(detector.predict(images), loaded.predict(images), strict=True):
         np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
-        assert a.score == b.score
+        assert a.pred_score == b.pred_score
 
 
 @pytest.mark.parametrize("bad", [{"anomaly_map": "heat"}, {"setting": "x"}])
@@ -203,4 +203,4 @@ def test_the_default_model_saves_loads_and_predicts_the_same(tmp_path):
     assert not any(p.requires_grad for p in loaded.model_.encoder.parameters())
     for a, b in zip(before, loaded.predict(images), strict=True):
         np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
-        assert a.score == b.score and a.label == b.label
+        assert a.pred_score == b.pred_score and a.pred_label == b.pred_label

@@ -182,7 +182,7 @@ def test_one_labelled_image_does_not_make_the_model_call_every_image_one_class(t
     detector.fit(root, category="wood", progress=False)
     assert detector.data_info_["weak_labels"]["n_anomalous"] == 1
     predictions = detector.predict(detector_test_paths(root, detector))
-    labels = {p.label for p in predictions}
+    labels = {p.pred_label for p in predictions}
     assert labels == {NORMAL, ANOMALOUS}
 
 

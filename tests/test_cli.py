@@ -68,9 +68,9 @@ def test_train_predict_evaluate(tmp_path):
     lines = [json.loads(line) for line in (preds / "predictions.jsonl").read_text().splitlines()]
     assert len(lines) == 6
     for line in lines:
-        assert 0.0 <= line["score"] <= 1.0 and line["label"] in ("normal", "anomalous")
+        assert 0.0 <= line["pred_score"] <= 1.0 and line["pred_label"] in (0, 1)
         heat = Image.open(preds / line["heatmap"])
-        mask = Image.open(preds / line["mask"])
+        mask = Image.open(preds / line["pred_mask"])
         assert heat.size == mask.size == (40, 40)  # written at the input image's own size
         assert set(np.unique(np.asarray(mask)).tolist()) <= {0, 255}
     assert len({line["heatmap"] for line in lines}) == 6  # same stems in two folders do not overwrite
@@ -78,7 +78,7 @@ def test_train_predict_evaluate(tmp_path):
     # The command line writes what the API computes for the same saved model.
     detector = cavga.load(model, device="cpu")
     in_process = detector.predict([Path(line["path"]) for line in lines])
-    assert [line["score"] for line in lines] == pytest.approx([p.score for p in in_process], rel=1e-6)
+    assert [line["pred_score"] for line in lines] == pytest.approx([p.pred_score for p in in_process], rel=1e-6)
     out = tmp_path / "eval"
     run("evaluate", str(model), str(root), "--category", "bottle", "--out", str(out))
     metrics = json.loads((out / "metrics.json").read_text())

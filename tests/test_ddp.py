@@ -120,7 +120,7 @@ def test_cavga_train_and_predict_under_torchrun(tmp_path):
     expected = sorted(str(p) for p in inputs.rglob("*.png"))
     assert [line["path"] for line in lines] == expected  # every file once, in input order, from both ranks
     for line in lines:
-        assert (out / line["heatmap"]).is_file() and (out / line["mask"]).is_file()
+        assert (out / line["heatmap"]).is_file() and (out / line["pred_mask"]).is_file()
     assert len({line["heatmap"] for line in lines}) == len(lines)
     assert not list(out.glob(".rank*"))
     # The merged scores equal a single-process prediction of the same files.
@@ -128,8 +128,8 @@ def test_cavga_train_and_predict_under_torchrun(tmp_path):
     from cavga.data.io import list_images
 
     detector = load(model, device="cpu")
-    scores = [p.score for p in detector.predict(list_images([inputs]))]
-    assert [line["score"] for line in lines] == pytest.approx(scores, abs=1e-6)
+    scores = [p.pred_score for p in detector.predict(list_images([inputs]))]
+    assert [line["pred_score"] for line in lines] == pytest.approx(scores, abs=1e-6)
 
 
 def test_gradient_averaging_is_a_no_op_without_torchrun():

@@ -215,14 +215,14 @@ def test_saved_model_dir_preprocess_feeds_the_graph(tmp_path):
     inferencer = OnnxInferencer(model_dir)
     np.testing.assert_array_equal(np.stack([inferencer.preprocess(item) for item in inputs]), batch)
     score, amap, _ = inferencer.run(batch)
-    np.testing.assert_allclose(score, [p.score for p in preds], atol=TOL)
+    np.testing.assert_allclose(score, [p.pred_score for p in preds], atol=TOL)
     np.testing.assert_allclose(amap, np.stack([p.anomaly_map for p in preds]), atol=TOL)
     # One image in, a list of one Prediction out, with the fields the API promises.
     (single,) = loaded.predict(arrays[1])
-    assert single.anomaly_map.shape == single.mask.shape == (32, 32) and single.label in (0, 1)
-    np.testing.assert_allclose(single.score, preds[1].score, atol=1e-9)
+    assert single.anomaly_map.shape == single.pred_mask.shape == (32, 32) and single.pred_label in (0, 1)
+    np.testing.assert_allclose(single.pred_score, preds[1].pred_score, atol=1e-9)
     onnx_preds = inferencer.predict(inputs)
-    assert [p.label for p in onnx_preds] == [p.label for p in preds]
+    assert [p.pred_label for p in onnx_preds] == [p.pred_label for p in preds]
     assert onnx_preds[1].original_size == (40, 48)
 
 

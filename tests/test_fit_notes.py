@@ -100,7 +100,7 @@ def test_a_default_fit_calibrates_its_own_map_only_and_evaluate_asks_for_the_pap
     assert loaded.paper_calibration_ is None and loaded.evaluate(root) == result
     assert loaded.evaluate(root, paper_map=True) == asked
     image = root / "bottle" / "test" / "spot" / "000.png"
-    assert loaded.predict(image)[0].score == pytest.approx(own.predict(image)[0].score, rel=1e-6)
+    assert loaded.predict(image)[0].pred_score == pytest.approx(own.predict(image)[0].pred_score, rel=1e-6)
     from cavga.export import export
 
     assert export(tmp_path / "m", tmp_path / "m.pt2", format="pt2").is_file()

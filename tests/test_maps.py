@@ -362,12 +362,12 @@ def test_default_model_exports_with_eager_parity(tiny_root, tmp_path, setting, e
     eager = detector.predict(images)
     onnx = OnnxInferencer(path).predict(images)
     for a, b in zip(eager, onnx, strict=True):
-        assert abs(a.score - b.score) < 1e-4
+        assert abs(a.pred_score - b.pred_score) < 1e-4
         np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, atol=1e-4)
     program, _ = load_exported(export(detector, tmp_path / "m.pt2", "pt2"))  # torch.export's ExportedProgram
     with torch.no_grad():
         score, amap, _ = program(torch.stack([torch.from_numpy(detector.preprocess(p)) for p in images]))
-    np.testing.assert_allclose(score.numpy(), [p.score for p in eager], atol=1e-4)
+    np.testing.assert_allclose(score.numpy(), [p.pred_score for p in eager], atol=1e-4)
     np.testing.assert_allclose(amap.numpy(), np.stack([p.anomaly_map for p in eager]), atol=1e-4)
     with pytest.raises(ConfigError, match="cannot be exported"):
         detector.model_config.anomaly_map = "feature_residual"

@@ -131,7 +131,7 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_predictions(uninterrupted, mo
     assert rerun.returncode == 1, rerun.stderr
     assert line_set(out) == expected
     for line in map(json.loads, expected):
-        assert (out / line["mask"]).read_bytes() == (full / line["mask"]).read_bytes()
+        assert (out / line["pred_mask"]).read_bytes() == (full / line["pred_mask"]).read_bytes()
 
 
 def test_overwrite_starts_again_and_a_torn_line_is_dropped(model_dir, folder, tmp_path):

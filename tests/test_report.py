@@ -31,7 +31,8 @@ def write_fake_run(root: Path, n: int = 10, with_truth: bool = True, seed: int =
         score = float(rng.random())
         pred = "anomalous" if score > 0.5 else "normal"
         Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).save(root / "overlays" / f"{i}.png")
-        line = {"path": f"imgs/{i:03d}.png", "score": score, "label": pred, "overlay": f"overlays/{i}.png"}
+        line = {"path": f"imgs/{i:03d}.png", "pred_score": score, "pred_label": int(pred == "anomalous")}
+        line["overlay"] = f"overlays/{i}.png"
         if with_truth:
             line |= {
                 "true_label": truth,
@@ -166,7 +167,7 @@ def test_report_in_headless_chromium(browser, tmp_path, embed):
     page.select_option("#f-defect", "all")
     page.select_option("#sort", "score-asc")
     shown = [float(s) for s in page.eval_on_selector_all("#gallery .card", "cs => cs.map(c => c.dataset.score)")]
-    np.testing.assert_allclose(shown, sorted(x["score"] for x in lines), atol=1e-6)  # 6 decimals in the page
+    np.testing.assert_allclose(shown, sorted(x["pred_score"] for x in lines), atol=1e-6)  # 6 decimals in the page
     assert problems == []
     page.close()
 

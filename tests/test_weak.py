@@ -324,21 +324,21 @@ def test_predict_and_evaluate_read_the_same_for_both_settings(which, fitted_u, f
     outputs = detector.last_outputs_
     predictions = detector.predict(outputs.paths)
     scores = detector.calibration_.normalize(outputs.raw_scores)
-    np.testing.assert_array_equal([p.score for p in predictions], scores)
+    np.testing.assert_array_equal([p.pred_score for p in predictions], scores)
     np.testing.assert_array_equal([p.raw_score for p in predictions], outputs.raw_scores)
     np.testing.assert_array_equal(np.stack([p.anomaly_map for p in predictions]), outputs.anomaly_maps)
-    labels = np.array([p.label for p in predictions])
+    labels = np.array([p.pred_label for p in predictions])
     np.testing.assert_array_equal(labels, scores > 0.5)
     truth = outputs.labels
     balanced = np.mean([np.mean(labels[truth == c] == c) for c in (NORMAL, ANOMALOUS)])
     assert result["balanced_accuracy"] == pytest.approx(balanced)
     for p in predictions:
-        np.testing.assert_array_equal(p.mask, p.anomaly_map > 0.5)
+        np.testing.assert_array_equal(p.pred_mask, p.anomaly_map > 0.5)
         if which == "w":
             # C's probability, calibrated on held-out normal images as every score is
-            assert p.score == pytest.approx(detector.calibration_.normalize(np.array([p.raw_score]))[0])
-            if p.label == NORMAL:
-                assert not p.mask.any()  # C says normal: no anomalous pixel either
+            assert p.pred_score == pytest.approx(detector.calibration_.normalize(np.array([p.raw_score]))[0])
+            if p.pred_label == NORMAL:
+                assert not p.pred_mask.any()  # C says normal: no anomalous pixel either
 
 
 @pytest.mark.slow

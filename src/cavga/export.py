@@ -247,10 +247,10 @@ class OnnxInferencer:
             for i, item in enumerate(chunk):
                 results.append(
                     Prediction(
-                        score=float(scores[i]),
-                        label=int(scores[i] > THRESHOLD),
+                        pred_score=float(scores[i]),
+                        pred_label=int(scores[i] > THRESHOLD),
                         anomaly_map=maps[i].astype(np.float32),
-                        mask=masks[i].astype(bool),
+                        pred_mask=masks[i].astype(bool),
                         raw_score=float("nan"),
                         path=str(item) if isinstance(item, (str, os.PathLike)) else None,
                         original_size=pils[i].size,

@@ -13,30 +13,16 @@ from cavga.metrics import THRESHOLD
 
 @dataclass
 class Prediction:
-    """What cavga says about one image. ``anomaly_map`` and ``mask`` are at the model's input size.
+    """What cavga says about one image, under anomalib's names. ``anomaly_map`` and ``pred_mask`` are at the
+    model's input size."""
 
-    ``pred_score``, ``pred_label`` and ``pred_mask`` are anomalib's names for ``score``, ``label`` and ``mask``
-    (the same objects); the short names stay for one release beside them."""
-
-    score: float  # normalized anomaly score in [0, 1]
-    label: int  # 1 anomalous (score > 0.5), 0 normal
+    pred_score: float  # normalized anomaly score in [0, 1]
+    pred_label: int  # 1 anomalous (pred_score > 0.5), 0 normal
     anomaly_map: np.ndarray  # (H, W) float32 in [0, 1]
-    mask: np.ndarray  # (H, W) bool, anomaly_map > 0.5
+    pred_mask: np.ndarray  # (H, W) bool, anomaly_map > 0.5
     raw_score: float
     path: str | None = None
     original_size: tuple[int, int] | None = None  # (width, height) of the input image
-
-    @property
-    def pred_score(self) -> float:
-        return self.score
-
-    @property
-    def pred_label(self) -> int:
-        return self.label
-
-    @property
-    def pred_mask(self) -> np.ndarray:
-        return self.mask
 
 
 def predictions_from(outputs, original_sizes: Sequence, paths: Sequence | None = None) -> list[Prediction]:
@@ -44,10 +30,10 @@ def predictions_from(outputs, original_sizes: Sequence, paths: Sequence | None =
     paths = paths if paths is not None else [None] * len(original_sizes)
     return [
         Prediction(
-            score=float(outputs.scores[i]),
-            label=int(outputs.scores[i] > THRESHOLD),
+            pred_score=float(outputs.scores[i]),
+            pred_label=int(outputs.scores[i] > THRESHOLD),
             anomaly_map=outputs.anomaly_maps[i].astype(np.float32),
-            mask=outputs.masks[i],
+            pred_mask=outputs.masks[i],
             raw_score=float(outputs.raw_scores[i]),
             path=paths[i],
             original_size=size,

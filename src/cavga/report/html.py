@@ -299,7 +299,12 @@ def _image_roc(run: Run) -> tuple[np.ndarray, np.ndarray] | None:
     labels = np.array([p["true_label"] == "anomalous" for p in run.predictions])
     if labels.all() or not labels.any():
         return None
-    return roc_curve(np.array([p["score"] for p in run.predictions]), labels)
+    return roc_curve(np.array([p["pred_score"] for p in run.predictions]), labels)
+
+
+def _predicted(p: dict) -> str:
+    """The predicted label of a predictions.jsonl line in the words the page uses ("normal", "anomalous")."""
+    return "anomalous" if p["pred_label"] else "normal"
 
 
 def _image_src(run: Run, relative: str, report_dir: Path, embed: bool) -> str:
@@ -328,9 +333,8 @@ def _gallery(runs: list[Run], report_dir: Path, embed: bool) -> str:
             correct = p.get("correct")
             outcome = "unknown" if correct is None else ("correct" if correct else "incorrect")
             title = html.escape(p["path"])
-            lines = [
-                f'<span class="score">score {p["score"]:.3f}</span> &middot; predicted {html.escape(p["label"])}',
-            ]
+            predicted = _predicted(p)
+            lines = [f'<span class="score">score {p["pred_score"]:.3f}</span> &middot; predicted {predicted}']
             if truth is not None:
                 verdict = "correct" if correct else '<span class="bad">incorrect</span>'
                 lines.append(f"true {html.escape(truth)} ({html.escape(defect)}) &middot; {verdict}")
@@ -338,8 +342,8 @@ def _gallery(runs: list[Run], report_dir: Path, embed: bool) -> str:
                 lines.append(f"run {html.escape(run.name)}")
             lines.append(html.escape(name))
             cards.append(
-                f'<figure class="card {outcome}" data-score="{p["score"]:.6f}" data-name="{html.escape(run.name)}/'
-                f'{i:06d}" data-label="{html.escape(truth or p["label"])}" data-pred="{html.escape(p["label"])}" '
+                f'<figure class="card {outcome}" data-score="{p["pred_score"]:.6f}" data-name="{html.escape(run.name)}/'
+                f'{i:06d}" data-label="{html.escape(truth or predicted)}" data-pred="{predicted}" '
                 f'data-defect="{html.escape(defect)}" data-outcome="{outcome}" data-run="{html.escape(run.name)}">'
                 f'<img src="{_image_src(run, image, report_dir, embed)}" alt="{title}" title="{title}" '
                 f'loading="eager"><figcaption>{"<br>".join(lines)}</figcaption></figure>'
@@ -402,9 +406,9 @@ def build_report(
     ]
     hists = []
     for r in runs:
-        key = "true_label" if r.has_truth else "label"
-        normal = np.array([p["score"] for p in r.predictions if p.get(key) == "normal"])
-        anomalous = np.array([p["score"] for p in r.predictions if p.get(key) == "anomalous"])
+        labels = [p.get("true_label") if r.has_truth else _predicted(p) for p in r.predictions]
+        normal = np.array([p["pred_score"] for p, t in zip(r.predictions, labels, strict=True) if t == "normal"])
+        anomalous = np.array([p["pred_score"] for p, t in zip(r.predictions, labels, strict=True) if t == "anomalous"])
         what = "" if r.has_truth else " (by predicted label: no ground truth)"
         hists.append(svg_histogram(f"{r.name}: scores{what}", normal, anomalous, threshold))
     title = title or f"cavga report: {', '.join(r.name for r in runs)}"

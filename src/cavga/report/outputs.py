@@ -182,26 +182,22 @@ def _predict_each(detector, readable: list, images: list, errors):
 def _prediction_line(path: Path, name: str, pred) -> dict:
     return {
         "path": str(path),
-        **prediction_fields(pred.score, pred.label, name),
+        **prediction_fields(pred.pred_score, pred.pred_label, name),
         "raw_score": pred.raw_score,
         "heatmap": f"heatmaps/{name}.png",
         "overlay": f"overlays/{name}.png",
-        "anomalous_pixel_fraction": float(pred.mask.mean()),
+        "anomalous_pixel_fraction": float(pred.pred_mask.mean()),
     }
 
 
 def prediction_fields(score: float, label: int, name: str) -> dict:
-    """The decision fields of a predictions.jsonl line under anomalib's names (``pred_score``, ``pred_label``
-    0/1, ``pred_mask`` and ``anomaly_map``: paths of the mask PNG and the 8-bit grayscale map PNG), and under
-    the earlier names ``score``, ``label`` ("normal"/"anomalous") and ``mask``, kept for one release."""
+    """The decision fields of a predictions.jsonl line, under anomalib's names: ``pred_score``, ``pred_label``
+    (0/1), ``pred_mask`` and ``anomaly_map`` (paths of the mask PNG and of the 8-bit grayscale map PNG)."""
     return {
         "pred_score": float(score),
         "pred_label": int(label),
         "pred_mask": f"masks/{name}.png",
         "anomaly_map": f"anomaly_maps/{name}.png",
-        "score": float(score),
-        "label": "anomalous" if label else "normal",
-        "mask": f"masks/{name}.png",
     }
 
 

@@ -207,22 +207,20 @@ class Service:
         from cavga.metrics import THRESHOLD
 
         body: dict[str, Any] = {
-            "pred_score": prediction.pred_score,  # anomalib's names; score and label kept for one release
+            "pred_score": prediction.pred_score,
             "pred_label": prediction.pred_label,
-            "score": prediction.score,
-            "label": "anomalous" if prediction.label else "normal",
             "raw_score": prediction.raw_score,
             "threshold": THRESHOLD,
             "model_id": self.model_id,
             "image_size": list(prediction.original_size),
-            "anomalous_pixel_fraction": float(prediction.mask.mean()),
+            "anomalous_pixel_fraction": float(prediction.pred_mask.mean()),
         }
         if maps == "png":
             body["anomaly_map_png"] = png_base64(np.round(prediction.anomaly_map * 255).astype(np.uint8))
-            body["mask_png"] = png_base64(prediction.mask.astype(np.uint8) * 255)
+            body["pred_mask_png"] = png_base64(prediction.pred_mask.astype(np.uint8) * 255)
         elif maps == "raw":
             body["anomaly_map"] = array_base64(prediction.anomaly_map.astype(np.float32))
-            body["mask"] = array_base64(prediction.mask.astype(np.uint8))
+            body["pred_mask"] = array_base64(prediction.pred_mask.astype(np.uint8))
         return body
 
     def health(self) -> dict[str, Any]:
