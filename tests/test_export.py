@@ -1,12 +1,11 @@
-"""Export: the closed-form Grad-CAM (what the graph computes) equals autograd's, and ONNX / pt2 (torch.export) /
-TorchScript outputs equal eager inference (``infer_batch`` + calibration) within 1e-4 for every variant and both
-settings, on tiny untrained models."""
+"""Export: the closed-form Grad-CAM (what the graph computes) equals autograd's, and ONNX / pt2 (torch.export)
+outputs equal eager inference (``infer_batch`` + calibration) within 1e-4 for every variant and both settings, on
+tiny untrained models."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -154,7 +153,7 @@ def _check_closed_form_gradcam(detector, x):
 
 @pytest.mark.parametrize("name", ["D", "D*", pytest.param("R", marks=SLOW), pytest.param("R*", marks=SLOW)])
 @pytest.mark.parametrize("setting", ["u", "w"])
-def test_onnx_pt2_and_torchscript_equal_eager(name, setting, tmp_path):
+def test_onnx_and_pt2_equal_eager(name, setting, tmp_path):
     detector, x = _detector(name, setting)  # 5 images: a batch size other than the export's example batch
     _check_closed_form_gradcam(detector, x)
     expected = _eager(detector, x)
@@ -176,14 +175,17 @@ def test_onnx_pt2_and_torchscript_equal_eager(name, setting, tmp_path):
         _check_outputs([t.numpy() for t in program(x)], expected, setting)
         _check_outputs([t.numpy() for t in program(x[:2])], [e[:2] for e in expected], setting)  # another batch
 
-    with pytest.warns(FutureWarning, match="'torchscript' is deprecated"):
-        ts_path = export(detector, tmp_path / "m.pt", "torchscript")
-    with warnings.catch_warnings():
-        # The deprecated format is still tested for its last release; torch's own notice about torch.jit is known.
-        warnings.filterwarnings("ignore", message=r"`?torch\.jit\.\w+`? is deprecated")
-        loaded = torch.jit.load(str(ts_path))
-        with torch.no_grad(), torch.jit.optimized_execution(False):  # skip the profiling runs: same numbers
-            _check_outputs([t.numpy() for t in loaded(x)], expected, setting)
+
+def test_an_unknown_format_is_refused_with_the_known_ones(tmp_path, capsys):
+    from cavga.cli import main
+
+    detector, _ = _detector("D", "u")
+    with pytest.raises(ConfigError, match=r"format must be one of \('onnx', 'pt2'\), got 'torchscript'"):
+        export(detector, tmp_path / "m.pt", "torchscript")
+    assert not (tmp_path / "m.pt").exists()
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", str(detector.save(tmp_path / "model")), "--format", "torchscript"])
+    assert exit_.value.code == 2 and "invalid choice: 'torchscript'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra", [{"anomaly_map": "residual"}, {"score": "mean", "gradcam_normalization": "minmax"}])

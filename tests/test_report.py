@@ -198,6 +198,3 @@ def test_cli_evaluate_report_and_export(tmp_path, browser):
     assert main(["export", str(tmp_path / "model"), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0
     assert main(["export", str(tmp_path / "model"), "--format", "pt2"]) == 0
     assert (tmp_path / "model" / "model.pt2").is_file()
-    with pytest.warns(FutureWarning, match="deprecated"):  # kept for one release
-        assert main(["export", str(tmp_path / "model"), "--format", "torchscript"]) == 0
-    assert (tmp_path / "model" / "model.pt").is_file()

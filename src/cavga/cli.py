@@ -123,13 +123,12 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("model", type=Path)
     p.add_argument(
         "--format",
-        choices=("onnx", "pt2", "torchscript"),
+        choices=("onnx", "pt2"),
         default="onnx",
         metavar="FORMAT",
-        help="what to write:\n  onnx: an ONNX graph (default)\n  pt2: a torch.export program (torch.export.load)\n"
-        "  torchscript: TorchScript (deprecated: removed in the next release)",
+        help="what to write:\n  onnx: an ONNX graph (default)\n  pt2: a torch.export program (torch.export.load)",
     )
-    p.add_argument("--out", type=Path, default=None, help="file to write (default MODEL/model.onnx, .pt2 or .pt)")
+    p.add_argument("--out", type=Path, default=None, help="file to write (default MODEL/model.onnx or model.pt2)")
 
     p = add_command("benchmark", help="run a suite of the paper's experiments (Tables 3, 6, 7, 8); resumable")
     p.add_argument("suite", choices=("mvtec", "pairs", "oneclass", "ablation"), metavar="SUITE", help=SUITES_HELP)

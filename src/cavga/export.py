@@ -1,5 +1,5 @@
 """Export a saved model to ONNX or a ``torch.export`` program (``pt2``) with the anomaly map inside the graph, and
-run the files. TorchScript (``torch.jit``, deprecated by torch) stays for one release and says so.
+run the files.
 
 The exported graph takes a preprocessed batch ``image`` (B, C, H, W) in [0, 1] (what ``Cavga.preprocess``
 returns, stacked) and returns ``score`` (B,) normalized with the model's calibration (constants baked in),
@@ -49,16 +49,12 @@ from cavga.metrics import THRESHOLD
 from cavga.model.gradcam import has_closed_form
 from cavga.model.networks import CavgaNet
 
-FORMATS = ("onnx", "pt2", "torchscript")
-SUFFIXES = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".pt"}
+FORMATS = ("onnx", "pt2")
+SUFFIXES = {"onnx": ".onnx", "pt2": ".pt2"}
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("score", "anomaly_map", "mask")
 METADATA_KEY = "cavga_config"  # the model's config.json, in the ONNX metadata
-CONFIG_EXTRA_FILE = "config.json"  # ... and as an extra file of a pt2 or TorchScript archive
-TORCHSCRIPT_DEPRECATION = (
-    "export format 'torchscript' is deprecated (torch.jit is deprecated in torch) and will be removed in the next "
-    "release; use format 'pt2' (torch.export), loaded with torch.export.load(path).module()"
-)
+CONFIG_EXTRA_FILE = "config.json"  # ... and as an extra file of a pt2 archive
 OPSET = 17
 
 
@@ -102,11 +98,11 @@ def exported_module(detector) -> ExportedCavga:
 
 
 def export(model: Any, out: str | os.PathLike | None = None, format: str = "onnx", batch_size: int = 1) -> Path:
-    """Export ``model`` (a model directory or a fitted ``Cavga``) to ``out`` (default MODEL_DIR/model.onnx, .pt2
-    or .pt).
+    """Export ``model`` (a model directory or a fitted ``Cavga``) to ``out`` (default MODEL_DIR/model.onnx or
+    model.pt2).
 
     The file carries the model's config.json (preprocessing, calibration, architecture) as ONNX metadata
-    ``cavga_config`` or an extra file ``config.json`` of the pt2 / TorchScript archive. The batch dimension is
+    ``cavga_config`` or an extra file ``config.json`` of the pt2 archive. The batch dimension is
     dynamic. ``pt2`` is a ``torch.export`` ExportedProgram (:func:`load_exported` runs it).
     """
     from cavga.api import load
@@ -135,13 +131,6 @@ def export(model: Any, out: str | os.PathLike | None = None, format: str = "onnx
             module(example)  # eagerly once: the checks on tensor values (a fitted Gaussian) that the trace skips
         program = torch.export.export(module, (example,), dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
         torch.export.save(program, str(out), extra_files={CONFIG_EXTRA_FILE: config_text})
-        return out
-    if format == "torchscript":
-        warnings.warn(TORCHSCRIPT_DEPRECATION, FutureWarning, stacklevel=2)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.jit's own deprecation and tracer warnings
-            traced = torch.jit.trace(module, example, check_trace=False)
-            torch.jit.save(traced, str(out), _extra_files={CONFIG_EXTRA_FILE: config_text})
         return out
     _export_onnx(module, example, out, config_text)
     return out
