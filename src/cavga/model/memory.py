@@ -149,9 +149,10 @@ class LatentMemory(nn.Module):
         return (vectors - vectors.mean(0)).pow(2).sum(1).mean()
 
     @torch.no_grad()
-    def fit(self, batches: Iterable[torch.Tensor], seed: int = 0) -> LatentMemory:
+    def fit(self, batches: Iterable[torch.Tensor], seed: int = 0, projection: int = PROJECTION_DIM) -> LatentMemory:
         """Fill the memory from batches (B, C, h, w) of normal images: every position's vector, thinned by
-        :func:`greedy_coreset` where there are more than ``size``. The selection runs on the features' device
+        :func:`greedy_coreset` (selecting on a random projection to ``projection`` dimensions) where there are
+        more than ``size``. The selection runs on the features' device
         (a GPU's bandwidth makes its one pass over the candidates per member cheap); the indices are drawn on the
         CPU, so a seed selects the same rows on any device."""
         parts, owners, images = [], [], 0
@@ -175,7 +176,7 @@ class LatentMemory(nn.Module):
             keep = torch.randperm(vectors.shape[0], generator=generator)[:CANDIDATE_LIMIT]
             vectors, owner = vectors[keep.to(vectors.device)], owner[keep]
         if vectors.shape[0] > self.size:
-            keep = greedy_coreset(vectors, self.size, seed)
+            keep = greedy_coreset(vectors, self.size, seed, projection)
             vectors, owner = vectors[keep.to(vectors.device)], owner[keep]
         held = vectors.shape[0]
         repeats = torch.arange(self.size) % held  # fewer vectors than rows: repeat them
