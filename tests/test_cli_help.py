@@ -262,6 +262,17 @@ def test_a_saved_config_json_is_a_config_file(tmp_path):
                       **to_dict(LossWeights())}  # fmt: skip
 
 
+def test_a_saved_config_json_with_an_old_style_key_is_refused_by_name(tmp_path, capsys):
+    saved = {"cavga_version": "0", "model": {**to_dict(ModelConfig(variant="D")), "weakly_supervised": False},
+             "train": to_dict(TrainConfig())}  # fmt: skip
+    del saved["model"]["setting"]
+    config = write(tmp_path / "config.json", saved)
+    with pytest.raises(ConfigError, match=r"unknown key 'model.weakly_supervised'"):
+        read_config_file(config)
+    assert main(["train", "d", "--out", "m", "--config", str(config)]) == 2
+    assert "model.weakly_supervised" in capsys.readouterr().err
+
+
 def test_a_yaml_config_file(tmp_path):
     yaml = pytest.importorskip("yaml")
     path = tmp_path / "c.yaml"

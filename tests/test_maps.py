@@ -57,9 +57,7 @@ def test_variants_default_to_their_own_map_and_score():
         build_model(ModelConfig(variant="D", freeze_encoder=True))
 
 
-def test_setting_w_takes_its_own_map_and_score_defaults_and_old_files_read_as_the_papers():
-    from cavga.config import upgrade_sections
-
+def test_setting_w_takes_its_own_map_and_score_defaults():
     for variant in ("D", "R"):
         cfg = ModelConfig(variant=variant, setting="w")
         assert (cfg.anomaly_map, cfg.score) == ("attention", "probability")  # the paper's
@@ -69,12 +67,6 @@ def test_setting_w_takes_its_own_map_and_score_defaults_and_old_files_read_as_th
         ModelConfig(setting="w", score="top_mean").validate()
     with pytest.raises(ConfigError, match="no classifier"):
         ModelConfig(setting="u", score="probability").validate()
-    # A w file from before these options held u's map and score but was read as the paper's: still is.
-    old = {"variant": "D", "setting": "w", "anomaly_map": "attention", "score": "top_mean"}
-    model, _ = upgrade_sections(old, {})
-    assert (model["anomaly_map"], model["score"]) == ("attention", "probability")
-    new = {**old, "anomaly_map": "latent_gaussian", "score": "map_max"}
-    assert upgrade_sections(new, {})[0]["anomaly_map"] == "latent_gaussian"
 
 
 @pytest.mark.parametrize("variant,size,features", [("D", 64, 16), ("R", 64, 512), ("L", 64, 152)])

@@ -25,7 +25,6 @@ from cavga.config import (
     TrainConfig,
     from_dict,
     to_dict,
-    upgrade_sections,
 )
 from cavga.data import AnomalyDataset, DatasetSplits, Preprocess, load_dataset
 from cavga.data.io import ImageInput, to_pil
@@ -426,10 +425,9 @@ class Cavga:
         cls, config: dict, state: dict[str, torch.Tensor], device: str = "auto", source: Any = "weights"
     ) -> Cavga:
         """The fitted estimator that :meth:`config_dict` and the weights ``state`` describe (the inverse of
-        :meth:`save`). Config files written before the setting moved into the model section are migrated."""
-        model_section, train_section = upgrade_sections(config["model"], config["train"])
-        model_config = from_dict(ModelConfig, model_section)
-        train_config = from_dict(TrainConfig, train_section)
+        :meth:`save`). A section key this version does not know is refused by name (:func:`from_dict`)."""
+        model_config = from_dict(ModelConfig, config["model"])
+        train_config = from_dict(TrainConfig, config["train"])
         options = {**to_dict(model_config), **to_dict(train_config), **to_dict(train_config.weights)}
         del options["weights"]
         weak = config.get("weak_supervision", {})

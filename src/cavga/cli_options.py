@@ -12,7 +12,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from cavga.config import ENCODER_VARIANTS, LossWeights, ModelConfig, TrainConfig, upgrade_sections
+from cavga.config import ENCODER_VARIANTS, LossWeights, ModelConfig, TrainConfig
 from cavga.errors import ConfigError
 
 DATA_FORMATS = ("mvtec", "pairs", "magnetic_tile", "folders", "folder", "oneclass", "video")
@@ -405,8 +405,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
         sections[name] = data.get(name) or {}
         if not isinstance(sections[name], dict):
             raise ConfigError(f"{path}: the {name} section must be an object, got {sections[name]!r}")
-    model, train = upgrade_sections(sections["model"], sections["train"]) if recorded else sections.values()
-    train = dict(train)
+    model, train = sections["model"], dict(sections["train"])
     weights = train.pop("weights", None) or {}
     if not isinstance(weights, dict):
         raise ConfigError(f"{path}: train.weights must be an object, got {weights!r}")

@@ -309,19 +309,3 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
         kwargs[key] = value
     return cls(**kwargs)
 
-
-def upgrade_sections(model: dict[str, Any], train: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The ``model`` / ``train`` sections of a config file written before the setting moved into ModelConfig
-    (``model.weakly_supervised`` and ``train.setting``) or before ``gaussian_neighbourhood``, in today's form;
-    newer sections come back unchanged."""
-    model, train = dict(model), dict(train)
-    # Written before the neighbourhood existed: the latent Gaussian was fitted on each position alone.
-    model.setdefault("gaussian_neighbourhood", 0)
-    weak = model.pop("weakly_supervised", None)
-    old_setting = train.pop("setting", None)
-    if "setting" not in model and (old_setting is not None or weak is not None):
-        model["setting"] = old_setting if old_setting is not None else ("w" if weak else "u")
-    # Written before CAVGA_w's map and score were options: they were the paper's, whatever the file said.
-    if model.get("setting") == "w" and model.get("score") not in WEAK_SCORES:
-        model |= _PAPER_WEAK
-    return model, train
