@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     started = time.perf_counter()
     preprocess = Preprocess(args.image_size, 1)
-    splits = load_dataset(args.data, format="pairs", seed=0, split=args.split_by, preprocess=preprocess)
+    splits = load_dataset(args.data, format="magnetic_tile", seed=0, split=args.split_by, preprocess=preprocess)
     baseline = PadimBaseline(image_size=args.image_size, channels=1, seed=0, device="cpu").fit(splits)
     pooled = baseline.evaluate(splits)
     rows = by_type(baseline.last_outputs_)

@@ -49,10 +49,16 @@ DATASETS = {
     "bottle": {"root": SHARED / "mvtec-bottle", "format": "mvtec", "category": "bottle", "size": 256},
     # Split by tile (cavga's split since the tiles' six exposures were found); "magnetic_tile/image" is the
     # split by image that every Magnetic Tile figure before it used (normal test tiles have copies in training).
-    "magnetic_tile": {"root": SHARED / "magnetic-tile", "format": "pairs", "seed": 0, "size": 256, "split": "tile"},
+    "magnetic_tile": {
+        "root": SHARED / "magnetic-tile",
+        "format": "magnetic_tile",
+        "seed": 0,
+        "size": 256,
+        "split": "tile",
+    },
     "magnetic_tile/image": {
         "root": SHARED / "magnetic-tile",
-        "format": "pairs",
+        "format": "magnetic_tile",
         "seed": 0,
         "size": 256,
         "split": "image",

@@ -34,7 +34,6 @@ FIXED_TRAIN_OPTIONS = {
     "--anomalous-fraction": (["0.05"], "anomalous_fraction", 0.05),
     "--anomalous-count": (["4"], "anomalous_count", 4),
     "--anomalous-dir": (["defects"], "anomalous_dir", Path("defects")),
-    "--encoder": (["resnet18"], "encoder", "resnet18"),
     "--no-progress": ([], "no_progress", True),
     "--paper-map": ([], "paper_map", True),
 }
@@ -42,7 +41,7 @@ FIXED_TRAIN_OPTIONS = {
 SHORT_HELP_FIELDS = {"variant", "setting", "image_size", "epochs", "seed", "device"}
 # (--no-progress is advanced too, but --resume's help names it)
 ADVANCED_FIXED = ("--run-dir", "--tensorboard", "--checkpoint-steps", "--normal-class", "--split-seed",
-                  "--test-fraction", "--split-by", "--encoder", "--paper-map")  # fmt: skip
+                  "--test-fraction", "--split-by", "--paper-map")  # fmt: skip
 
 
 def flag(name: str) -> str:
@@ -139,6 +138,23 @@ def test_every_old_train_flag_still_parses_into_the_same_attribute():
             assert getattr(parser.parse_args(["train", "d", f"--no-{flag(f.name)[2:]}"]), f.name) is False
 
 
+def test_format_takes_the_loaders_names_and_removed_flags_are_refused(capsys):
+    from cavga.data.loader import FORMATS
+
+    assert cli_options.DATA_FORMATS == FORMATS
+    for command in (["train", "d"], ["evaluate", "m", "d", "--out", "o"]):
+        for name in FORMATS:
+            assert parse_args([*command, "--format", name]).format == name
+        for removed in ("folder", "pairs"):
+            with pytest.raises(SystemExit):
+                parse_args([*command, "--format", removed])
+            err = capsys.readouterr().err
+            assert f"invalid choice: '{removed}'" in err and all(name in err for name in FORMATS), err
+    with pytest.raises(SystemExit):  # --variant names the network; --encoder was a second spelling of it
+        parse_args(["train", "d", "--encoder", "resnet18"])
+    assert "unrecognized arguments: --encoder" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------------ choices
 
 
@@ -224,9 +240,6 @@ def test_flags_on_the_command_line_win_over_the_config_file(tmp_path):
     assert (args.variant, args.lr, args.flatten_latent, args.latent_channels) == ("R", 0.0002, False, 8)
     # --lr given at the dataclass default is not an option any more: the estimator uses that default
     assert config_options(args, train_options()) == {"variant": "R", "latent_channels": 8, "epochs": 2, "w_cga": 0.5}
-    # --encoder names the variant too, and wins over the file's
-    args = parse_args(["train", "d", "--config", str(config), "--encoder", "resnet18"])
-    assert config_options(args, train_options())["variant"] == "R"
 
 
 def test_train_passes_the_config_file_to_the_estimator(tmp_path, monkeypatch):

@@ -103,7 +103,7 @@ def test_load_dataset_folders_layout(folders):
     assert detect_format(folders) == "folders"
     splits = load_dataset(folders, mask_suffix="_mask")
     assert len(splits.test) == 5 and splits.test.has_masks
-    assert load_dataset(folders, format="pairs", mask_suffix="_mask").test.paths == splits.test.paths
+    assert load_dataset(folders, format="folders", mask_suffix="_mask").test.paths == splits.test.paths
     assert detect_format(folders / "normal") == "folders"  # a bare folder of normal images
     bare = load_dataset(folders / "normal")  # no abnormal images: nothing to test on, every image trains
     assert len(bare.train) == 10 and len(bare.test) == 0 and bare.info["split"]["test_fraction"] == 0.0
@@ -144,7 +144,7 @@ def test_magnetic_tile_layout(tiles):
     assert splits.test[4].mask.sum().item() == 0 and splits.test[4].label == ANOMALOUS
     assert splits.info["channels"] == 1 and splits.info["format"] == "magnetic_tile"
     assert detect_format(tiles) == "magnetic_tile"
-    assert load_dataset(tiles, format="pairs", test_fraction=0.5).test.paths == splits.test.paths
+    assert load_dataset(tiles, format="magnetic_tile", test_fraction=0.5).test.paths == splits.test.paths
 
 
 def test_magnetic_tile_groups_hand_worked():

@@ -69,7 +69,8 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add_command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
-        return sub.add_parser(name, **{"formatter_class": HelpFormatter, **kwargs})
+        # No abbreviations: a flag that is gone (--encoder) must be refused, not read as a longer one it begins.
+        return sub.add_parser(name, **{"formatter_class": HelpFormatter, "allow_abbrev": False, **kwargs})
 
     p = add_command("make-data", help="write the built-in demo dataset (MVTec layout)")
     p.add_argument("out", type=Path, help="folder to write")

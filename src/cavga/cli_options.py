@@ -12,10 +12,10 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from cavga.config import ENCODER_VARIANTS, LossWeights, ModelConfig, TrainConfig
+from cavga.config import LossWeights, ModelConfig, TrainConfig
 from cavga.errors import ConfigError
 
-DATA_FORMATS = ("mvtec", "pairs", "magnetic_tile", "folders", "folder", "oneclass", "video")
+DATA_FORMATS = ("mvtec", "magnetic_tile", "folders", "oneclass", "video")  # cavga.data.loader.FORMATS
 # The config fields `cavga train --help` shows; every other field (and every field added later) is advanced.
 PAPER_MAP_HELP = (
     "also report the paper's own map and score (1 - A, the residual score; CAVGA_w: the class Grad-CAM, C's "
@@ -36,10 +36,8 @@ CHOICES: dict[str, tuple[str, dict[str, str]]] = {
         "dataset layout (detected when left out):",
         {
             "mvtec": "CATEGORY/train/good, test/DEFECT, ground_truth/DEFECT",
-            "pairs": "magnetic_tile where MT_* folders exist, else folders",
             "magnetic_tile": "MT_CLASS/Imgs/NAME.jpg with its NAME.png mask",
             "folders": "normal/ [+ abnormal/, masks/], or the images in DATA",
-            "folder": "the same as folders",
             "oneclass": "MNIST or CIFAR-10 files, or train/CLASS, test/CLASS",
             "video": "train/VIDEO/FRAME, test/VIDEO/FRAME, test_masks/VIDEO/MASK",
         },
@@ -58,10 +56,6 @@ CHOICES: dict[str, tuple[str, dict[str, str]]] = {
             "R": "ResNet-18 trunk, residual decoder (the paper's CAVGA-R)",
             "L": "frozen ImageNet EfficientNet-Lite0 trunk, residual decoder",
         },
-    ),
-    "encoder": (
-        "the encoder by name, a second spelling of --variant:",
-        {"dcgan": "--variant D", "efficientnet_lite0": "--variant L", "resnet18": "--variant R (the paper's)"},
     ),
     "setting": (
         "what the training images are:",
@@ -226,7 +220,7 @@ def add_data_options(p: argparse.ArgumentParser | argparse._ArgumentGroup, more:
 def data_kwargs(args: argparse.Namespace) -> dict:
     kwargs: dict = {}
     if args.format is not None:
-        kwargs["format"] = "folders" if args.format == "folder" else args.format
+        kwargs["format"] = args.format
     if args.category is not None:
         kwargs["category"] = args.category
     if args.normal_class is not None:
@@ -305,9 +299,6 @@ def add_train_options(p: argparse.ArgumentParser, show_advanced: bool = False) -
     advanced = p.add_argument_group("advanced: model and training (ModelConfig, TrainConfig, LossWeights fields)")
     for f in config_fields():
         _add_config_option(basic if f.name in BASIC_FIELDS else advanced, f)
-    advanced.add_argument(
-        "--encoder", choices=sorted(ENCODER_VARIANTS), default=None, metavar="ENCODER", help=choice_help("encoder")
-    )
     if not show_advanced:
         for group in (more_data, run, advanced):
             for action in group._group_actions:
@@ -321,16 +312,9 @@ PARSER_TEXT = {"usage": USAGE, "description": DESCRIPTION, "epilog": SHORT_EPILO
 def config_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
     """The config options given (on the command line or by --config): those that differ from their flag's
     default in ``parser`` (a fresh :func:`train_options`)."""
-    options = {
+    return {
         f.name: getattr(args, f.name) for f in config_fields() if getattr(args, f.name) != parser.get_default(f.name)
     }
-    encoder = getattr(args, "encoder", None)
-    if encoder is not None:
-        variant = ENCODER_VARIANTS[encoder]
-        if options.get("variant", variant) != variant:
-            raise ConfigError(f"--encoder {encoder} is variant {variant}, but --variant {options['variant']} was given")
-        options["variant"] = variant
-    return options
 
 
 # ------------------------------------------------------------------------------------------------ --config FILE
@@ -421,8 +405,5 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 def file_defaults(args: argparse.Namespace) -> dict[str, Any]:
     """The values of ``args.config`` to use as the train options' defaults (options given on the command line
-    win). --encoder, which the file does not hold, wins over the file's variant."""
-    values = read_config_file(args.config)
-    if args.encoder is not None:
-        values.pop("variant", None)
-    return values
+    win)."""
+    return read_config_file(args.config)

@@ -10,8 +10,6 @@ from cavga.errors import ConfigError
 
 SETTINGS = ("u", "w")
 VARIANTS = ("D", "R", "L")
-# The encoder of each variant, by the name `--encoder` takes (timm's names where one exists).
-ENCODER_VARIANTS = {"dcgan": "D", "resnet18": "R", "efficientnet_lite0": "L"}
 # The image scores: "top_mean" and "map_max" in cavga.engine.infer, the others in cavga.engine.scores.
 SCORES = (
     "top_mean", "mean", "map_max", "squared", "ssim", "elbo", "kl", "latent_mahalanobis", "discriminator",

@@ -38,6 +38,7 @@ from cavga.data import (
     list_mvtec_categories,
     load_dataset,
 )
+from cavga.data.folders import magnetic_tile_classes
 from cavga.data.oneclass import detect_oneclass_source, read_cifar10, read_class_folders, read_idx
 from cavga.data.splits import exclude_paths, sample_weak_labels, with_group_twins
 from cavga.data.synthetic import write_quick_data
@@ -78,6 +79,11 @@ def _ablation_format(root: Path) -> str:
     return "mvtec" if list_mvtec_categories(root) or is_category else "pairs"
 
 
+def _pairs_format(root: Path) -> str:
+    """The image + mask pairs suite reads Magnetic Tile where its MT_* folders are, otherwise plain folders."""
+    return "magnetic_tile" if root.is_dir() and magnetic_tile_classes(root) else "folders"
+
+
 def _oneclass_classes(root: Path) -> list[str]:
     source = detect_oneclass_source(root)
     if source == "idx":
@@ -99,7 +105,7 @@ def load_category(suite: str, root: Path, category: str) -> DatasetSplits:
     fmt = _ablation_format(root) if suite == "ablation" else suite
     if fmt == "mvtec":
         return load_dataset(root, format="mvtec", category=category, preprocess=pre)
-    return load_dataset(root, format="pairs", preprocess=pre, seed=DATA_SEED)
+    return load_dataset(root, format=_pairs_format(root), preprocess=pre, seed=DATA_SEED)
 
 
 def _cap(dataset: AnomalyDataset, limit: int | None) -> AnomalyDataset:

@@ -15,7 +15,6 @@ from cavga.data.video import read_video_frames
 from cavga.errors import CavgaError, ConfigError, DataError
 
 FORMATS = ("mvtec", "magnetic_tile", "folders", "oneclass", "video")
-ALIASES = ("pairs",)
 
 # Sub-folder names load_dataset looks for in the "folders" and "video" layouts.
 NORMAL_DIRS = ("normal", "good")
@@ -110,17 +109,14 @@ def load_dataset(
     <root>/normal or <root>), abnormal_dir (default <root>/abnormal if present), mask_dir (default <root>/masks
     if present), mask_suffix, mask_ext, test_fraction, seed. oneclass: normal_class (required), source.
     video: every, test_root, mask_root (defaults <root>/test and <root>/test_masks when <root>/train exists).
-    "pairs" is an alias: magnetic_tile when MT_* folders exist, else folders.
     Options given as None are ignored, so a CLI can pass all of its options through.
     """
     root = Path(root)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if format is None:
         format = detect_format(root)
-    if format == "pairs":
-        format = "magnetic_tile" if root.is_dir() and magnetic_tile_classes(root) else "folders"
     if format not in FORMATS:
-        raise ConfigError(f"unknown dataset format {format!r}; known: {list(FORMATS + ALIASES)}")
+        raise ConfigError(f"unknown dataset format {format!r}; known: {', '.join(FORMATS)}")
     _check_kwargs(format, kwargs)
     if category is not None and format != "mvtec":
         raise ConfigError(f"category={category!r} applies to the mvtec format only, not {format!r}")
