@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -15,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from cavga._version import __version__
 from cavga.config import (
@@ -24,6 +23,7 @@ from cavga.config import (
     ModelConfig,
     TrainConfig,
     from_dict,
+    split_options,
     to_dict,
 )
 from cavga.data import AnomalyDataset, DatasetSplits, Preprocess, load_dataset
@@ -54,30 +54,10 @@ from cavga.engine.runlog import RUN_FILE, read_run_file
 from cavga.engine.train import resolve_device, seed_everything, train
 from cavga.errors import ConfigError, DataError, ModelFileError
 from cavga.model.networks import build_model
+from cavga.model_files import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, read_model_dir
 from cavga.prediction import Prediction, predictions_from
 
 log = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-
-
-def _split_options(options: dict[str, Any]) -> tuple[dict, dict, dict]:
-    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"weights"}
-    weight_fields = {f.name for f in dataclasses.fields(LossWeights)}
-    model_kw, train_kw, weight_kw = {}, {}, {}
-    for key, value in options.items():
-        if key in model_fields:
-            model_kw[key] = value
-        elif key in train_fields:
-            train_kw[key] = value
-        elif key in weight_fields:
-            weight_kw[key] = value
-        else:
-            raise ConfigError(f"unknown option {key!r}")
-    return model_kw, train_kw, weight_kw
 
 
 class Cavga:
@@ -114,7 +94,7 @@ class Cavga:
         self.params = {"variant": variant, "setting": setting, "image_size": image_size, "channels": channels}
         self.params |= {"calibration_quantile": calibration_quantile, "anomalous_fraction": anomalous_fraction}
         self.params |= {"anomalous_count": anomalous_count, "anomalous_dir": anomalous_dir, **options}
-        model_kw, train_kw, weight_kw = _split_options(options)
+        model_kw, train_kw, weight_kw = split_options(options)
         self.model_config = ModelConfig(
             variant=variant, setting=setting, image_size=image_size, channels=channels or 3, **model_kw
         )
@@ -468,23 +448,7 @@ class Cavga:
 
 def load(path: str | os.PathLike, device: str = "auto") -> Cavga:
     """Load a saved model directory (no pickle anywhere: safetensors weights and a JSON config)."""
-    path = Path(path)
-    config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
-    for required in (config_path, weights_path):
-        if not required.is_file():
-            raise ModelFileError(f"{path}: not a cavga model directory ({required.name} is missing)")
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelFileError(f"{config_path}: unreadable config ({exc})") from exc
-    if config.get("format_version") != FORMAT_VERSION:
-        raise ModelFileError(
-            f"{config_path}: format_version {config.get('format_version')!r}, this cavga reads {FORMAT_VERSION}"
-        )
-    try:
-        state = load_file(str(weights_path))
-    except Exception as exc:  # safetensors has its own error type for a file that is not safetensors (a pickle)
-        raise ModelFileError(f"{weights_path}: not safetensors weights that match config.json ({exc})") from exc
+    config, state, weights_path = read_model_dir(path)
     return Cavga.from_config_dict(config, state, device=device, source=weights_path)
 
 

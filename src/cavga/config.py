@@ -307,3 +307,21 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
         kwargs[key] = value
     return cls(**kwargs)
 
+
+def split_options(options: dict[str, Any]) -> tuple[dict, dict, dict]:
+    """``Cavga``'s keyword options by the dataclass that has each one as a field: (ModelConfig, TrainConfig,
+    LossWeights) keyword arguments; any other option is a ConfigError that names it."""
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"weights"}
+    weight_fields = {f.name for f in dataclasses.fields(LossWeights)}
+    model_kw, train_kw, weight_kw = {}, {}, {}
+    for key, value in options.items():
+        if key in model_fields:
+            model_kw[key] = value
+        elif key in train_fields:
+            train_kw[key] = value
+        elif key in weight_fields:
+            weight_kw[key] = value
+        else:
+            raise ConfigError(f"unknown option {key!r}")
+    return model_kw, train_kw, weight_kw

@@ -119,7 +119,7 @@ def array_base64(array: np.ndarray) -> dict[str, Any]:
 
 def model_id(model_dir: str | os.PathLike) -> str:
     """A short content hash of config.json and model.safetensors: equal ids mean equal models."""
-    from cavga.api import CONFIG_FILE, WEIGHTS_FILE
+    from cavga.model_files import CONFIG_FILE, WEIGHTS_FILE
 
     digest = hashlib.sha256()
     for name in (CONFIG_FILE, WEIGHTS_FILE):
