@@ -18,11 +18,12 @@ from safetensors.torch import save_file
 
 from cavga._version import __version__
 from cavga.config import (
-    VARIANT_DEFAULTS,
     LossWeights,
     ModelConfig,
     TrainConfig,
+    default_epochs,
     from_dict,
+    reads_training,
     split_options,
     to_dict,
 )
@@ -47,6 +48,7 @@ from cavga.engine.fitting import (
     calibrate_model,
     describe_data,
     fit_normal_statistics,
+    note_untrained,
     paper_calibration,
 )
 from cavga.engine.infer import check_anomaly_map, evaluate_outputs, infer_batch, infer_dataset, paper_choice
@@ -99,8 +101,10 @@ class Cavga:
             variant=variant, setting=setting, image_size=image_size, channels=channels or 3, **model_kw
         )
         self.channels_given = channels is not None
-        if train_kw.get("epochs") is None:
-            train_kw["epochs"] = VARIANT_DEFAULTS.get(variant, VARIANT_DEFAULTS["D"])["epochs"]
+        self.epochs_given = train_kw.get("epochs") is not None
+        if not self.epochs_given:
+            mc = self.model_config
+            train_kw["epochs"] = default_epochs(mc.variant, mc.anomaly_map, mc.score)
         self.train_config = TrainConfig(weights=LossWeights(**weight_kw), **train_kw)
         self.calibration_quantile = calibration_quantile
         self.anomalous_fraction = anomalous_fraction
@@ -109,6 +113,11 @@ class Cavga:
         self.model_config.validate()
         check_anomaly_map(self.model_config.anomaly_map)
         self.train_config.validate()
+        if self.train_config.epochs == 0 and reads_training(self.model_config.anomaly_map, self.model_config.score):
+            raise ConfigError(
+                f"anomaly_map {self.model_config.anomaly_map!r} with score {self.model_config.score!r} reads the "
+                "trained network: epochs must be >= 1, got 0"
+            )
         validate_weak_options(setting, anomalous_fraction, anomalous_count, self.anomalous_dir)
 
     # ---------------------------------------------------------------- fitting
@@ -163,7 +172,11 @@ class Cavga:
             splits.train, self.train_config.calibration_fraction, self.train_config.seed
         )
         normal_train_set = train_set
-        tc = self.train_config
+        tc, mc = self.train_config, self.model_config
+        if paper_map and tc.epochs == 0:
+            if self.epochs_given:
+                raise ConfigError("the paper's map reads the trained network: paper_map needs epochs >= 1, got 0")
+            tc.epochs = default_epochs(mc.variant, mc.anomaly_map, mc.score, paper_map=True)
         self.excluded_paths_: list[str] = []
         weak_info: dict[str, Any] = {}
         if self.model_config.setting == "w":
@@ -193,6 +206,8 @@ class Cavga:
         try:
             if ctx.is_main:
                 describe_data(splits, len(normal_train_set), len(calibration_set), tc.calibration_fraction)
+                if tc.epochs == 0:
+                    note_untrained(mc.anomaly_map, mc.score)
             # Seeded here, not only in train(): the initial weights must follow the seed too (a fresh process's
             # default torch seed is random), or two runs with one seed differ and a resumed run has no twin.
             seed_everything(self.train_config.seed)
@@ -210,11 +225,12 @@ class Cavga:
                 run_info=_jsonable(run_info) if run_info is not None else None,
                 ctx=ctx,
             )
-            if self.model_config.setting == "w" and tc.classifier_steps > 0:
+            if self.model_config.setting == "w" and tc.classifier_steps > 0 and tc.epochs > 0:
                 weak_info["classifier_refit"] = refit_classifier(self.model_, train_set, tc.classifier_steps, tc.seed)
             self.train_seconds_ = time.perf_counter() - start
             show = progress and ctx.is_main
-            weak_info |= fit_normal_statistics(self.model_, normal_train_set, train_set, tc, show)
+            fitted, training_vectors = fit_normal_statistics(self.model_, normal_train_set, train_set, tc, show)
+            weak_info |= fitted
             self.calibration_ = calibrate_model(
                 self.model_,
                 calibration_set,
@@ -224,7 +240,9 @@ class Cavga:
                 tc,
                 show,
                 has_classifier="deviation_classifier" in weak_info,
+                training_vectors=training_vectors,
             )
+            del training_vectors  # the normal images' features: hundreds of MB on a large category
             # The paper-literal map and score of the same model, where asked for (evaluate reports it beside).
             self.paper_calibration_ = None
             if paper_map:

@@ -27,6 +27,28 @@ VARIANT_DEFAULTS = {
     "R": {"image_size": 128, "width": 64, "epochs": 30, **_PAPER},
     "L": {"image_size": 256, "width": 16, "epochs": 1, "anomaly_map": "trunk_knn", "score": "map_max"},
 }
+# The maps and scores that read no trained weight: trunk_knn compares the frozen ImageNet trunk's features with a
+# memory of normal ones (tests/test_maps.py checks that two differently trained models draw the same map), and
+# map_max is the map's maximum. A model whose map and score are both among them is not trained by default
+# (:func:`default_epochs`): the CAVGA training steps would change nothing it outputs.
+TRAINING_FREE_MAPS = ("trunk_knn",)
+MAP_ONLY_SCORES = ("map_max",)
+
+
+def reads_training(anomaly_map: str, score: str) -> bool:
+    """Whether the map or the score reads a weight that training changes."""
+    return anomaly_map not in TRAINING_FREE_MAPS or score not in MAP_ONLY_SCORES
+
+
+def default_epochs(variant: str, anomaly_map: str, score: str, paper_map: bool = False) -> int:
+    """The training budget of a model whose epochs are unset: the variant's (D and R 30, L 1) where its map or
+    score reads the trained network, or where the paper-literal map is to be reported beside (``paper_map``);
+    0 (no training step) where neither does, as for the default CAVGA-L (trunk_knn scored by its maximum)."""
+    if paper_map or reads_training(anomaly_map, score):
+        return VARIANT_DEFAULTS.get(variant, VARIANT_DEFAULTS["D"])["epochs"]
+    return 0
+
+
 # CAVGA-L_u's map, trunk_knn (the nearest normal patch feature of the frozen trunk at strides 4, 8 and 16, 8192
 # memory rows, no 3 x 3 averaging), was chosen over latent_knn (the nearest normal mu vector, the default before) on
 # bottle, capsule, Magnetic Tile and the demo categories at once by the rule of docs/research/2026-12-06-default-map.md
@@ -240,7 +262,10 @@ class LossWeights:
 class TrainConfig:
     """How one model is trained (the u/w setting is part of :class:`ModelConfig`: it changes the network)."""
 
-    epochs: int | None = _option(None, "training epochs; unset: D and R 30, L 1")
+    epochs: int | None = _option(
+        None, "training epochs; unset: D and R 30, L 1, and 0 (no training) where the map and score read no trained "
+        "weight (the default CAVGA-L's trunk_knn and map_max) unless the paper's map is asked for beside",
+    )  # fmt: skip
     batch_size: int = _option(16, "images per step (per process under torchrun)")
     lr: float = _option(2e-4, "Adam learning rate of both optimizers (DCGAN's settings)")
     beta1: float = _option(0.5, "Adam beta1 of both optimizers")
@@ -275,8 +300,8 @@ class TrainConfig:
             self.epochs = VARIANT_DEFAULTS["D"]["epochs"]
 
     def validate(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if self.epochs < 0:
+            raise ConfigError(f"epochs must be >= 0 (0: no training step), got {self.epochs}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         for name in ("anomalous_share", "synthetic_share"):

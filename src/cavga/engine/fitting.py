@@ -21,6 +21,7 @@ from cavga.engine.calibration import Calibration
 from cavga.engine.classifier import cross_fitted_classifier_weights, fit_deviation_classifier
 from cavga.engine.infer import (
     MapChoice,
+    NormalVectors,
     calibrate,
     fit_latent_gaussian,
     fit_latent_memory,
@@ -50,10 +51,11 @@ def needs_latent_gaussian(choice: MapChoice) -> bool:
 
 def fit_normal_statistics(
     model: CavgaNet, normal_train_set: Dataset, train_set: Dataset, config: TrainConfig, progress: bool = True
-) -> dict:
+) -> tuple[dict, NormalVectors | None]:
     """Fit, after training, what the model's own map and score read, from the normal training images
     ``normal_train_set`` (``train_set``: every training example, CAVGA_w's labelled ones too). Returns what the
-    deviation classifier's fit reports, where it was fitted (empty otherwise)."""
+    deviation classifier's fit reports, where it was fitted (empty otherwise), and the trunk features the trunk
+    memory was filled from, for :func:`calibrate_model` to read again (None where it holds none)."""
     choice = MapChoice.of(model.config)
     spec = map_spec(choice.anomaly_map)
     fits_classifier = (
@@ -66,12 +68,14 @@ def fit_normal_statistics(
     if spec.needs_memory:
         with progress_bar("memory", progress, total=len(normal_train_set)):
             fit_latent_memory(model, normal_train_set, config.seed)
+    vectors = None
     if spec.needs_trunk_memory:
         with progress_bar("memory", progress, total=len(normal_train_set)):
-            fit_trunk_memory(model, normal_train_set, config.seed)
+            vectors = fit_trunk_memory(model, normal_train_set, config.seed)
     if not fits_classifier:
-        return {}
-    return {"deviation_classifier": fit_deviation_classifier(model, train_set, config.classifier_steps, config.seed)}
+        return {}, vectors
+    info = {"deviation_classifier": fit_deviation_classifier(model, train_set, config.classifier_steps, config.seed)}
+    return info, vectors
 
 
 def calibrate_model(
@@ -83,9 +87,11 @@ def calibrate_model(
     config: TrainConfig,
     progress: bool = True,
     has_classifier: bool = False,
+    training_vectors: NormalVectors | None = None,
 ) -> Calibration:
     """The calibration of the model's own map and score (:func:`cavga.engine.infer.calibrate`), with a progress
-    bar, and a note of how many normal images' scores it rests on (a warning under MIN_CALIBRATION_IMAGES)."""
+    bar, and a note of how many normal images' scores it rests on (a warning under MIN_CALIBRATION_IMAGES).
+    ``training_vectors``: what :func:`fit_normal_statistics` returned."""
     weights = None  # knn_classifier's calibration: its classifier's weights of the memory's images
     if model.config.anomaly_map == "knn_classifier" and has_classifier:
         weights = cross_fitted_classifier_weights(
@@ -93,7 +99,12 @@ def calibrate_model(
         )
     with progress_bar("calibration", progress):
         calibration = calibrate(
-            model, calibration_set, quantile, training_normals=normal_train_set, memory_weights=weights
+            model,
+            calibration_set,
+            quantile,
+            training_normals=normal_train_set,
+            memory_weights=weights,
+            training_vectors=training_vectors,
         )
     note_calibration(calibration, len(calibration_set), config.calibration_fraction)
     return calibration
@@ -109,6 +120,16 @@ def paper_calibration(
         return None
     with progress_bar("calibration (paper's map)", progress):
         return calibrate(model, calibration_set, quantile, choice=paper)
+
+
+def note_untrained(anomaly_map: str, score: str) -> None:
+    """Say that the fit trains nothing, and why: neither the map nor the score reads a trained weight."""
+    log.info(
+        "no training: the %s map scored by %s reads no trained weight (epochs 0); fitting its memory and "
+        "calibration only. Give epochs >= 1 (--epochs) to train the CAVGA network, which the paper's map reads",
+        anomaly_map,
+        score,
+    )
 
 
 def note_calibration(calibration: Calibration, n_held_out: int, fraction: float) -> None:

@@ -35,6 +35,7 @@ from cavga.engine.maps import PAPER_MAP, PAPER_SCORE, anomalous_probability, map
 from cavga.engine.normal_fits import (  # noqa: F401
     GAUSSIAN_FOLDS,
     MEMORY_UNIT_QUANTILE,
+    NormalVectors,
     _require_normal,
     can_cross_fit,
     cross_fitted_latent_scores,
@@ -300,6 +301,7 @@ def calibrate(
     choice: MapChoice | None = None,
     training_normals: Dataset | None = None,
     memory_weights: torch.Tensor | None = None,
+    training_vectors: NormalVectors | None = None,
 ) -> Calibration:
     """Fit the calibration of ``choice`` (default: the model's own map and score) on NORMAL images only (a
     held-out slice of the training folder).
@@ -312,7 +314,9 @@ def calibrate(
     of those images cross-fitted (a classifier weighs the images it was fitted on low; without them: the slice).
     A calibrated map: where the score is the map's maximum ("map_max"), the same threshold, so that a pixel
     passes 0.5 only where its image passes (the mask is empty on every image called normal), and only where it
-    reaches MAP_PEAK_FRACTION of its image's peak; otherwise the MAP_QUANTILE of the normal pixels."""
+    reaches MAP_PEAK_FRACTION of its image's peak; otherwise the MAP_QUANTILE of the normal pixels.
+    ``training_vectors``: the vectors the memory was filled from (:func:`fit_trunk_memory`'s), which the left-out
+    scores then read instead of running the network over ``training_normals`` again."""
     choice = choice or MapChoice.of(model.config)
     _require_normal(normal_dataset, "calibration")
     outputs = infer_dataset(model, normal_dataset, batch_size, choice=choice)
@@ -332,7 +336,7 @@ def calibrate(
     ):
         # The memory's own images scored without their own rows, beside the held-out slice's scores.
         left_out = left_out_memory_scores(
-            model, training_normals, batch_size, memory_weights, choice.anomaly_map, normal_maps
+            model, training_normals, batch_size, memory_weights, choice.anomaly_map, normal_maps, training_vectors
         )
         raw = np.concatenate([left_out, raw])
     calibration = fit_calibration(raw, quantile, outputs.paths)

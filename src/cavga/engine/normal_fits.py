@@ -8,6 +8,7 @@ normal scores that calibrate them (cross-fitted, or each memory image measured w
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -37,8 +38,11 @@ def _normal_latents(
     try:
         with torch.no_grad():
             for batch in DataLoader(normal_dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_samples):
-                out = model(batch.images.to(device), sample=False, decode=False)
-                vectors.append(patch_features(out.levels, pool) if trunk else latent_positions(out.mu))
+                images = batch.images.to(device)
+                if trunk:  # the trunk alone: the latent heads' work would be thrown away
+                    vectors.append(patch_features(model.encoder.forward_levels(images), pool))
+                else:
+                    vectors.append(latent_positions(model(images, sample=False, decode=False).mu))
                 size = tuple(batch.images.shape[-2:])
                 advance(batch.images.shape[0])
     finally:
@@ -69,12 +73,26 @@ def fit_latent_memory(model: CavgaNet, normal_dataset: Dataset, seed: int = 0, b
             memory.unit.fill_(max(float(np.quantile(scores, MEMORY_UNIT_QUANTILE)), 1e-12))
 
 
-def fit_trunk_memory(model: CavgaNet, normal_dataset: Dataset, seed: int = 0, batch_size: int = 32) -> None:
-    """Fill CAVGA-L's memory of the trunk's normal patch features (the ``trunk_knn`` map) from NORMAL images."""
+@dataclass(frozen=True)
+class NormalVectors:
+    """The vectors a memory was filled from, batch by batch in the dataset's order (``batches``, each (B, C, h,
+    w)), the images' size, and whether they are the trunk's patch features (else mu's positions): what the
+    calibration's left-out scores read again (:func:`left_out_memory_scores`), kept so that it need not run the
+    network over the same images a second time."""
+
+    batches: list[torch.Tensor]
+    size: tuple[int, int]
+    trunk: bool
+
+
+def fit_trunk_memory(model: CavgaNet, normal_dataset: Dataset, seed: int = 0, batch_size: int = 32) -> NormalVectors:
+    """Fill CAVGA-L's memory of the trunk's normal patch features (the ``trunk_knn`` map) from NORMAL images;
+    returns the features it was filled from."""
     if model.trunk_memory is None:
         raise ConfigError("the trunk_knn map needs CAVGA-L's ImageNet trunk (variant 'L')")
-    features, _ = _normal_latents(model, normal_dataset, batch_size, trunk=True)
+    features, size = _normal_latents(model, normal_dataset, batch_size, trunk=True)
     model.trunk_memory.fit(features, seed=seed)
+    return NormalVectors(features, size, trunk=True)
 
 
 def _blurred_max(distances: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -107,15 +125,20 @@ def left_out_memory_scores(
     weights: torch.Tensor | None = None,
     anomaly_map: str = "latent_knn",
     pixels: list[torch.Tensor] | None = None,
+    vectors: NormalVectors | None = None,
 ) -> np.ndarray:
     """The ``map_max`` raw score of the memory's map (``latent_knn``, ``knn_classifier`` or ``trunk_knn``) of every
     image the memory was filled from (:func:`fit_latent_memory` / :func:`fit_trunk_memory`, the same dataset in the
     same order), each measured without that image's own rows: the score it would get were it a new normal image.
     ``weights`` (N, 1, h, w), one per image in that order: ``knn_classifier``'s, each distance multiplied by them
     (:func:`cavga.engine.classifier.cross_fitted_classifier_weights`). ``pixels``: a list that receives the
-    left-out maps (B, 1, H, W) batch by batch."""
+    left-out maps (B, 1, H, W) batch by batch. ``vectors``: those the memory was filled from, where the fit kept
+    them (:func:`fit_trunk_memory`'s), instead of running the network over ``training_normals`` again."""
     trunk = anomaly_map == "trunk_knn"
-    vectors, size = _normal_latents(model, training_normals, batch_size, trunk=trunk)
+    if vectors is not None and vectors.trunk == trunk:
+        batches, size = vectors.batches, vectors.size
+    else:
+        batches, size = _normal_latents(model, training_normals, batch_size, trunk=trunk)
 
     def distance(v: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
         if trunk:
@@ -123,7 +146,7 @@ def left_out_memory_scores(
         d = two_memory_distance(model.latent_memory, model.latent_memory_coarse, v, leave_out=own)
         return d if weights is None else d * weights[own.cpu()].to(d)
 
-    return _left_out_scores(distance, vectors, size, pixels)
+    return _left_out_scores(distance, batches, size, pixels)
 
 
 def _left_out_scores(
@@ -131,6 +154,7 @@ def _left_out_scores(
     mus: list[torch.Tensor],
     size: tuple[int, int],
     pixels: list[torch.Tensor] | None = None,
+    vectors: NormalVectors | None = None,
 ) -> np.ndarray:
     """The ``map_max`` score of each image of ``mus`` (batches, in the memory's fill order) from ``distance``(mu,
     the indices of the batch's images), which leaves those images' own rows out (``pixels``: receives the maps)."""

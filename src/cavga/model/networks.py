@@ -393,8 +393,7 @@ def build_model(config: ModelConfig, read_weights: bool = True) -> CavgaNet:
     ``read_weights=False`` builds it as configured (a frozen or pretrained trunk stays so) without reading its
     pretrained encoder weights: for a saved model, whose weights come from its own file.
 
-    Encoders by name: D = ``dcgan``, R = ``resnet18`` (the paper's), L = ``efficientnet_lite0``
-    (:data:`ENCODER_VARIANTS`)."""
+    Encoders: D a DCGAN encoder, R ResNet-18 (the paper's), L EfficientNet-Lite0."""
     _validate(config)
     return _BUILDERS[config.variant](config, read_weights)
 
