@@ -15,7 +15,7 @@ from cavga.engine.infer import evaluate_outputs
 from cavga.report.html import write_report
 from cavga.report.outputs import METRIC_KEYS, format_metrics_table, write_evaluation
 
-DEMO_EPOCHS = None  # the default model's own (one epoch for CAVGA-L)
+DEMO_EPOCHS = None  # the default model's own (one epoch for CAVGA-L, with the paper's map beside)
 # The library defaults, at the demo images' own 128 px (the default 256 would upsample them).
 DEMO_OPTIONS = {"variant": "L", "setting": "u", "image_size": 128, "batch_size": 16}
 MODEL_NAME = "CAVGA-L_u"

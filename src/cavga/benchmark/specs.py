@@ -46,7 +46,7 @@ CAVGA_MODELS = tuple(
     ModelSpec(f"CAVGA-{v}_{s}", "cavga", v, s) for v, s in (("D", "u"), ("R", "u"), ("D", "w"), ("R", "w"))
 )
 # cavga's default model (`cavga train` with no options), with its own one-epoch budget.
-DEFAULT_MODEL = ModelSpec("CAVGA-L_u", "cavga", "L", "u", (("epochs", 1),), "CAVGA-L_u (default: latent kNN)")
+DEFAULT_MODEL = ModelSpec("CAVGA-L_u", "cavga", "L", "u", (("epochs", 1),), "CAVGA-L_u (default: trunk kNN)")
 BASELINES = (
     ModelSpec("AE-SSIM", "ae", options=(("kind", "ssim"),)),
     ModelSpec("AE-L2", "ae", options=(("kind", "l2"),)),
