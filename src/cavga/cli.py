@@ -269,7 +269,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     detector.save(out)
     cfg = detector.model_config
-    print(f"trained CAVGA-{cfg.variant}_{cfg.setting} in {time.perf_counter() - start:.1f} s; saved to {out}")
+    verb = "trained" if detector.train_config.epochs else "fitted (no training step)"
+    print(f"{verb} CAVGA-{cfg.variant}_{cfg.setting} in {time.perf_counter() - start:.1f} s; saved to {out}")
     print(f"run directory (log, checkpoint; --resume it to train longer): {run_dir}")
     if cfg.setting == "w":
         weak = detector.data_info_["weak_labels"]
