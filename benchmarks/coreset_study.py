@@ -32,7 +32,6 @@ OUT/coreset_study.md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -40,8 +39,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from default_map import SETS, Levels, ceiling_iou, dataset_splits, distance_maps, features  # noqa: E402
-from map_study import save_rows  # noqa: E402
+from default_map import SETS, features, run_study, score_memory  # noqa: E402
 
 from cavga import metrics  # noqa: E402
 from cavga.model.memory import LatentMemory  # noqa: E402
@@ -58,25 +56,14 @@ def run_row(name: str, projection: int, parts: dict) -> dict:
     start = time.perf_counter()
     memory = LatentMemory(fit.shape[1], ROWS).fit([fit], seed=SEED, projection=projection)
     fill_seconds = time.perf_counter() - start
-    _, masks, labels, has = parts["test"]
-    size = masks.shape[-2:]
-    test_maps = distance_maps(memory, test, size)
-    normal_maps = np.concatenate([distance_maps(memory, cal, size), distance_maps(memory, fit, size, True)])
-    scale = float(test_maps.max())  # the metrics rank maps on [0, 1]; one scale keeps every order
-    test_maps, normal_maps = test_maps / scale, np.minimum(normal_maps / scale, 1.0)
-    scores = test_maps.reshape(len(test_maps), -1).max(1)
-    threshold = float(np.quantile(normal_maps.reshape(len(normal_maps), -1).max(1), 0.95))
-    has = has.astype(bool)
+    scored = score_memory(memory, fit, cal, test, parts["test"])
+    mask_threshold = float(np.quantile(scored.normal_maps, MASK_QUANTILE))
     return {
         "dataset": name,
         "projection": projection,
         "candidates": int(fit.shape[0] * fit.shape[-2] * fit.shape[-1]),
-        "image_auroc": metrics.image_auroc(scores, labels),
-        "pixel_auroc": metrics.pixel_auroc(test_maps[has], masks[has]),
-        "aupro": metrics.aupro(test_maps[has], masks[has], num_thresholds=200),
-        "balanced_accuracy": metrics.balanced_accuracy((scores > threshold).astype(int), labels),
-        "iou_ceiling": ceiling_iou(test_maps[has], masks[has]),
-        "iou_mask": metrics.iou(test_maps[has], masks[has], float(np.quantile(normal_maps, MASK_QUANTILE))),
+        **scored.figures,
+        "iou_mask": metrics.iou(scored.maps, scored.masks, mask_threshold),
         "memory_seconds": round(fill_seconds, 1),
     }
 
@@ -133,23 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", nargs="+", default=list(SETS), choices=list(SETS))
     parser.add_argument("--projections", nargs="+", type=int, default=list(PROJECTIONS))
     args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    json_path = args.out / "coreset_study.json"
-    rows = json.loads(json_path.read_text()) if json_path.exists() else []
-    done = {(r["dataset"], r["projection"]) for r in rows}
-    levels = Levels()
-    for name in args.datasets:
-        todo = [p for p in args.projections if (name, p) not in done]
-        if not todo:
-            continue
-        fit, cal, test = dataset_splits(name, args.out)
-        parts = {"fit": levels(fit), "cal": levels(cal), "test": levels(test)}
-        for projection in todo:
-            row = run_row(name, projection, parts)
-            rows.append(row)
-            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
-            save_rows(rows, json_path, args.out / "coreset_study.md", markdown)
-    print(markdown(rows))
+    run_study(args.out, args.datasets, args.projections, "projection", run_row, "coreset_study", markdown)
     return 0
 
 

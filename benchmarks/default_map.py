@@ -38,6 +38,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -132,13 +133,22 @@ def ceiling_iou(maps: np.ndarray, masks: np.ndarray) -> float:
     return max(metrics.iou(m, g, float(t)) for t in np.quantile(m, np.linspace(0.80, 0.9995, 60)))
 
 
-def run_row(name: str, candidate: str, parts: dict) -> dict:
-    which, pool, rows = candidate.split(":")
-    start = time.perf_counter()
-    fit, cal, test = (features(parts[p][0], which, int(pool)) for p in ("fit", "cal", "test"))
-    memory = LatentMemory(fit.shape[1], int(rows)).fit([fit], seed=SEED)
-    fill_seconds = time.perf_counter() - start
-    _, masks, labels, has = parts["test"]
+class Scored(NamedTuple):
+    """A memory's maps of one set: the test maps and masks of the images that have masks, every normal pixel's
+    value (the held-out slice's maps, and each training image's without its own rows), the image threshold, and
+    the figures every study row reports."""
+
+    maps: np.ndarray
+    masks: np.ndarray
+    normal_maps: np.ndarray
+    threshold: float
+    figures: dict
+
+
+def score_memory(memory: LatentMemory, fit: torch.Tensor, cal: torch.Tensor, test: torch.Tensor, test_part) -> Scored:
+    """Score a filled ``memory`` on a set's features (``fit``: the images it was filled from; ``test_part``: the
+    test images' masks, labels and has-mask flags from :class:`Levels`) as the product calibrates and evaluates."""
+    _, masks, labels, has = test_part
     size = masks.shape[-2:]
     test_maps = distance_maps(memory, test, size)
     normal_maps = np.concatenate([distance_maps(memory, cal, size), distance_maps(memory, fit, size, True)])
@@ -147,21 +157,36 @@ def run_row(name: str, candidate: str, parts: dict) -> dict:
     scores = test_maps.reshape(len(test_maps), -1).max(1)
     threshold = float(np.quantile(normal_maps.reshape(len(normal_maps), -1).max(1), 0.95))
     has = has.astype(bool)
+    maps, masks = test_maps[has], masks[has]
+    figures = {
+        "image_auroc": metrics.image_auroc(scores, labels),
+        "pixel_auroc": metrics.pixel_auroc(maps, masks),
+        "aupro": metrics.aupro(maps, masks, num_thresholds=200),
+        "balanced_accuracy": metrics.balanced_accuracy((scores > threshold).astype(int), labels),
+        "iou_ceiling": ceiling_iou(maps, masks),
+    }
+    return Scored(maps, masks, normal_maps, threshold, figures)
+
+
+def run_row(name: str, candidate: str, parts: dict) -> dict:
+    which, pool, rows = candidate.split(":")
+    start = time.perf_counter()
+    fit, cal, test = (features(parts[p][0], which, int(pool)) for p in ("fit", "cal", "test"))
+    memory = LatentMemory(fit.shape[1], int(rows)).fit([fit], seed=SEED)
+    fill_seconds = time.perf_counter() - start
+    scored = score_memory(memory, fit, cal, test, parts["test"])
+    test_maps, masks, normal_maps = scored.maps, scored.masks, scored.normal_maps
     row = {
         "dataset": name,
         "candidate": candidate,
         "channels": int(fit.shape[1]),
-        "image_auroc": metrics.image_auroc(scores, labels),
-        "pixel_auroc": metrics.pixel_auroc(test_maps[has], masks[has]),
-        "aupro": metrics.aupro(test_maps[has], masks[has], num_thresholds=200),
-        "balanced_accuracy": metrics.balanced_accuracy((scores > threshold).astype(int), labels),
-        "iou_ceiling": ceiling_iou(test_maps[has], masks[has]),
-        "iou_image_threshold": metrics.iou(test_maps[has], masks[has], threshold),
+        **scored.figures,
+        "iou_image_threshold": metrics.iou(test_maps, masks, scored.threshold),
         "memory_seconds": round(fill_seconds, 1),
         "seconds": round(time.perf_counter() - start, 1),
     }
     for q in MASK_QUANTILES:
-        row[f"iou_q{q}"] = metrics.iou(test_maps[has], masks[has], float(np.quantile(normal_maps, q)))
+        row[f"iou_q{q}"] = metrics.iou(test_maps, masks, float(np.quantile(normal_maps, q)))
     return row
 
 
@@ -239,29 +264,36 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_study(out: Path, datasets: list[str], values: list, key: str, run_row, stem: str, markdown) -> list[dict]:
+    """Every (set, value) row not yet in OUT/STEM.json: each set's trunk levels read once, then ``run_row(set,
+    value, parts)`` per value, the rows saved after each (``key``: the rows' field holding the value)."""
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / f"{stem}.json"
+    rows = json.loads(json_path.read_text()) if json_path.exists() else []
+    done = {(r["dataset"], r[key]) for r in rows}
+    levels = Levels()
+    for name in datasets:
+        todo = [v for v in values if (name, v) not in done]
+        if not todo:
+            continue
+        fit, cal, test = dataset_splits(name, out)
+        parts = {"fit": levels(fit), "cal": levels(cal), "test": levels(test)}
+        for value in todo:
+            row = run_row(name, value, parts)
+            rows.append(row)
+            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+            save_rows(rows, json_path, out / f"{stem}.md", markdown)
+    print(markdown(rows))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--datasets", nargs="+", default=list(SETS), choices=list(SETS))
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES))
     args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    json_path = args.out / "default_map.json"
-    rows = json.loads(json_path.read_text()) if json_path.exists() else []
-    done = {(r["dataset"], r["candidate"]) for r in rows}
-    levels = Levels()
-    for name in args.datasets:
-        todo = [c for c in args.candidates if (name, c) not in done]
-        if not todo:
-            continue
-        fit, cal, test = dataset_splits(name, args.out)
-        parts = {"fit": levels(fit), "cal": levels(cal), "test": levels(test)}
-        for candidate in todo:
-            row = run_row(name, candidate, parts)
-            rows.append(row)
-            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
-            save_rows(rows, json_path, args.out / "default_map.md", markdown)
-    print(markdown(rows))
+    run_study(args.out, args.datasets, args.candidates, "candidate", run_row, "default_map", markdown)
     return 0
 
 

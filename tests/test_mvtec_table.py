@@ -100,7 +100,10 @@ def test_tiny_run_rows_markdown_and_resume(tmp_path, monkeypatch):
         assert row["n_defective"] == 2 and row["n_test"] == 4
         assert row["fit_seconds"] > 0 and row["evaluate_seconds"] > 0 and row["reused_model"] is False
         assert row["paper_map_pixel_auroc"] is not None  # the default's own map is not the paper's
+        assert row["paper_map_pixel_auroc"] != row["pixel_auroc"]
+        assert row["paper_model_same_default_map"] is True  # the paper's fit draws the default's map alike
         assert (out / "models" / row["category"] / "config.json").is_file()
+        assert (out / "models" / f"{row['category']}-paper" / "config.json").is_file()
 
     md = (out / "mvtec_table.md").read_text()
     lines = md.splitlines()

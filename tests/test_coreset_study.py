@@ -1,0 +1,77 @@
+"""benchmarks/coreset_study.py: its rule on hand-made rows, and one row on synthetic trunk levels with a planted
+defect (the figures it reports rank the defect, and every projection of a memory holding all candidates agrees)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from benchmark_scripts import load_benchmark
+
+
+def _rows(study, losses: dict[int, float]) -> list[dict]:
+    """One row per (set, projection): figures 0.9 less the projection's loss on capsule's AUPRO alone."""
+    rows = []
+    for name in study.SETS:
+        for projection, loss in losses.items():
+            figures = {m: 0.9 for m in study.METRICS}
+            if name == "capsule":
+                figures["aupro"] -= loss
+            rows.append({"dataset": name, "projection": projection, **figures})
+    return rows
+
+
+def test_the_rule_takes_the_fewest_dimensions_within_the_tolerance_on_every_set():
+    study = load_benchmark("coreset_study")
+    verdict = study.choose(_rows(study, {128: 0.0, 64: 0.004, 32: 0.006, 16: 0.02}))
+    assert verdict["qualified"] == [64, 128] and verdict["winner"] == 64
+    assert verdict["worst_loss"][32] == pytest.approx(0.006)
+    # Nothing below the reference qualifies: the reference stays.
+    assert study.choose(_rows(study, {128: 0.0, 64: 0.01}))["winner"] == 128
+    # A projection missing a set is not a candidate; without the reference on every set there is no verdict.
+    rows = [r for r in _rows(study, {128: 0.0, 32: 0.0}) if not (r["projection"] == 32 and r["dataset"] == "bottle")]
+    assert study.choose(rows)["qualified"] == [128]
+    assert study.choose([r for r in rows if r["dataset"] != "capsule"])["winner"] is None
+
+
+def _levels(n: int, generator: torch.Generator, spot: bool = False) -> dict[int, torch.Tensor]:
+    levels = {4: torch.randn(n, 24, 8, 8, generator=generator), 8: torch.randn(n, 40, 4, 4, generator=generator)}
+    levels[16] = torch.randn(n, 112, 2, 2, generator=generator)
+    if spot:  # a defect at the stride-8 cell (1, 1) of every image, in all three levels
+        levels[4][:, :, 2:4, 2:4] += 6.0
+        levels[8][:, :, 1, 1] += 6.0
+        levels[16][:, :, 0, 0] += 3.0
+    return levels
+
+
+def test_a_row_ranks_a_planted_defect_and_a_memory_of_every_candidate_ignores_the_projection():
+    study = load_benchmark("coreset_study")
+    g = torch.Generator().manual_seed(0)
+    normal_test, defect_test = _levels(4, g), _levels(4, g, spot=True)
+    test_levels = {s: torch.cat([normal_test[s], defect_test[s]]) for s in normal_test}
+    masks = np.zeros((8, 32, 32), bool)
+    masks[4:, 8:16, 8:16] = True  # the stride-8 cell (1, 1) at 32 px
+    labels, has = np.array([0] * 4 + [1] * 4), np.ones(8, bool)
+    parts = {"fit": (_levels(20, g),), "cal": (_levels(4, g),), "test": (test_levels, masks, labels, has)}
+    study.ROWS = 20 * 16  # a memory as large as the candidates: no coreset, so every projection is the same
+    rows = [study.run_row("bottle", projection, parts) for projection in (128, 16)]
+    assert rows[0]["image_auroc"] == 1.0 and rows[0]["pixel_auroc"] > 0.9
+    assert rows[0]["candidates"] == 320 and rows[0]["projection"] == 128
+    for key in ("image_auroc", "pixel_auroc", "aupro", "balanced_accuracy", "iou_ceiling", "iou_mask"):
+        assert rows[0][key] == rows[1][key], key
+
+
+def test_the_default_map_studys_row_scores_the_same_planted_defect():
+    """benchmarks/default_map.py shares the scoring (score_memory): its row of the same parts ranks the defect."""
+    study = load_benchmark("default_map")
+    g = torch.Generator().manual_seed(0)
+    normal_test, defect_test = _levels(4, g), _levels(4, g, spot=True)
+    test_levels = {s: torch.cat([normal_test[s], defect_test[s]]) for s in normal_test}
+    masks = np.zeros((8, 32, 32), bool)
+    masks[4:, 8:16, 8:16] = True
+    parts = {"fit": (_levels(20, g),), "cal": (_levels(4, g),)}
+    parts["test"] = (test_levels, masks, np.array([0] * 4 + [1] * 4), np.ones(8, bool))
+    row = study.run_row("bottle", "4+8+16:1:64", parts)
+    assert row["channels"] == 176 and row["image_auroc"] == 1.0 and row["pixel_auroc"] > 0.9
+    assert row["iou_ceiling"] >= max(row[f"iou_q{q}"] for q in study.MASK_QUANTILES)
