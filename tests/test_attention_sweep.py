@@ -1,4 +1,4 @@
-"""benchmarks/attention_sweep.py: one tiny run per setting, its files, and resuming without retraining."""
+"""benchmarks/studies/attention_sweep.py: one tiny run per setting, its files, and resuming without retraining."""
 
 from __future__ import annotations
 

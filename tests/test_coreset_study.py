@@ -1,4 +1,4 @@
-"""benchmarks/coreset_study.py: its rule on hand-made rows, and one row on synthetic trunk levels with a planted
+"""benchmarks/studies/coreset_study.py: its rule on hand-made rows, and one row on synthetic trunk levels with a planted
 defect (the figures it reports rank the defect, and every projection of a memory holding all candidates agrees)."""
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ def test_a_row_ranks_a_planted_defect_and_a_memory_of_every_candidate_ignores_th
 
 
 def test_the_default_map_studys_row_scores_the_same_planted_defect():
-    """benchmarks/default_map.py shares the scoring (score_memory): its row of the same parts ranks the defect."""
+    """benchmarks/studies/default_map.py shares the scoring (score_memory): its row of the same parts ranks the
+    defect."""
     study = load_benchmark("default_map")
     g = torch.Generator().manual_seed(0)
     normal_test, defect_test = _levels(4, g), _levels(4, g, spot=True)

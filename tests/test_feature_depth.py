@@ -1,4 +1,5 @@
-"""benchmarks/feature_depth.py: the split of the pooled pixel AuROC's negatives, and the trunk features it reads."""
+"""benchmarks/studies/feature_depth.py: the split of the pooled pixel AuROC's negatives, and the trunk features it
+reads."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""benchmarks/memory_window.py: the seeded dev / held halves of a test set, and each half's AuROCs."""
+"""benchmarks/studies/memory_window.py: the seeded dev / held halves of a test set, and each half's AuROCs."""
 
 from __future__ import annotations
 

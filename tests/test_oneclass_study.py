@@ -1,4 +1,4 @@
-"""benchmarks/oneclass_study.py: its development split (training images only), one tiny run, resuming."""
+"""benchmarks/studies/oneclass_study.py: its development split (training images only), one tiny run, resuming."""
 
 from __future__ import annotations
 

@@ -10,8 +10,8 @@ mean and standard deviation on the normal calibration slice. ``fpr@cal`` is the 
 images above the threshold that calibration (on the normal calibration slice only) puts at 0.5: about 0.05 when
 the calibration transfers to unseen normal images.
 
-    python benchmarks/oneclass_study.py --out runs/oneclass-study --datasets mnist --models paper flat100
-    python benchmarks/oneclass_study.py --out runs/oneclass-study --cifar-root /tmp/cifar10-jpg  # unpacked JPEGs
+    python benchmarks/studies/oneclass_study.py --out runs/oneclass-study --datasets mnist --models paper flat100
+    python benchmarks/studies/oneclass_study.py --out runs/oneclass-study --cifar-root /tmp/cifar10-jpg  # the JPEGs
 
 Data: ``../shared/data/mnist`` (IDX) and the CIFAR-10 JPEG re-encodings (``../shared/data/cifar10-jpg``, unpacked
 outside the repository; ``--cifar-root`` names the folder with ``train/<class>/``). Each (dataset, model, class)
@@ -41,7 +41,7 @@ from cavga.engine.infer import PAPER_CHOICE, MapChoice, fit_latent_gaussian, inf
 from cavga.engine.scores import IMAGE_SCORES
 from cavga.metrics import image_auroc
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 DATA_SEED = 0
 # Model options on top of CAVGA-D_u at 32 px, at width 32 (the paper's DCGAN width is 64: three times the CPU
 # time; "paper-w64" keeps it). "paper": the paper's CAVGA-D latent (conv z of 64 channels at stride 8: 4 x 4 x 64
@@ -267,7 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     budget = {k: getattr(args, k) for k in ("n_train", "n_dev_normal", "n_dev_other", "epochs", "batch_size", "seed")}
     started = time.perf_counter()
-    meta = {"command": " ".join(["python", "benchmarks/oneclass_study.py", *(argv or sys.argv[1:])]), "budget": budget}
+    meta = {
+        "command": " ".join(["python", "benchmarks/studies/oneclass_study.py", *(argv or sys.argv[1:])]),
+        "budget": budget,
+    }
     meta["threads"] = torch.get_num_threads()
     for dataset in args.datasets:
         if dataset == "mnist":

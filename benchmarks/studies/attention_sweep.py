@@ -4,8 +4,8 @@ Issue 3 asks `cavga demo` for pixel AuROC >= 0.80 with 1 - A. This script trains
 category for each named setting (the demo's defaults with some options changed) and seed, and records image
 AuROC, pixel AuROC of 1 - A and, beside it, pixel AuROC of the calibrated residual map (same model).
 
-    python benchmarks/attention_sweep.py --out runs/sweep                       # every setting, seed 0
-    python benchmarks/attention_sweep.py --out runs/sweep --settings base paper_w_ae --seeds 0 1 2
+    python benchmarks/studies/attention_sweep.py --out runs/sweep                       # every setting, seed 0
+    python benchmarks/studies/attention_sweep.py --out runs/sweep --settings base paper_w_ae --seeds 0 1 2
 
 Prints a table (mean over categories and seeds, with the worst seed) and writes OUT/sweep.json after every
 run, so an interrupted sweep keeps what it finished; a rerun skips the (setting, seed, category) runs it holds.

@@ -1,5 +1,5 @@
 """How the default model's 0.5 thresholds are set: threshold rules for the image score and the mask, compared on
-models that ``benchmarks/map_study.py`` trained and saved (OUT/models/DATASET/L-frozen).
+models that ``benchmarks/studies/map_study.py`` trained and saved (OUT/models/DATASET/L-frozen).
 
 Every rule uses normal training images only. Image rules: a quantile of the raw scores of the 10 % held-out
 slice, or of the cross-fitted scores of every normal training image (each from a Gaussian fitted without it,
@@ -8,8 +8,8 @@ the threshold, or only those that also reach a fraction of the image's peak (the
 ``map_peak_fraction``). The defaults were chosen on the demo categories; the other datasets are reported with the
 same rules.
 
-    python benchmarks/map_study.py --out runs/map-study --models L-frozen     # trains and saves the models
-    python benchmarks/calibration_study.py --out runs/map-study              # writes OUT/calibration_study.{json,md}
+    python benchmarks/studies/map_study.py --out runs/map-study --models L-frozen   # trains and saves the models
+    python benchmarks/studies/calibration_study.py --out runs/map-study   # writes OUT/calibration_study.{json,md}
 """
 
 from __future__ import annotations

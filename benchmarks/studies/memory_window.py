@@ -2,7 +2,7 @@
 
 Magnetic Tile's largest defect type ("Uneven", 72 % of its defect pixels) is a band of different grinding texture
 across the whole tile; a latent position alone (window 1) sees 8 x 8 pixels of it and finds it normal. For each
-dataset this loads the map study's CAVGA-L_u (``benchmarks/map_study.py``, trained once, saved in OUT/models),
+dataset this loads the map study's CAVGA-L_u (``benchmarks/studies/map_study.py``, trained once, saved in OUT/models),
 refills its memory with each window and evaluates the latent_knn / map_max choice through the product's own
 calibration and metrics (held-out normal training images only; no test image is read to fit or calibrate).
 
@@ -31,11 +31,11 @@ The rule, written down before any figure of a window above 1 was seen:
    half (before, a tile's six exposures fell on both sides, so the dev half had seen the held half's tiles).
    Steps 1-3 are applied again, unchanged, to the rows measured with halves by tile.
 
-    python benchmarks/map_study.py --out runs/map-study --models L-frozen --maps latent_knn   # the models
-    python benchmarks/memory_window.py --out runs/map-study --datasets magnetic_tile bottle --windows 1 3 5 9
-    python benchmarks/memory_window.py --out runs/map-study --datasets magnetic_tile --windows 9 --both-scales
+    python benchmarks/studies/map_study.py --out runs/map-study --models L-frozen --maps latent_knn   # the models
+    python benchmarks/studies/memory_window.py --out runs/map-study --datasets magnetic_tile bottle --windows 1 3 5 9
+    python benchmarks/studies/memory_window.py --out runs/map-study --datasets magnetic_tile --windows 9 --both-scales
 
-    python benchmarks/memory_window.py --out runs/map-study --datasets magnetic_tile --windows 1 --coarse 5 9
+    python benchmarks/studies/memory_window.py --out runs/map-study --datasets magnetic_tile --windows 1 --coarse 5 9
 
 Writes OUT/memory_window.json after every (dataset, window, both scales, coarse window) row (a rerun skips what it
 holds) and OUT/memory_window.md.

@@ -9,7 +9,7 @@ not); they also make the selection's distances coarser, which may keep worse row
 projection: the memory keeps the original 176-channel rows and the map compares them exactly.
 
 Everything else is the default model's (levels 4+8+16, no pooling, 8192 rows, the product's calibration split);
-the figures are computed as ``benchmarks/default_map.py`` computes them (its functions), so its 8192-row row of
+the figures are computed as ``benchmarks/studies/default_map.py`` computes them (its functions), so its 8192-row row of
 each set is this study's 128-dimension row.
 
 The rule (written down before any figure of this table was read):
@@ -22,8 +22,8 @@ The rule (written down before any figure of this table was read):
 4. Among the qualifiers the fewest dimensions wins (the selection's cost falls with them; the seconds are
    reported, not ranked, on this shared machine); if none qualifies, the reference stays.
 
-    python benchmarks/coreset_study.py --out runs/coreset-study
-    python benchmarks/coreset_study.py --out runs/coreset-study --datasets bottle --projections 128 32
+    python benchmarks/studies/coreset_study.py --out runs/coreset-study
+    python benchmarks/studies/coreset_study.py --out runs/coreset-study --datasets bottle --projections 128 32
 
 Writes OUT/coreset_study.json after every (set, projection) row (a rerun skips what it holds) and
 OUT/coreset_study.md.

@@ -4,7 +4,7 @@ For each dataset, each training recipe and each label count, trains CAVGA-L_w wi
 images as labels (a seeded draw, the paper's protocol: ``anomalous_count``; 2 % of bottle's 63 is 1 image), and
 evaluates it on the test split without those images with every map / score pair a CAVGA_w model can give, each
 calibrated on held-out normal training images only. The default CAVGA-L_u (trained once per dataset by
-``benchmarks/map_study.py`` and loaded from its OUT/models) is evaluated on exactly the same images.
+``benchmarks/studies/map_study.py`` and loaded from its OUT/models) is evaluated on exactly the same images.
 
 Recipes (``--recipes``):
 
@@ -15,10 +15,11 @@ Recipes (``--recipes``):
 * ``no-synthetic``: the default without synthesized anomalies; ``synthetic-only-signal``: the default with
   the labelled images each once, unaugmented.
 
-    python benchmarks/map_study.py --out runs/map-study --models L-frozen --datasets demo/wood   # the u models
-    python benchmarks/weak_study.py --out runs/map-study --datasets demo/wood demo/pill --counts 1
-    python benchmarks/weak_study.py --out runs/map-study --datasets bottle --counts 1 2 5 10 20 --recipes default
-    python benchmarks/weak_study.py --out runs/map-study --datasets magnetic_tile --counts 8 --recipes default \
+    python benchmarks/studies/map_study.py --out runs/map-study --models L-frozen --datasets demo/wood   # the u models
+    python benchmarks/studies/weak_study.py --out runs/map-study --datasets demo/wood demo/pill --counts 1
+    python benchmarks/studies/weak_study.py --out runs/map-study --datasets bottle --counts 1 2 5 10 20 \
+        --recipes default
+    python benchmarks/studies/weak_study.py --out runs/map-study --datasets magnetic_tile --counts 8 --recipes default \
         --maps "latent_knn, map max" "deviation_classifier, map max"      # only these w rows (a long dataset)
 
 ``knn_classifier`` (latent_knn weighted by (1 + the deviation classifier's probability) / 2) was to replace

@@ -4,7 +4,7 @@ The training-free PaDiM baseline (frozen ImageNet Lite0 features, 256 px) on Mag
 defect type is scored against the normal test images alone, beside the pooled figures and the share of the
 split's defect pixels each type holds.
 
-    python benchmarks/defect_types.py --out runs/defect-types
+    python benchmarks/studies/defect_types.py --out runs/defect-types
 
 Prints a markdown table and writes OUT/defect_types.json.
 """
@@ -22,7 +22,7 @@ from cavga import metrics
 from cavga.baselines import PadimBaseline
 from cavga.data import Preprocess, load_dataset
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def by_type(outputs) -> dict[str, dict]:

@@ -5,9 +5,9 @@ held-out normal training images (never a test image), and records image / pixel 
 accuracy and how much the map depends on the image (the mean pairwise correlation of the raw maps of different
 test images: near 1 means the map draws the same picture for every input).
 
-    python benchmarks/map_study.py --out runs/map-study                       # every dataset and model
-    python benchmarks/map_study.py --out runs/map-study --datasets demo/wood --models L-frozen D-paper
-    python benchmarks/map_study.py --out runs/map-study --datasets magnetic_tile --models L-frozen \
+    python benchmarks/studies/map_study.py --out runs/map-study                       # every dataset and model
+    python benchmarks/studies/map_study.py --out runs/map-study --datasets demo/wood --models L-frozen D-paper
+    python benchmarks/studies/map_study.py --out runs/map-study --datasets magnetic_tile --models L-frozen \
         --maps "paper (1 - A, residual score)" latent_gaussian      # only these rows (a long dataset)
 
 Development data: the MVTec AD ``bottle`` category and Magnetic Tile from ``../shared/data``, and the built-in
@@ -44,7 +44,7 @@ from cavga.engine.infer import (
 from cavga.engine.maps import ANOMALY_MAPS
 from cavga.errors import ConfigError
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 DATASETS = {
     "bottle": {"root": SHARED / "mvtec-bottle", "format": "mvtec", "category": "bottle", "size": 256},
     # Split by tile (cavga's split since the tiles' six exposures were found); "magnetic_tile/image" is the

@@ -25,8 +25,8 @@ The rule (written down before the figures of this table were read, docs/research
    cheaper one (fewer memory rows, then fewer channels) wins.
 4. For the winner, the mask quantile with the highest mean over the sets of calibrated IoU / ceiling IoU.
 
-    python benchmarks/default_map.py --out runs/default-map
-    python benchmarks/default_map.py --out runs/default-map --datasets bottle capsule --candidates 4+8+16:1:8192
+    python benchmarks/studies/default_map.py --out runs/default-map
+    python benchmarks/studies/default_map.py --out runs/default-map --datasets bottle capsule --candidates 4+8+16:1:8192
 
 Writes OUT/default_map.json after every (set, candidate) row (a rerun skips what it holds) and OUT/default_map.md.
 """
@@ -53,7 +53,7 @@ from cavga.model.memory import LatentMemory, patch_features
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from map_study import DATASETS, data_args, save_rows  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 SETS = {
     "bottle": "bottle",
     "capsule": "capsule",
@@ -66,7 +66,7 @@ SETS = {
 CANDIDATES = ("8+16:1:2048", "8+16:3:2048", "4+8+16:3:2048", "4+8+16:1:2048", "4+8+16:1:8192")
 MASK_QUANTILES = (0.99, 0.995, 0.999, 0.9995, 0.9999)
 # latent_knn, the default before (image AuROC, pixel AuROC, AUPRO): bottle and the demo categories from
-# benchmarks/results/map_study_knn.json (L-frozen); capsule from the landed main at its defaults (issue 33's
+# benchmarks/studies/results/map_study_knn.json (L-frozen); capsule from the landed main at its defaults (issue 33's
 # table: cavga train + cavga evaluate, seed 0); Magnetic Tile (split by tile) from
 # `cavga evaluate runs/ms-tile/models/magnetic_tile/L-frozen` (docs/research, the per-tile note).
 REFERENCE = {

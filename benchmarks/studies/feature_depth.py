@@ -8,14 +8,15 @@ whether deeper features (``16+32``: 112 + 320 channels at stride 16; ``8+16+32``
 channels) find Magnetic Tile's large "Uneven" regions, and what they cost on bottle's small defects; and whether a
 finer map (``4+8+16``: 24 + 40 + 112 channels at stride 4) finds its thin cracks.
 
-The test split is the product's (the datasets' seeded splits, ``benchmarks/map_study.py``'s DATASETS); the
+The test split is the product's (the datasets' seeded splits, ``benchmarks/studies/map_study.py``'s DATASETS); the
 threshold of the balanced accuracy is the 95th percentile of the held-out normal slice's scores (no test image).
 Pixel AuROC per defect type pools that type's images with the normal test images; ``pixel_auroc_split`` splits the
 pooled one's negatives into the normal images' pixels and the defect-free pixels of the anomalous images. Magnetic
-Tile's halves are ``benchmarks/memory_window.py``'s (whole tiles to one half).
+Tile's halves are ``benchmarks/studies/memory_window.py``'s (whole tiles to one half).
 
-    python benchmarks/feature_depth.py --out runs/feature-depth
-    python benchmarks/feature_depth.py --out runs/feature-depth --datasets magnetic_tile --levels 16+32 --windows 3
+    python benchmarks/studies/feature_depth.py --out runs/feature-depth
+    python benchmarks/studies/feature_depth.py --out runs/feature-depth --datasets magnetic_tile --levels 16+32 \
+        --windows 3
 
 Writes OUT/feature_depth.json after every (dataset, levels, window) row (a rerun skips what it holds) and
 OUT/feature_depth.md.
