@@ -66,7 +66,7 @@ class Cavga:
     """A CAVGA anomaly detector, scikit-learn style: construct with parameters, ``fit``, then ``predict``.
 
     ``variant`` "L" (the default: an ImageNet EfficientNet-Lite0 trunk, frozen; its map ``trunk_knn`` chosen by
-    ``benchmarks/default_map.py``), or the paper's "D" (DCGAN) and "R" (ResNet-18); ``setting`` "u"
+    ``benchmarks/studies/default_map.py``), or the paper's "D" (DCGAN) and "R" (ResNet-18); ``setting`` "u"
     (normal images only) or "w" (plus a few labelled anomalous images). Fields left unset take the variant's
     defaults (:data:`cavga.config.VARIANT_DEFAULTS`); the paper-literal map is ``anomaly_map="attention",
     score="top_mean"``, which ``evaluate(..., paper_map=True)`` reports beside the model's own.

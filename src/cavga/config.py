@@ -52,10 +52,11 @@ def default_epochs(variant: str, anomaly_map: str, score: str, paper_map: bool =
 # CAVGA-L_u's map, trunk_knn (the nearest normal patch feature of the frozen trunk at strides 4, 8 and 16, 8192
 # memory rows, no 3 x 3 averaging), was chosen over latent_knn (the nearest normal mu vector, the default before) on
 # bottle, capsule, Magnetic Tile and the demo categories at once by the rule of docs/research/2026-12-06-default-map.md
-# (benchmarks/default_map.py): no development set loses more than 0.02 image AuROC, and the mean of pixel AuROC and
-# AUPRO over the sets is highest. latent_knn had been chosen over latent_gaussian on the demo categories alone.
+# (benchmarks/studies/default_map.py): no development set loses more than 0.02 image AuROC, and the mean of pixel
+# AuROC and AUPRO over the sets is highest. latent_knn had been chosen over latent_gaussian on the demo categories
+# alone.
 # CAVGA_w's map and score where unset. D and R: the paper's (the anomalous class's Grad-CAM on z, C's
-# probability); L: chosen on the demo categories (seeds 0 and 1) by benchmarks/weak_study.py (README, "Weak
+# probability); L: chosen on the demo categories (seeds 0 and 1) by benchmarks/studies/weak_study.py (README, "Weak
 # supervision"): latent_knn scored by its maximum, as CAVGA-L_u, by the rule that chose u's (it replaced the latent
 # Gaussian: higher pixel AuROC and AUPRO, image AuROC and balanced accuracy within 0.01). The class map and the
 # deviation classifier's ranked no better there, and C's probability called fewer images right.
@@ -63,7 +64,7 @@ _PAPER_WEAK = {"anomaly_map": "attention", "score": "probability"}
 # L's w map follows u's (trunk_knn since docs/research/2026-12-06-default-map.md): neither reads a label.
 WEAK_DEFAULTS = {"D": _PAPER_WEAK, "R": _PAPER_WEAK, "L": {"anomaly_map": "trunk_knn", "score": "map_max"}}
 # The one-class protocol's defaults (`cavga train --format oneclass`, `cavga benchmark oneclass`), per variant,
-# chosen on development data made from the training split only (benchmarks/oneclass_study.py, README
+# chosen on development data made from the training split only (benchmarks/studies/oneclass_study.py, README
 # "One-class"); the image score is the Mahalanobis distance of mu from the normal training images' Gaussian (the
 # best score on MNIST and CIFAR-10 alike, where the paper's residual score ranks other digits as more normal than
 # the class itself); the paper's score is reported beside.
@@ -273,7 +274,7 @@ class TrainConfig:
     seed: int = _option(0, "seed of the weights, the data order and the calibration slice")
     calibration_fraction: float = _option(0.1, "seeded held-out share of the normal training images for calibration")
     checkpoint_every: int = _option(0, "epochs between checkpoints in the run directory (0: only at the end)")
-    # CAVGA_w's few labelled anomalous images (README, "Weak supervision"; chosen by benchmarks/weak_study.py).
+    # CAVGA_w's few labelled anomalous images (README, "Weak supervision"; chosen by benchmarks/studies/weak_study.py).
     anomalous_share: float = _option(
         0.1, "setting w: the labelled anomalous images are repeated, augmented (flips, turns, shifts, brightness), "
         "until they make about this share of an epoch; 0: each once, as it is (the paper)",

@@ -10,7 +10,7 @@ anomalous. Two kinds (:attr:`MapSpec.calibrated`):
   (a Mahalanobis distance, a feature or a pixel residual). Each is calibrated on normal images only, so that 0.5
   means the same for every one (see :func:`cavga.engine.infer.calibrate`).
 
-What each measures on development data is in ``benchmarks/map_study.py`` and the README ("What works and what
+What each measures on development data is in ``benchmarks/studies/map_study.py`` and the README ("What works and what
 does not").
 """
 

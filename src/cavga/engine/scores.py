@@ -2,7 +2,7 @@
 
 The paper scores an image by "the pixel-wise difference" between x and x_hat (``top_mean``, kept in
 :mod:`cavga.engine.infer`). The others answer the same question from other parts of the model; which of them
-separates one class from the rest is measured by ``benchmarks/oneclass_study.py`` (README, "One-class"):
+separates one class from the rest is measured by ``benchmarks/studies/oneclass_study.py`` (README, "One-class"):
 
 * residual aggregates: ``mean`` |x - x_hat| and ``squared`` (x - x_hat)^2 over all elements, ``ssim`` 1 - mean
   local SSIM;

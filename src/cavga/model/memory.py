@@ -40,7 +40,7 @@ DEFAULT_MEMORY_SIZE = 16384
 # vectors are the candidates (a 256 px category of 700 images has 700 000).
 CANDIDATE_LIMIT = 262144
 # greedy_coreset selects on a random projection of wider vectors to this many dimensions: 64, the fewest that kept
-# every development set's figures within 0.005 of 128's (benchmarks/coreset_study.py).
+# every development set's figures within 0.005 of 128's (benchmarks/studies/coreset_study.py).
 PROJECTION_DIM = 64
 _CHUNK = 2048  # memory rows per distance block
 # Query positions per distance block: a (_QUERY_BLOCK, _CHUNK) block of floats (8 MB) stays in the cache between its
