@@ -88,3 +88,17 @@ def test_the_calibration_reading_the_kept_trunk_features_equals_the_one_that_run
     broken = type(kept)([b + 1.0 for b in kept.batches], kept.size, True)
     other = calibrate(model, held_out, training_normals=normals, batch_size=8, training_vectors=broken)
     assert other.score_threshold != again.score_threshold
+
+
+def test_cavga_train_says_when_weak_labels_change_no_output(tiny_root, tmp_path, capsys):
+    from cavga.cli import main
+
+    args = ["train", str(tiny_root), "--category", "bottle", "--setting", "w", "--anomalous-count", "1"]
+    args += ["--image-size", "64", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "w0")]) == 0
+    out = capsys.readouterr().out
+    assert "fitted (no training step) CAVGA-L_w" in out
+    assert "the labels change no output: the trunk_knn map scored by map_max" in out
+    assert main([*args, "--out", str(tmp_path / "w1"), "--epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "trained CAVGA-L_w" in out and "anomalous training examples" in out and "change no output" not in out

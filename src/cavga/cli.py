@@ -276,8 +276,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         weak = detector.data_info_["weak_labels"]
         where = weak["dir"] if weak["source"] == "dir" else "the test split (left out of every evaluation)"
         print(f"weak labels: {weak['n_anomalous']} anomalous image(s) from {where}")
-        print(f"anomalous training examples: {weak['n_labelled_examples']} labelled (with augmented copies), "
-              f"{weak['n_synthetic']} synthesized")  # fmt: skip
+        if detector.train_config.epochs == 0:  # nothing was trained on them, and the map reads none of them
+            print(
+                f"the labels change no output: the {cfg.anomaly_map} map scored by {cfg.score} reads neither a "
+                "label nor a trained weight (--anomaly-map knn_classifier with --epochs 1 is a map that reads them)"
+            )
+        else:
+            print(f"anomalous training examples: {weak['n_labelled_examples']} labelled (with augmented copies), "
+                  f"{weak['n_synthetic']} synthesized")  # fmt: skip
     return 0
 
 
