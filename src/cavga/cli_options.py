@@ -295,7 +295,12 @@ def add_train_options(p: argparse.ArgumentParser, show_advanced: bool = False) -
     )
     run.add_argument("--checkpoint-steps", type=int, default=0, help="write the checkpoint every N steps")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    run.add_argument("--paper-map", action="store_true", help=PAPER_MAP_HELP + " (calibrated now, kept with the model)")
+    run.add_argument(
+        "--paper-map",
+        action="store_true",
+        help=PAPER_MAP_HELP + " (calibrated now, kept with the model; the network it reads is trained: with --epochs "
+        "unset, the variant's epochs, one for L)",
+    )
     advanced = p.add_argument_group("advanced: model and training (ModelConfig, TrainConfig, LossWeights fields)")
     for f in config_fields():
         _add_config_option(basic if f.name in BASIC_FIELDS else advanced, f)
