@@ -76,3 +76,25 @@ def test_the_default_map_studys_row_scores_the_same_planted_defect():
     row = study.run_row("bottle", "4+8+16:1:64", parts)
     assert row["channels"] == 176 and row["image_auroc"] == 1.0 and row["pixel_auroc"] > 0.9
     assert row["iou_ceiling"] >= max(row[f"iou_q{q}"] for q in study.MASK_QUANTILES)
+
+
+def test_the_image_score_study_scores_a_planted_defect_every_way_and_keeps_max_without_a_clear_gain():
+    study = load_benchmark("image_score")
+    g = torch.Generator().manual_seed(0)
+    normal_test, defect_test = _levels(4, g), _levels(4, g, spot=True)
+    test_levels = {s: torch.cat([normal_test[s], defect_test[s]]) for s in normal_test}
+    masks = np.zeros((8, 32, 32), bool)
+    masks[4:, 8:16, 8:16] = True
+    parts = {"fit": (_levels(20, g),), "cal": (_levels(4, g),)}
+    parts["test"] = (test_levels, masks, np.array([0] * 4 + [1] * 4), np.ones(8, bool))
+    study.ROWS = 64
+    row = study.run_row("bottle", "all", parts)
+    for score in study.SCORES:
+        assert row[f"{score}_image_auroc"] == 1.0, score
+    rows = [{**row, "dataset": name} for name in study.SETS]
+    assert study.choose(rows)["winner"] == "max"  # all equal: no gain, max stays
+    for r in rows:  # a candidate 0.01 better everywhere wins
+        r |= {f"{c}_image_auroc": 0.95 for c in study.SCORES} | {"top1_image_auroc": 0.96}
+    assert study.choose(rows)["winner"] == "top1"
+    rows[0]["top1_image_auroc"] = 0.94  # ... unless it loses more than 0.005 on one set
+    assert "top1" not in study.choose(rows)["qualified"]
