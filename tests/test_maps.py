@@ -48,7 +48,7 @@ def test_variants_default_to_their_own_map_and_score():
     assert (default.variant, default.anomaly_map, default.score, default.image_size) == (
         "L",
         "trunk_knn",
-        "map_max",
+        "map_top1",
         256,
     )
     assert ModelConfig(setting="w").anomaly_map == "trunk_knn"  # CAVGA-L_w's default follows u's
@@ -62,7 +62,7 @@ def test_setting_w_takes_its_own_map_and_score_defaults():
         cfg = ModelConfig(variant=variant, setting="w")
         assert (cfg.anomaly_map, cfg.score) == ("attention", "probability")  # the paper's
     cfg = ModelConfig(setting="w")
-    assert (cfg.anomaly_map, cfg.score) == ("trunk_knn", "map_max")
+    assert (cfg.anomaly_map, cfg.score) == ("trunk_knn", "map_top1")
     with pytest.raises(ConfigError, match="setting w scores"):
         ModelConfig(setting="w", score="top_mean").validate()
     with pytest.raises(ConfigError, match="no classifier"):
@@ -240,7 +240,9 @@ def read_paths(monkeypatch) -> list[str]:
 def test_fit_and_calibration_read_no_test_image(tiny_root, read_paths):
     """Everything fit() computes (weights, latent Gaussian, both calibrations) comes from the training folder."""
     read = read_paths
-    detector = cavga.Cavga(image_size=64, width=4, latent_channels=4, batch_size=4, anomaly_map="latent_gaussian")
+    detector = cavga.Cavga(
+        image_size=64, width=4, latent_channels=4, batch_size=4, anomaly_map="latent_gaussian", score="map_max"
+    )
     detector.fit(tiny_root, category="bottle", progress=False, paper_map=True)
     assert read and all("/train/" in p for p in read), [p for p in read if "/train/" not in p][:3]
     assert detector.model_.latent_gaussian.fitted
@@ -260,7 +262,9 @@ def test_latent_knn_fills_its_memory_and_calibrates_from_training_images_only(ti
     from cavga.engine.infer import left_out_memory_scores
 
     read = read_paths
-    detector = cavga.Cavga(image_size=64, width=4, latent_channels=4, batch_size=4, anomaly_map="latent_knn")
+    detector = cavga.Cavga(
+        image_size=64, width=4, latent_channels=4, batch_size=4, anomaly_map="latent_knn", score="map_max"
+    )
     detector.fit(tiny_root, category="bottle", progress=False)
     assert read and all("/train/" in p for p in read), [p for p in read if "/train/" not in p][:3]
     memory = detector.model_.latent_memory
@@ -313,9 +317,9 @@ def test_trunk_knn_masks_threshold_at_a_high_quantile_of_left_out_normal_pixels(
     calibration = detector.calibration_
     assert calibration.n_images == 12 and calibration.map_peak_fraction == 0.0
     np.testing.assert_allclose(calibration.map_threshold, np.quantile(blurred.numpy(), MASK_QUANTILE), rtol=2e-3)
-    np.testing.assert_allclose(
-        calibration.score_threshold, np.quantile(blurred.flatten(1).amax(1).numpy(), 0.95), rtol=2e-3
-    )
+    # The default image score, map_top1: the mean of each map's top 1 % of pixels (40 of 64 x 64).
+    top = np.sort(blurred.flatten(1).numpy(), axis=1)[:, -40:].mean(1)
+    np.testing.assert_allclose(calibration.score_threshold, np.quantile(top, 0.95), rtol=2e-3)
     assert calibration.map_threshold != calibration.score_threshold  # the mask's threshold is its own
 
 
@@ -370,7 +374,7 @@ def test_default_model_exports_with_eager_parity(tiny_root, tmp_path, setting, e
 def test_map_choice_reads_the_config_and_overrides():
     model, out, x, _ = _model_and_output()
     paper = infer_tensors(model, x, CalibrationConstants(), PAPER_CHOICE)
-    assert MapChoice.of(model.config) == MapChoice("trunk_knn", "map_max")
+    assert MapChoice.of(model.config) == MapChoice("trunk_knn", "map_top1")
     torch.testing.assert_close(paper.anomaly_map, maps.attention(model, model(x, sample=False), x, None)[:, 0])
 
 
@@ -409,7 +413,9 @@ def test_evaluate_skips_the_decoder_unless_residual_maps_are_asked_and_gives_the
     for them, and the metrics are those of a run that does; the residual map beside needs ``residual_maps=True``."""
     from cavga.engine.infer import evaluate_outputs
 
-    detector = cavga.Cavga(image_size=64, width=4, latent_channels=4, batch_size=4, anomaly_map="latent_knn")
+    detector = cavga.Cavga(
+        image_size=64, width=4, latent_channels=4, batch_size=4, anomaly_map="latent_knn", score="map_max"
+    )
     detector.fit(tiny_root, category="bottle", progress=False)
     assert detector.paper_calibration_ is None  # the paper's map (it reads x_hat) is not asked for
     calls: list[int] = []

@@ -29,7 +29,7 @@ def _out(mu=None, logvar=None, logits=None) -> CavgaOutput:
 
 def test_every_registered_score_is_a_config_choice():
     assert set(scores.IMAGE_SCORES) <= set(SCORES)
-    assert set(SCORES) - set(scores.IMAGE_SCORES) == {"top_mean", "map_max", "probability"}
+    assert set(SCORES) - set(scores.IMAGE_SCORES) == {"top_mean", "map_max", "map_top1", "probability"}
     with pytest.raises(ConfigError, match="unknown image score"):
         scores.image_score("loudness")
     with pytest.raises(ConfigError, match="score must be one of"):

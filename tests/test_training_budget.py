@@ -47,7 +47,7 @@ def test_an_untrained_default_fit_says_so_and_draws_the_map_a_trained_one_draws(
     with caplog.at_level(logging.INFO, logger="cavga.api"):
         untrained = cavga.Cavga(image_size=64, seed=0).fit(tiny_root, category="bottle", progress=False)
     assert untrained.history_ == []
-    assert "no training: the trunk_knn map scored by map_max reads no trained weight" in caplog.text
+    assert "no training: the trunk_knn map scored by map_top1 reads no trained weight" in caplog.text
     torch.manual_seed(0)
     initial = build_model(untrained.model_config).state_dict()
     now = untrained.model_.state_dict()
@@ -98,7 +98,26 @@ def test_cavga_train_says_when_weak_labels_change_no_output(tiny_root, tmp_path,
     assert main([*args, "--out", str(tmp_path / "w0")]) == 0
     out = capsys.readouterr().out
     assert "fitted (no training step) CAVGA-L_w" in out
-    assert "the labels change no output: the trunk_knn map scored by map_max" in out
+    assert "the labels change no output: the trunk_knn map scored by map_top1" in out
     assert main([*args, "--out", str(tmp_path / "w1"), "--epochs", "1"]) == 0
     out = capsys.readouterr().out
     assert "trained CAVGA-L_w" in out and "anomalous training examples" in out and "change no output" not in out
+
+
+def test_map_top1_is_the_mean_of_the_top_percent_of_pixels_and_the_default_scores_with_it(tiny_root):
+    from cavga.engine.maps import map_score
+
+    g = torch.Generator().manual_seed(0)
+    maps = torch.rand(3, 1, 20, 30, generator=g)
+    by_hand = np.sort(maps.reshape(3, -1).numpy(), axis=1)[:, -6:].mean(1)  # 1 % of 600 pixels: the top 6
+    np.testing.assert_allclose(map_score(maps, "map_top1").numpy(), by_hand, rtol=1e-6)
+    np.testing.assert_allclose(map_score(maps, "map_max").numpy(), maps.reshape(3, -1).amax(1).numpy())
+    assert map_score(torch.rand(2, 1, 5, 5, generator=g), "map_top1").shape == (2,)  # 1 % of 25 pixels: at least 1
+    with pytest.raises(ConfigError, match="not a score of the map alone"):
+        map_score(maps, "top_mean")
+    detector = cavga.Cavga(image_size=64).fit(tiny_root, category="bottle", progress=False)
+    assert detector.model_config.score == "map_top1"
+    detector.evaluate(tiny_root, category="bottle")
+    raw_maps = detector.last_outputs_.raw_maps
+    top = np.sort(raw_maps.reshape(len(raw_maps), -1), axis=1)[:, -(64 * 64 // 100) :].mean(1)
+    np.testing.assert_allclose(detector.last_outputs_.raw_scores, top, rtol=1e-5)

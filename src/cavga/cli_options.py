@@ -66,11 +66,12 @@ CHOICES: dict[str, tuple[str, dict[str, str]]] = {
     ),
     "channels": ("image channels (default: read from the images):", {"1": "grayscale", "3": "RGB"}),
     "score": (
-        "image anomaly score (unset: D and R top_mean, L map_max; setting w: D and R probability):",
+        "image anomaly score (unset: D and R top_mean, L map_top1; setting w: D and R probability):",
         {
             "top_mean": "mean of the largest --score-top-fraction of the blurred residual |x - x_hat| (the paper's)",
             "mean": "mean residual |x - x_hat|",
             "map_max": "maximum of the anomaly map",
+            "map_top1": "mean of the anomaly map's top 1 % of pixels",
             "squared": "mean squared residual",
             "ssim": "1 - mean SSIM of x and x_hat",
             "elbo": "-ELBO per pixel: reconstruction BCE plus KL",

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from cavga import metrics
+from cavga.config import MAP_ONLY_SCORES
 from cavga.data.types import collate_samples
 from cavga.engine.calibration import (
     MAP_PEAK_FRACTION,
@@ -29,7 +30,7 @@ from cavga.engine.calibration import (
     fit_calibration,
     normalize_map,
 )
-from cavga.engine.maps import PAPER_MAP, PAPER_SCORE, anomalous_probability, map_spec, residual_map
+from cavga.engine.maps import PAPER_MAP, PAPER_SCORE, anomalous_probability, map_score, map_spec, residual_map
 
 # The fits on normal images live in normal_fits; their names stay importable from here, where they were.
 from cavga.engine.normal_fits import (  # noqa: F401
@@ -108,7 +109,7 @@ class Inference:
 
 
 # Image scores that read no x_hat: with them (and a map that reads none) inference skips the decoder.
-SCORES_WITHOUT_RECONSTRUCTION = ("map_max", "probability", "latent_mahalanobis", "kl")
+SCORES_WITHOUT_RECONSTRUCTION = ("map_max", "map_top1", "probability", "latent_mahalanobis", "kl")
 
 
 def infer_tensors(
@@ -144,8 +145,8 @@ def infer_tensors(
         raw_map = spec.function(model, out, images, x_hat).detach()
         if choice.score == "probability":
             raw = anomalous_probability(model, out)
-        elif choice.score == "map_max":
-            raw = raw_map.flatten(1).amax(dim=1)
+        elif choice.score in MAP_ONLY_SCORES:
+            raw = map_score(raw_map, choice.score)
         elif choice.score == "top_mean":
             raw = aggregate_score(images, x_hat, residual, dataclasses.replace(cfg, score=choice.score))
         else:
@@ -281,10 +282,8 @@ def infer_dataset(
 
 CROSS_FITTED = MapChoice("latent_gaussian", "map_max")  # the choice whose scores calibrate cross-fitted
 # The choices calibrated on leave-one-image-out scores of the memory's own images.
-MEMORY_LEFT_OUT = (
-    MapChoice("latent_knn", "map_max"),
-    MapChoice("knn_classifier", "map_max"),
-    MapChoice("trunk_knn", "map_max"),
+MEMORY_LEFT_OUT = tuple(
+    MapChoice(m, s) for m in ("latent_knn", "knn_classifier", "trunk_knn") for s in ("map_max", "map_top1")
 )
 # Maps whose mask threshold is a high quantile of normal images' pixels (their own, left-out where the memory holds
 # them), apart from the image threshold: the masks of a map tied to the image threshold (and to half its peak)
@@ -336,7 +335,14 @@ def calibrate(
     ):
         # The memory's own images scored without their own rows, beside the held-out slice's scores.
         left_out = left_out_memory_scores(
-            model, training_normals, batch_size, memory_weights, choice.anomaly_map, normal_maps, training_vectors
+            model,
+            training_normals,
+            batch_size,
+            memory_weights,
+            choice.anomaly_map,
+            normal_maps,
+            training_vectors,
+            choice.score,
         )
         raw = np.concatenate([left_out, raw])
     calibration = fit_calibration(raw, quantile, outputs.paths)

@@ -51,6 +51,21 @@ def upsampled_blur(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return gaussian_blur(maps, max(size) * BLUR_SIGMA_FRACTION)
 
 
+TOP_SHARE = 0.01  # map_top1: the share of a map's pixels whose mean is the image score
+
+
+def map_score(maps: torch.Tensor, score: str) -> torch.Tensor:
+    """An image score (B,) read off anomaly maps (B, ...) alone: ``map_max`` their largest value, ``map_top1`` the
+    mean of their top TOP_SHARE of pixels (at least one; chosen over the maximum by
+    benchmarks/studies/image_score.py: a defect's extent counts, one noisy patch counts less)."""
+    flat = maps.flatten(1)
+    if score == "map_max":
+        return flat.amax(dim=1)
+    if score == "map_top1":
+        return flat.topk(max(1, int(flat.shape[1] * TOP_SHARE)), dim=1).values.mean(dim=1)
+    raise ConfigError(f"{score!r} is not a score of the map alone (map_max, map_top1)")
+
+
 def residual_map(images: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     """|x - x_hat| averaged over channels and box-blurred (kernel ~ 1/16 of the image side): (B, 1, H, W).
 

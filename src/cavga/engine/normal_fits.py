@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from cavga.data.types import NORMAL, collate_samples
-from cavga.engine.maps import upsampled_blur
+from cavga.engine.maps import map_score, upsampled_blur
 from cavga.engine.progress import advance
 from cavga.errors import ConfigError
 from cavga.model.gaussian import cross_fitted_scores, latent_positions
@@ -126,10 +126,12 @@ def left_out_memory_scores(
     anomaly_map: str = "latent_knn",
     pixels: list[torch.Tensor] | None = None,
     vectors: NormalVectors | None = None,
+    score: str = "map_max",
 ) -> np.ndarray:
-    """The ``map_max`` raw score of the memory's map (``latent_knn``, ``knn_classifier`` or ``trunk_knn``) of every
-    image the memory was filled from (:func:`fit_latent_memory` / :func:`fit_trunk_memory`, the same dataset in the
-    same order), each measured without that image's own rows: the score it would get were it a new normal image.
+    """The raw ``score`` (``map_max`` or ``map_top1``) of the memory's map (``latent_knn``, ``knn_classifier`` or
+    ``trunk_knn``) of every image the memory was filled from (:func:`fit_latent_memory` / :func:`fit_trunk_memory`,
+    the same dataset in the same order), each measured without that image's own rows: the score it would get were
+    it a new normal image.
     ``weights`` (N, 1, h, w), one per image in that order: ``knn_classifier``'s, each distance multiplied by them
     (:func:`cavga.engine.classifier.cross_fitted_classifier_weights`). ``pixels``: a list that receives the
     left-out maps (B, 1, H, W) batch by batch. ``vectors``: those the memory was filled from, where the fit kept
@@ -146,7 +148,7 @@ def left_out_memory_scores(
         d = two_memory_distance(model.latent_memory, model.latent_memory_coarse, v, leave_out=own)
         return d if weights is None else d * weights[own.cpu()].to(d)
 
-    return _left_out_scores(distance, batches, size, pixels)
+    return _left_out_scores(distance, batches, size, pixels, score)
 
 
 def _left_out_scores(
@@ -154,16 +156,17 @@ def _left_out_scores(
     mus: list[torch.Tensor],
     size: tuple[int, int],
     pixels: list[torch.Tensor] | None = None,
-    vectors: NormalVectors | None = None,
+    score: str = "map_max",
 ) -> np.ndarray:
-    """The ``map_max`` score of each image of ``mus`` (batches, in the memory's fill order) from ``distance``(mu,
-    the indices of the batch's images), which leaves those images' own rows out (``pixels``: receives the maps)."""
+    """The ``score`` (a score of the map alone, :func:`cavga.engine.maps.map_score`) of each image of ``mus``
+    (batches, in the memory's fill order) from ``distance``(mu, the indices of the batch's images), which leaves
+    those images' own rows out (``pixels``: receives the maps)."""
     scores, seen = [], 0
     with torch.no_grad():
         for mu in mus:
             own = torch.arange(seen, seen + mu.shape[0], device=mu.device)
             maps = upsampled_blur(distance(mu, own), size)
-            scores.append(maps.flatten(1).amax(dim=1))
+            scores.append(map_score(maps, score))
             if pixels is not None:
                 pixels.append(maps.cpu())
             seen += mu.shape[0]
