@@ -45,15 +45,21 @@ def _levels(n: int, generator: torch.Generator, spot: bool = False) -> dict[int,
     return levels
 
 
-def test_a_row_ranks_a_planted_defect_and_a_memory_of_every_candidate_ignores_the_projection():
-    study = load_benchmark("coreset_study")
+def _planted_parts() -> dict:
+    """A study's parts of one set: 20 normal images to fill the memory, 4 held out, and 8 test images of which the
+    last 4 carry the planted defect, with its masks, labels and has-mask flags."""
     g = torch.Generator().manual_seed(0)
     normal_test, defect_test = _levels(4, g), _levels(4, g, spot=True)
     test_levels = {s: torch.cat([normal_test[s], defect_test[s]]) for s in normal_test}
     masks = np.zeros((8, 32, 32), bool)
     masks[4:, 8:16, 8:16] = True  # the stride-8 cell (1, 1) at 32 px
     labels, has = np.array([0] * 4 + [1] * 4), np.ones(8, bool)
-    parts = {"fit": (_levels(20, g),), "cal": (_levels(4, g),), "test": (test_levels, masks, labels, has)}
+    return {"fit": (_levels(20, g),), "cal": (_levels(4, g),), "test": (test_levels, masks, labels, has)}
+
+
+def test_a_row_ranks_a_planted_defect_and_a_memory_of_every_candidate_ignores_the_projection():
+    study = load_benchmark("coreset_study")
+    parts = _planted_parts()
     study.ROWS = 20 * 16  # a memory as large as the candidates: no coreset, so every projection is the same
     rows = [study.run_row("bottle", projection, parts) for projection in (128, 16)]
     assert rows[0]["image_auroc"] == 1.0 and rows[0]["pixel_auroc"] > 0.9
@@ -66,13 +72,7 @@ def test_the_default_map_studys_row_scores_the_same_planted_defect():
     """benchmarks/studies/default_map.py shares the scoring (score_memory): its row of the same parts ranks the
     defect."""
     study = load_benchmark("default_map")
-    g = torch.Generator().manual_seed(0)
-    normal_test, defect_test = _levels(4, g), _levels(4, g, spot=True)
-    test_levels = {s: torch.cat([normal_test[s], defect_test[s]]) for s in normal_test}
-    masks = np.zeros((8, 32, 32), bool)
-    masks[4:, 8:16, 8:16] = True
-    parts = {"fit": (_levels(20, g),), "cal": (_levels(4, g),)}
-    parts["test"] = (test_levels, masks, np.array([0] * 4 + [1] * 4), np.ones(8, bool))
+    parts = _planted_parts()
     row = study.run_row("bottle", "4+8+16:1:64", parts)
     assert row["channels"] == 176 and row["image_auroc"] == 1.0 and row["pixel_auroc"] > 0.9
     assert row["iou_ceiling"] >= max(row[f"iou_q{q}"] for q in study.MASK_QUANTILES)
@@ -80,13 +80,7 @@ def test_the_default_map_studys_row_scores_the_same_planted_defect():
 
 def test_the_image_score_study_scores_a_planted_defect_every_way_and_keeps_max_without_a_clear_gain():
     study = load_benchmark("image_score")
-    g = torch.Generator().manual_seed(0)
-    normal_test, defect_test = _levels(4, g), _levels(4, g, spot=True)
-    test_levels = {s: torch.cat([normal_test[s], defect_test[s]]) for s in normal_test}
-    masks = np.zeros((8, 32, 32), bool)
-    masks[4:, 8:16, 8:16] = True
-    parts = {"fit": (_levels(20, g),), "cal": (_levels(4, g),)}
-    parts["test"] = (test_levels, masks, np.array([0] * 4 + [1] * 4), np.ones(8, bool))
+    parts = _planted_parts()
     study.ROWS = 64
     row = study.run_row("bottle", "all", parts)
     for score in study.SCORES:
