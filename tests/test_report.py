@@ -35,7 +35,7 @@ def write_fake_run(root: Path, n: int = 10, with_truth: bool = True, seed: int =
         line["overlay"] = f"overlays/{i}.png"
         if with_truth:
             line |= {
-                "true_label": truth,
+                "gt_label": int(truth == "anomalous"),
                 "defect_type": "scratch" if i % 4 == 1 else ("good" if i % 2 == 0 else "hole"),
             }
             line["correct"] = pred == truth
@@ -155,9 +155,9 @@ def test_report_in_headless_chromium(browser, tmp_path, embed):
     assert widths == [16] * 12  # every overlay decoded
     assert page.locator("svg.chart").count() == 3  # image ROC, pixel ROC, one histogram
     page.select_option("#f-label", "anomalous")
-    assert _visible(page) == sum(x["true_label"] == "anomalous" for x in lines)
+    assert _visible(page) == sum(x["gt_label"] == 1 for x in lines)
     page.select_option("#f-outcome", "incorrect")
-    n_wrong = sum(x["true_label"] == "anomalous" and not x["correct"] for x in lines)
+    n_wrong = sum(x["gt_label"] == 1 and not x["correct"] for x in lines)
     assert _visible(page) == n_wrong
     assert page.locator("#shown").text_content() == f"{n_wrong} of 12 images"
     page.select_option("#f-outcome", "all")

@@ -127,15 +127,15 @@ def test_write_evaluation_files_and_curves(tiny_model, tmp_path):
     result = detector.evaluate(root, category="bottle")
     write_evaluation(detector.last_outputs_, detector.calibration_, tmp_path)
     lines = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
-    assert [x["true_label"] for x in lines] == ["normal"] * 3 + ["anomalous"] * 3
+    assert [x["gt_label"] for x in lines] == [0] * 3 + [1] * 3
     assert {x["defect_type"] for x in lines} == {"good", "spot"}
     for x in lines:
-        assert x["correct"] == (x["pred_label"] == (x["true_label"] == "anomalous"))
+        assert x["correct"] == (x["pred_label"] == x["gt_label"])
         assert x["pred_label"] in (0, 1) and not {"score", "label", "mask"} & set(x)
         assert (tmp_path / x["anomaly_map"]).is_file() and (tmp_path / x["pred_mask"]).is_file()
         overlay = np.asarray(Image.open(tmp_path / x["overlay"]))
         has_truth_ring = (overlay == np.array(TRUE_CONTOUR, np.uint8)).all(axis=2).any()
-        assert has_truth_ring == (x["true_label"] == "anomalous")  # normal images have an empty mask
+        assert has_truth_ring == (x["gt_label"] == 1)  # normal images have an empty mask
     curves = json.loads((tmp_path / "curves.json").read_text())
     assert curve_area(curves["image_roc"]["fpr"], curves["image_roc"]["tpr"]) == pytest.approx(result["image_auroc"])
     area = curve_area(curves["pixel_roc"]["fpr"], curves["pixel_roc"]["tpr"])

@@ -2,9 +2,9 @@
 run the files.
 
 The exported graph takes a preprocessed batch ``image`` (B, C, H, W) in [0, 1] (what ``Cavga.preprocess``
-returns, stacked) and returns ``score`` (B,) normalized with the model's calibration (constants baked in),
-``anomaly_map`` (B, H, W) in [0, 1] and ``mask`` (B, H, W) bool (= anomaly_map > 0.5), exactly what
-``Cavga.predict`` computes: the graph is :func:`cavga.engine.infer.infer_tensors` traced.
+returns, stacked) and returns ``pred_score`` (B,) normalized with the model's calibration (constants baked in),
+``anomaly_map`` (B, H, W) in [0, 1] and ``pred_mask`` (B, H, W) bool (= anomaly_map > 0.5), anomalib's names,
+exactly what ``Cavga.predict`` computes: the graph is :func:`cavga.engine.infer.infer_tensors` traced.
 
 Grad-CAM without autograd (derivation). Grad-CAM's channel weights are alpha_k = mean_ij d s / d F[k, i, j]
 for a target score s and feature map F (B, K, h, w). When s is an affine function of F, its gradient is a
@@ -52,14 +52,14 @@ from cavga.model.networks import CavgaNet
 FORMATS = ("onnx", "pt2")
 SUFFIXES = {"onnx": ".onnx", "pt2": ".pt2"}
 INPUT_NAME = "image"
-OUTPUT_NAMES = ("score", "anomaly_map", "mask")
+OUTPUT_NAMES = ("pred_score", "anomaly_map", "pred_mask")  # anomalib's names
 METADATA_KEY = "cavga_config"  # the model's config.json, in the ONNX metadata
 CONFIG_EXTRA_FILE = "config.json"  # ... and as an extra file of a pt2 archive
 OPSET = 17
 
 
 class ExportedCavga(nn.Module):
-    """Inference of one CAVGA model as a plain forward pass: image batch -> (score, anomaly_map, mask).
+    """Inference of one CAVGA model as a plain forward pass: image batch -> (pred_score, anomaly_map, pred_mask).
 
     The forward is :func:`cavga.engine.infer.infer_tensors` with the calibration constants as buffers; the
     model must have closed-form Grad-CAM weights (no backward pass in the graph).
@@ -138,7 +138,8 @@ def export(model: Any, out: str | os.PathLike | None = None, format: str = "onnx
 
 def load_exported(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     """A ``pt2`` file written by :func:`export`: (module, config). ``module(image)`` on a preprocessed batch
-    (B, C, H, W) returns (score, anomaly_map, mask) as the ONNX graph does; config is the model's config.json.
+    (B, C, H, W) returns (pred_score, anomaly_map, pred_mask) as the ONNX graph does; config is the model's
+    config.json.
 
     ``torch.export.load`` unpickles parts of the archive (weights and constants): load only files you trust,
     e.g. ones you exported; ONNX files carry no code."""
@@ -215,7 +216,7 @@ class OnnxInferencer:
         return self.preprocess_(to_pil(image)).numpy()
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The graph on a preprocessed batch (B, C, H, W): (score, anomaly_map, mask)."""
+        """The graph on a preprocessed batch (B, C, H, W): (pred_score, anomaly_map, pred_mask)."""
         score, anomaly, mask = self.session.run(None, {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})
         return score, anomaly, mask
 

@@ -57,7 +57,7 @@ class Run:
 
     @property
     def has_truth(self) -> bool:
-        return bool(self.predictions) and all("true_label" in p for p in self.predictions)
+        return bool(self.predictions) and all("gt_label" in p for p in self.predictions)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -296,7 +296,7 @@ def _image_roc(run: Run) -> tuple[np.ndarray, np.ndarray] | None:
         return np.asarray(stored["fpr"]), np.asarray(stored["tpr"])
     if not run.has_truth:
         return None
-    labels = np.array([p["true_label"] == "anomalous" for p in run.predictions])
+    labels = np.array([bool(p["gt_label"]) for p in run.predictions])
     if labels.all() or not labels.any():
         return None
     return roc_curve(np.array([p["pred_score"] for p in run.predictions]), labels)
@@ -314,6 +314,11 @@ def _image_src(run: Run, relative: str, report_dir: Path, embed: bool) -> str:
     return Path(os.path.relpath(path, report_dir)).as_posix()
 
 
+def _truth(p: dict) -> str | None:
+    """The true label of a predictions.jsonl line (``gt_label`` 0/1) in the page's words; None where it has none."""
+    return None if p.get("gt_label") is None else ("anomalous" if p["gt_label"] else "normal")
+
+
 def _select(element_id: str, label: str, options: list[tuple[str, str]]) -> str:
     items = "".join(f'<option value="{html.escape(v)}">{html.escape(t)}</option>' for v, t in options)
     return f'<label>{label} <select id="{element_id}">{items}</select></label>'
@@ -328,7 +333,7 @@ def _gallery(runs: list[Run], report_dir: Path, embed: bool) -> str:
             if image is None or not (run.directory / image).is_file():
                 continue
             name = Path(p["path"]).name
-            truth = p.get("true_label")
+            truth = _truth(p)
             defect = p.get("defect_type") or ("-" if truth is None else truth)
             correct = p.get("correct")
             outcome = "unknown" if correct is None else ("correct" if correct else "incorrect")
@@ -406,7 +411,7 @@ def build_report(
     ]
     hists = []
     for r in runs:
-        labels = [p.get("true_label") if r.has_truth else _predicted(p) for p in r.predictions]
+        labels = [_truth(p) if r.has_truth else _predicted(p) for p in r.predictions]
         normal = np.array([p["pred_score"] for p, t in zip(r.predictions, labels, strict=True) if t == "normal"])
         anomalous = np.array([p["pred_score"] for p, t in zip(r.predictions, labels, strict=True) if t == "anomalous"])
         what = "" if r.has_truth else " (by predicted label: no ground truth)"

@@ -245,7 +245,7 @@ def write_evaluation(outputs, calibration, out: str | Path, threshold: float = T
                 "path": path_text,
                 **prediction_fields(scores[i], predicted, name),
                 "raw_score": float(outputs.raw_scores[i]),
-                "true_label": "anomalous" if truth else "normal",
+                "gt_label": truth,
                 "defect_type": outputs.defect_types[i],
                 "correct": predicted == truth,
                 "has_mask": bool(outputs.has_mask[i]),
