@@ -198,13 +198,15 @@ class LatentMemory(nn.Module):
         b, _, h, w = features.shape
         f = self._vectors(features)  # (B, P, C')
         flat = f.reshape(-1, f.shape[-1])  # (B * P, C')
+        bank_sq = self.bank.pow(2).sum(-1)  # ||b_j||^2, once for every block of queries
         if torch.jit.is_tracing() or torch.compiler.is_exporting():  # a symbolic batch: one block, no loop
-            nearest = self._nearest_squared(flat, None)
+            nearest = self._nearest_squared(flat, bank_sq, None)
         else:
             image = torch.arange(b, device=f.device).repeat_interleave(h * w) if leave_out is not None else None
             parts = [
                 self._nearest_squared(
                     flat[start : start + _QUERY_BLOCK],
+                    bank_sq,
                     None if image is None else leave_out[image[start : start + _QUERY_BLOCK]],
                 )
                 for start in range(0, flat.shape[0], _QUERY_BLOCK)
@@ -212,17 +214,20 @@ class LatentMemory(nn.Module):
             nearest = torch.cat(parts)
         return (nearest + flat.pow(2).sum(-1)).clamp_min(0.0).sqrt().view(b, 1, h, w)
 
-    def _nearest_squared(self, queries: torch.Tensor, leave_out: torch.Tensor | None) -> torch.Tensor:
+    def _nearest_squared(
+        self, queries: torch.Tensor, bank_sq: torch.Tensor, leave_out: torch.Tensor | None
+    ) -> torch.Tensor:
         """min_j (||b_j||^2 - 2 q . b_j) of each query row (Q, C'): its squared distance to the nearest memory row
-        less ||q||^2 (added by the caller). ``leave_out`` (Q,): the owner whose rows do not count for each query.
+        less ||q||^2 (added by the caller); ``bank_sq``: every row's ||b_j||^2. ``leave_out`` (Q,): the owner whose
+        rows do not count for each query.
         One matrix product per block of memory rows writes the whole difference (addmm), so a (Q, chunk) block is
         written once and read twice (masked where asked, then its minimum)."""
         nearest = None
         for start in range(0, self.size, _CHUNK):
             rows = self.bank[start : start + _CHUNK]
-            d = torch.addmm(rows.pow(2).sum(-1)[None, :], queries, rows.T, alpha=-2.0)  # (Q, chunk)
+            d = torch.addmm(bank_sq[start : start + _CHUNK][None, :], queries, rows.T, alpha=-2.0)  # (Q, chunk)
             if leave_out is not None:
-                d = d.masked_fill(self.owner[start : start + _CHUNK][None, :] == leave_out[:, None], float("inf"))
+                d.masked_fill_(self.owner[start : start + _CHUNK][None, :] == leave_out[:, None], float("inf"))
             block = d.amin(-1)
             nearest = block if nearest is None else torch.minimum(nearest, block)
         return nearest
