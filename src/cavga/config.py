@@ -46,7 +46,7 @@ def reads_training(anomaly_map: str, score: str) -> bool:
 def default_epochs(variant: str, anomaly_map: str, score: str, paper_map: bool = False) -> int:
     """The training budget of a model whose epochs are unset: the variant's (D and R 30, L 1) where its map or
     score reads the trained network, or where the paper-literal map is to be reported beside (``paper_map``);
-    0 (no training step) where neither does, as for the default CAVGA-L (trunk_knn scored by its maximum)."""
+    0 (no training step) where neither does, as for the default CAVGA-L (trunk_knn scored by map_top1)."""
     if paper_map or reads_training(anomaly_map, score):
         return VARIANT_DEFAULTS.get(variant, VARIANT_DEFAULTS["D"])["epochs"]
     return 0

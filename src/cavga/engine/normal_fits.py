@@ -97,7 +97,7 @@ def fit_trunk_memory(model: CavgaNet, normal_dataset: Dataset, seed: int = 0, ba
 
 def _blurred_max(distances: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """The ``map_max`` score (B,) of coarse distance maps (B, 1, h, w), as the deviation maps draw them."""
-    return upsampled_blur(distances, size).flatten(1).amax(dim=1)
+    return map_score(upsampled_blur(distances, size), "map_max")
 
 
 GAUSSIAN_FOLDS = 5  # cross-fitting of the latent Gaussian's calibration scores (calibrate)
