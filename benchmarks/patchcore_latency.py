@@ -27,22 +27,13 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-SIZE, BANK_ROWS = 256, 19251
+# The timer of the anomalib PaDiM script: it imports no cavga, so it runs under anomalib's interpreter too.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from anomalib_padim import _times_ms  # noqa: E402
 
-
-def _timed(fn, repeats: int, warmup: int = 3) -> list[float]:
-    """Milliseconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return times
+SIZE, BANK_ROWS, WARMUP = 256, 19251, 3
 
 
 def cavga_worker(repeats: int) -> dict:
@@ -67,8 +58,8 @@ def cavga_worker(repeats: int) -> dict:
     choice = MapChoice.of(config)
     with torch.inference_mode():
         features = patch_features(model.encoder.forward_levels(x), config.trunk_pool)
-        total = _timed(lambda: infer_batch(model, x, calibration, choice=choice, reconstruct=False), repeats)
-        search = _timed(lambda: memory(features), repeats)
+        total = _times_ms(lambda: infer_batch(model, x, calibration, choice=choice, reconstruct=False), repeats, WARMUP)
+        search = _times_ms(lambda: memory(features), repeats, WARMUP)
     return {"total_ms": total, "search_ms": search, "memory_rows": memory.size, "channels": memory.channels}
 
 
@@ -89,7 +80,7 @@ def anomalib_worker(repeats: int, bank_rows: int) -> dict:
     model.memory_bank = torch.randn(bank_rows, channels)
     x = torch.rand(1, 3, SIZE, SIZE)
     with torch.inference_mode():
-        total = _timed(lambda: model(x), repeats)
+        total = _times_ms(lambda: model(x), repeats, WARMUP)
     return {"total_ms": total, "memory_rows": bank_rows, "channels": channels}
 
 
