@@ -33,7 +33,7 @@ FIXED_TRAIN_OPTIONS = {
     "--split-by": (["image"], "split_by", "image"),
     "--anomalous-fraction": (["0.05"], "anomalous_fraction", 0.05),
     "--anomalous-count": (["4"], "anomalous_count", 4),
-    "--anomalous-dir": (["defects"], "anomalous_dir", Path("defects")),
+    "--anomalous": (["defects"], "anomalous_dir", Path("defects")),
     "--no-progress": ([], "no_progress", True),
     "--paper-map": ([], "paper_map", True),
 }
@@ -85,7 +85,7 @@ def test_the_short_help_fits_in_80_lines_and_shows_the_basic_options(capsys, mon
     text = help_text(capsys, "--help")
     assert len(text.splitlines()) <= 80, text
     for option in ("--out", "--category", "--format", "--image-size", "--epochs", "--device", "--seed", "--setting",
-                   "--anomalous-dir", "--anomalous-count", "--anomalous-fraction", "--variant", "--resume",
+                   "--anomalous", "--anomalous-count", "--anomalous-fraction", "--variant", "--resume",
                    "--config", "--help-advanced"):  # fmt: skip
         assert shows(text, option), option
     assert "data" in text and "cavga train --help-advanced" in text  # the pointer to the rest, in the epilog

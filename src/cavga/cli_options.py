@@ -278,7 +278,13 @@ def add_train_options(p: argparse.ArgumentParser, show_advanced: bool = False) -
         "they are left out of every evaluation",
     )
     weak.add_argument("--anomalous-count", type=int, metavar="N", help="this many anomalous test images instead")
-    weak.add_argument("--anomalous-dir", type=Path, metavar="DIR", help="your own labelled defect images (a folder)")
+    weak.add_argument(
+        "--anomalous",
+        dest="anomalous_dir",
+        type=Path,
+        metavar="DIR",
+        help="a folder of your own known-defective images (labels only, no masks): what to use in setting w",
+    )
 
     run = p.add_argument_group("advanced: run")
     run.add_argument(
