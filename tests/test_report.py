@@ -198,3 +198,35 @@ def test_cli_evaluate_report_and_export(tmp_path, browser):
     assert main(["export", str(tmp_path / "model"), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0
     assert main(["export", str(tmp_path / "model"), "--format", "pt2"]) == 0
     assert (tmp_path / "model" / "model.pt2").is_file()
+
+
+@pytest.mark.slow
+def test_a_w_models_labels_are_shown_apart_from_the_evaluated_images(tmp_path, browser):
+    """cavga train --setting w --anomalous DIR: the evaluation names the label images, the report shows each of
+    them once in its own section (decoded in the browser) and never in the gallery or the charts."""
+    from cavga.cli import main
+    from tiny_data import write_tiny_mvtec
+
+    root = write_tiny_mvtec(tmp_path / "data")
+    labels = root / "bottle/test/spot"  # the user points at a test folder: those images must not count
+    label_names = sorted(p.name for p in labels.iterdir())
+    tiny = ["--variant", "D", "--image-size", "32", "--width", "8", "--latent-channels", "8", "--epochs", "1"]
+    model, out = tmp_path / "model", tmp_path / "eval"
+    train = ["train", str(root), "--category", "bottle", "--out", str(model), "--setting", "w"]
+    assert main([*train, "--anomalous", str(labels), *tiny, "--batch-size", "4", "--no-progress"]) == 0
+    assert main(["evaluate", str(model), str(root), "--category", "bottle", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert sorted(Path(p).name for p in metrics["labelled_images"]) == label_names
+    assert all(Path(p).parent == labels.resolve() for p in metrics["labelled_images"])
+    evaluated = [json.loads(x)["path"] for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(evaluated) == metrics["n_images"] == 3
+    assert not [p for p in evaluated if Path(p).resolve().parent == labels.resolve()]
+    page, problems = _open(browser, out / "report.html")
+    assert problems == []
+    assert _visible(page) == 3
+    assert page.locator("#labels .card").count() == len(label_names)
+    widths = page.evaluate("Array.from(document.querySelectorAll('#labels img')).map(i => i.naturalWidth)")
+    assert len(widths) == len(label_names) and min(widths) > 0  # every label image decoded
+    captions = page.eval_on_selector_all("#labels figcaption", "cs => cs.map(c => c.textContent)")
+    assert sorted(c.split(" · ")[1] for c in captions) == label_names
+    page.close()

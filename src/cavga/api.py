@@ -187,6 +187,7 @@ class Cavga:
             # The same object under another exposure (Magnetic Tile's tiles) is excluded with it.
             self.excluded_paths_ = [path_key(p) for p in with_group_twins(splits.test, anomalous)]
             weak_info["n_excluded_twins"] = len(self.excluded_paths_) - len(anomalous)
+            weak_info["label_paths"] = [path_key(p) for p in anomalous.paths]  # the report shows them
             train_set = weak_training_set(train_set, anomalous, tc.anomalous_share, tc.synthetic_share, tc.seed)
             # What one epoch holds beside the normal images: the labelled ones (with augmented copies) and
             # the synthesized anomalies.
@@ -368,6 +369,11 @@ class Cavga:
             result["paper_map"] = evaluate_outputs(paper_outputs, paper, groups=groups)
         if excluded:
             result["n_excluded"] = n_removed
+        if self.model_config.setting == "w":
+            # Which images the model was given as known defects (a model saved before they were recorded: the
+            # excluded images, twins included); the report shows them apart from the evaluated ones.
+            labels = self.data_info_.get("weak_labels", {}).get("label_paths", excluded)
+            result["labelled_images"] = list(labels)
         return result
 
     def _paper_calibration(self, splits: DatasetSplits, paper_map: bool | None) -> Calibration | None:

@@ -196,6 +196,7 @@ def run_job(
     # The paper-literal map of the same model (CAVGA-L), kept beside its own metrics.
     paper_metrics = metrics.pop("paper_map", None)
     per_group = metrics.pop("per_group", None)  # Magnetic Tile: the same metrics per tile
+    metrics.pop("labelled_images", None)  # setting w: which images were labels (for the report), not a metric
     if paper_metrics is not None:
         paper_metrics.pop("per_group", None)
     return {

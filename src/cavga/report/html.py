@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -21,12 +22,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from cavga.errors import DataError
 from cavga.metrics import THRESHOLD, curve_area, roc_curve
 from cavga.report.outputs import CURVES_FILE, METRIC_KEYS, PREDICTIONS_FILE
 
 REPORT_FILE = "report.html"
+LABEL_THUMBNAIL_SIDE = 160  # pixels: the known-defect images of a weakly supervised model, shown small
 EMBED_LIMIT_BYTES = 20_000_000  # above this many bytes of overlays, link the files instead of embedding them
 # Okabe-Ito colours: distinguishable with the common colour-vision deficiencies.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
@@ -223,6 +226,8 @@ svg.chart .threshold { stroke: #222; stroke-width: 1.5; stroke-dasharray: 5 3; }
 .card figcaption { font-size: 12px; margin-top: 3px; overflow-wrap: anywhere; }
 .card .score { font-weight: 600; } .card .bad { color: #D55E00; font-weight: 600; }
 .legend span { display: inline-block; margin-right: 1.2em; }
+#labels { display: grid; grid-template-columns: repeat(auto-fill, minmax(170px, 1fr)); gap: 10px; }
+.card.label { border-color: #E69F00; border-style: dashed; }
 .swatch { display: inline-block; width: 12px; height: 12px; vertical-align: middle; margin-right: 4px; }
 """
 
@@ -383,6 +388,43 @@ def _gallery(runs: list[Run], report_dir: Path, embed: bool) -> str:
     return f'<div class="controls">{"".join(controls)}</div>{legend}<div id="gallery">{"".join(cards)}</div>'
 
 
+def labelled_images(runs: list[Run], top_metrics: dict | None) -> list[str]:
+    """The images a weakly supervised model was given as known defects (``labelled_images`` of the evaluation's
+    metrics.json), each once, in order."""
+    sources = [top_metrics, *(r.metrics for r in runs)]
+    return list(dict.fromkeys(p for m in sources for p in (m or {}).get("labelled_images", [])))
+
+
+def _thumbnail(path: Path) -> str | None:
+    """``path`` shrunk to LABEL_THUMBNAIL_SIDE as a JPEG data URI; None where the file is gone or unreadable."""
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            image.thumbnail((LABEL_THUMBNAIL_SIDE, LABEL_THUMBNAIL_SIDE))
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=85)
+    except (OSError, UnidentifiedImageError):
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _labels_section(paths: list[str]) -> str:
+    """The known-defect images of a weakly supervised model, apart from the gallery: they trained it, so they count
+    in no metric and no chart."""
+    if not paths:
+        return ""
+    cards = []
+    for path in paths:
+        src, name = _thumbnail(Path(path)), html.escape(Path(path).name)
+        image = f'<img src="{src}" alt="{name}" title="{html.escape(path)}">' if src else "(file not found)"
+        cards.append(f'<figure class="card label">{image}<figcaption>label &middot; {name}</figcaption></figure>')
+    return (
+        f'<h2>Known defects given as labels</h2><p class="meta">{len(paths)} image(s) labelled defective (no masks) '
+        "trained this model (setting w). They, and other exposures of the same object, are left out of the "
+        f'metrics, the charts and the gallery.</p><div id="labels">{"".join(cards)}</div>'
+    )
+
+
 def build_report(
     runs: list[Run],
     out: str | os.PathLike,
@@ -440,6 +482,7 @@ normalized on normal training images only; an image is called anomalous above th
 <div class="charts">{"".join(hists)}</div>
 <h2>Gallery</h2>
 {_gallery(runs, out.parent, embed)}
+{_labels_section(labelled_images(runs, top_metrics))}
 <script>{_JS}</script>
 </body></html>
 """
