@@ -23,7 +23,7 @@ from cavga.engine.calibration import Calibration
 from cavga.engine.infer import aggregate_score, infer_batch, residual_map
 from cavga.engine.maps import upsampled_blur
 from cavga.model import gradcam
-from cavga.model.encoders import Lite0Encoder
+from cavga.model.encoders import LiteEncoder
 from cavga.model.gaussian import PositionGaussian
 
 HERE = Path(__file__).resolve().parent
@@ -232,7 +232,7 @@ class PadimGraph(torch.nn.Module):
 
     def __init__(self, size: int) -> None:
         super().__init__()
-        self.encoder = Lite0Encoder(3, 8, pretrained=True, frozen=True)
+        self.encoder = LiteEncoder(3, 8, pretrained=True, frozen=True)
         self.encoder.load_imagenet()
         self.encoder.eval()
         self.gaussian = PositionGaussian(self.encoder.out_channels, size // 8, size // 8)

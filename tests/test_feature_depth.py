@@ -8,7 +8,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from benchmark_scripts import load_benchmark
-from cavga.model.encoders import Lite0Encoder
+from cavga.model.encoders import LiteEncoder
 
 
 def _maps_masks_labels():
@@ -57,7 +57,7 @@ def test_trunk_features_at_8_and_16_are_cavga_ls_encoder_features():
     torch.manual_seed(0)
     images = torch.rand(2, 1, 64, 64)
     features = study.TrunkFeatures(1, study.LEVELS["8+16"])
-    encoder = Lite0Encoder(1, 8, pretrained=True, frozen=True)
+    encoder = LiteEncoder(1, 8, pretrained=True, frozen=True)
     encoder.load_imagenet()
     encoder.eval()
     with torch.no_grad():

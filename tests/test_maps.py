@@ -20,7 +20,7 @@ from cavga.engine.calibration import CalibrationConstants
 from cavga.engine.infer import PAPER_CHOICE, MapChoice, calibrate, fit_latent_gaussian, infer_batch, infer_tensors
 from cavga.errors import ConfigError
 from cavga.model.efficientnet_lite import EfficientNetLite0, load_imagenet_weights
-from cavga.model.encoders import Lite0Encoder
+from cavga.model.encoders import LiteEncoder
 from cavga.model.networks import build_model
 from tiny_data import write_tiny_mvtec
 
@@ -92,7 +92,7 @@ def test_l_encoder_carries_the_imagenet_trunk_and_keeps_it_fixed():
     direct = reference.eval().forward_features(x, strides=(4, 8, 16))
     torch.testing.assert_close(features[:, :40], direct[8])
     torch.testing.assert_close(mid, direct[4])
-    assert Lite0Encoder(1, 16, pretrained=False).out_channels == 112 + 320
+    assert LiteEncoder(1, 16, pretrained=False).out_channels == 112 + 320
 
 
 def test_gaussian_blur_matches_scipy():

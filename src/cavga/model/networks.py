@@ -23,7 +23,7 @@ from torchvision.models import resnet18
 from cavga.config import ModelConfig
 from cavga.errors import ConfigError, ModelFileError
 from cavga.model.efficientnet_lite import read_state_dict
-from cavga.model.encoders import LITE0_STRIDES, Lite0Encoder, torchvision_resnet18_path
+from cavga.model.encoders import LITE0_STRIDES, LiteEncoder, torchvision_resnet18_path
 from cavga.model.gaussian import DeviationClassifier, PositionGaussian
 from cavga.model.memory import LatentMemory
 
@@ -262,7 +262,7 @@ class CavgaNet(nn.Module):
         self.latent_memory, self.latent_memory_coarse = latent_memories(config)
         # CAVGA-L: a memory of the frozen trunk's normal patch features (the trunk_knn map), filled after training.
         self.trunk_memory = None
-        if isinstance(encoder, Lite0Encoder):
+        if isinstance(encoder, LiteEncoder):
             self.trunk_memory = LatentMemory(encoder.patch_channels, config.trunk_memory_size)
         if config.flatten_latent:
             self.latent_gaussian = PositionGaussian(config.flat_latent_dim, 1, 1)
@@ -277,7 +277,7 @@ class CavgaNet(nn.Module):
         if sample is None:
             sample = self.training
         levels = None
-        if isinstance(self.encoder, Lite0Encoder):
+        if isinstance(self.encoder, LiteEncoder):
             levels = self.encoder.forward_levels(x)
             encoded, mid = self.encoder.combine(levels)
         else:
@@ -318,6 +318,9 @@ def _validate(config: ModelConfig) -> None:
             raise ConfigError(f"CAVGA-L takes latent_stride 8 or 16, got {config.latent_stride}")
         if config.flatten_latent:
             raise ConfigError("CAVGA-L has a convolutional latent only (flatten_latent is Table 8's CAVGA-R*)")
+    if config.variant != "L" and config.trunk != "lite0":
+        raise ConfigError(f"trunk {config.trunk!r} is CAVGA-L's choice of EfficientNet-Lite; variant {config.variant} "
+                          "has its own encoder")  # fmt: skip
     if config.variant == "D" and config.freeze_encoder:
         raise ConfigError("CAVGA-D's encoder trains from scratch: freeze_encoder is for pretrained R and L trunks")
     if config.variant == "D":
@@ -370,9 +373,8 @@ def _build_r(config: ModelConfig, read_weights: bool = True) -> CavgaNet:
 def _build_l(config: ModelConfig, read_weights: bool = True) -> CavgaNet:
     # ImageNet weights unless told otherwise: they are why this variant exists (README, "What works").
     weights = "imagenet" if config.encoder_weights is None else config.encoder_weights
-    encoder = Lite0Encoder(
-        config.channels, config.latent_stride, pretrained=weights != "none", frozen=config.freeze_encoder
-    )
+    pretrained = weights != "none"
+    encoder = LiteEncoder(config.channels, config.latent_stride, pretrained, config.freeze_encoder, config.trunk)
     if read_weights and weights != "none":
         encoder.load_imagenet(None if weights == "imagenet" else weights)
     h = config.image_size // config.latent_stride
@@ -393,7 +395,7 @@ def build_model(config: ModelConfig, read_weights: bool = True) -> CavgaNet:
     ``read_weights=False`` builds it as configured (a frozen or pretrained trunk stays so) without reading its
     pretrained encoder weights: for a saved model, whose weights come from its own file.
 
-    Encoders: D a DCGAN encoder, R ResNet-18 (the paper's), L EfficientNet-Lite0."""
+    Encoders: D a DCGAN encoder, R ResNet-18 (the paper's), L an EfficientNet-Lite (``config.trunk``)."""
     _validate(config)
     return _BUILDERS[config.variant](config, read_weights)
 
