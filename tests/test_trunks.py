@@ -62,3 +62,17 @@ def test_a_fitted_model_holds_the_packaged_imagenet_trunk_and_a_saved_one_keeps_
     images = sorted((root / "bottle/test").rglob("*.png"))[:3]
     a, b = detector.predict(images), loaded.predict(images)
     np.testing.assert_allclose([p.raw_score for p in a], [p.raw_score for p in b], rtol=1e-6)
+
+
+def test_a_model_saved_before_the_trunk_was_a_choice_loads_with_lite0(tmp_path):
+    """Its config.json has no trunk key: it holds Lite0's weights, and loads with them."""
+    import json
+
+    root = write_tiny_mvtec(tmp_path / "data")
+    cavga.Cavga(image_size=64, seed=0).fit(root, category="bottle", progress=False).save(tmp_path / "model")
+    path = tmp_path / "model" / "config.json"
+    config = json.loads(path.read_text())
+    del config["model"]["trunk"]
+    path.write_text(json.dumps(config))
+    loaded = cavga.load(tmp_path / "model")
+    assert loaded.model_config.trunk == "lite0" and type(loaded.model_.encoder.trunk) is LITE_NETWORKS["lite0"]

@@ -430,7 +430,8 @@ class Cavga:
     ) -> Cavga:
         """The fitted estimator that :meth:`config_dict` and the weights ``state`` describe (the inverse of
         :meth:`save`). A section key this version does not know is refused by name (:func:`from_dict`)."""
-        model_config = from_dict(ModelConfig, config["model"])
+        # A model saved before the trunk was a choice has Lite0's, whatever today's default trunk is.
+        model_config = from_dict(ModelConfig, {"trunk": "lite0", **config["model"]})
         train_config = from_dict(TrainConfig, config["train"])
         options = {**to_dict(model_config), **to_dict(train_config), **to_dict(train_config.weights)}
         del options["weights"]
