@@ -34,9 +34,9 @@ product's), each method's maps divided by their maximum over the set and stored 
         --anomalib-python .venv-anomalib/bin/python
 
 Writes OUT/anomalib_accuracy.json after every (set, method) row (a rerun skips the rows it holds with the same
-settings) and OUT/anomalib_accuracy.md, a table per set. anomalib lives in a venv of its own
-(``benchmarks/anomalib_padim.py`` says how to make it); this file runs under both interpreters and imports cavga
-only on the driver's side.
+settings) and OUT/anomalib_accuracy.md, a table per set; each worker's messages (anomalib's coreset progress among
+them) go to OUT/logs. anomalib lives in a venv of its own (``benchmarks/anomalib_padim.py`` says how to make it);
+this file runs under both interpreters and imports cavga only on the driver's side.
 """
 
 from __future__ import annotations
@@ -367,16 +367,20 @@ def cavga_row(name: str, root: Path, kwargs: dict, truth: tuple, test_paths: lis
     }
 
 
-def anomalib_row(method: str, args: argparse.Namespace, files: dict, truth: tuple, workdir: Path) -> dict:
+def anomalib_row(method: str, args: argparse.Namespace, files: dict, truth: tuple, workdir: Path, log: Path) -> dict:
+    """Run the worker of ``method`` on the set's files (its messages, anomalib's coreset progress among them, into
+    ``log``) and score what it writes back."""
     out = workdir / method.split()[-1]
     out.mkdir(exist_ok=True)
     manifest = {**files, "method": method, "normalization": args.timm_normalization, "seed": SEED, "out": str(out)}
     manifest["coreset_ratio"] = args.coreset_ratio
     (out / "manifest.json").write_text(json.dumps(manifest))
     command = [args.anomalib_python, __file__, "--worker", str(out / "manifest.json")]
-    done = subprocess.run(command, capture_output=True, text=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as stderr:
+        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
     if done.returncode != 0:
-        raise SystemExit(f"the {method} worker failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        raise SystemExit(f"the {method} worker failed ({done.returncode}):\n{log.read_text()[-3000:]}")
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     return {**figures(np.load(out / "scores.npy"), np.load(out / "maps.npy"), truth), **summary}
 
@@ -417,7 +421,8 @@ def run_set(name: str, args: argparse.Namespace, document: dict, path: Path) -> 
             if method == "cavga default":
                 row = cavga_row(name, root, kwargs, truth, test_paths, splits.train.preprocess)
             else:
-                row = anomalib_row(method, args, files, truth, workdir)
+                log = args.out / "logs" / f"{name.replace('/', '_')}-{method.split()[-1]}.log"
+                row = anomalib_row(method, args, files, truth, workdir, log)
                 document["photo_check"] = row.pop("photo_check")
                 row["photo_check_ok"] = document["photo_check"]["ok"]
             row = {**common, "method": method, "settings": method_settings(method, args), **row}
