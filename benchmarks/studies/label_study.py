@@ -55,14 +55,13 @@ import numpy as np
 import torch
 
 from cavga import metrics
-from cavga.data import Preprocess, load_dataset
-from cavga.data.splits import sample_weak_labels, split_calibration, with_group_twins
+from cavga.data.splits import sample_weak_labels, with_group_twins
 from cavga.engine.maps import upsampled_blur
 from cavga.model.memory import LatentMemory, patch_features
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from default_map import SHARED, Levels, ceiling_iou  # noqa: E402
-from map_study import DATASETS, data_args, save_rows  # noqa: E402
+from default_map import Levels, ceiling_iou, dataset_splits  # noqa: E402
+from map_study import save_rows  # noqa: E402
 
 SETS = ("bottle", "capsule", "magnetic_tile")
 COUNTS = ("2%", "1", "5", "10")
@@ -74,16 +73,6 @@ IMAGE_CLIP, MASK_CLIP = (0.80, 0.99), (0.99, 0.9999)
 DEFECT_Q, MIN_DEFECT_POSITIONS = 0.999, 10
 TOP_SHARE = 0.01
 GAIN, LOSS = 0.01, 0.01
-
-
-def load_set(name: str, out: Path):
-    if name == "capsule":
-        root, kwargs, size = SHARED / "mvtec-capsule", {"format": "mvtec", "category": "capsule"}, 256
-    else:
-        (root, kwargs), size = data_args(name, out), DATASETS[name]["size"]
-    splits = load_dataset(root, preprocess=Preprocess(size, 3), **kwargs)
-    fit, cal = split_calibration(splits.train, 0.1, SEED)
-    return fit, cal, splits.test
 
 
 def grid_distances(memory: LatentMemory, feats: torch.Tensor, leave_out: bool = False) -> torch.Tensor:
@@ -196,7 +185,7 @@ def candidate_maps(name: str, parts: dict, labelled: list[int]) -> dict:
 def prepare(name: str, out: Path, levels: Levels) -> dict:
     """A set's features, its normal memory and the u maps: read once for every count and draw."""
     start = time.perf_counter()
-    fit, cal, test = load_set(name, out)
+    fit, cal, test = dataset_splits(name, out)
     f_lv, c_lv, t_lv = levels(fit), levels(cal), levels(test)
     fit_feats, cal_feats, test_feats = (patch_features(lv[0], 1) for lv in (f_lv, c_lv, t_lv))
     memory = LatentMemory(fit_feats.shape[1], ROWS).fit([fit_feats], seed=SEED)
