@@ -557,7 +557,9 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out / "anomalib_accuracy.json"
     old = json.loads(path.read_text()) if path.exists() else {}
     command = [Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]
-    document = {"command": command, "machine": machine(), "notes": notes(args), "rows": old.get("rows", [])}
+    # Every invocation that wrote rows here, in order (a set may need settings of its own, e.g. a coreset ratio).
+    commands = old.get("commands", [old["command"]] if "command" in old else []) + [command]
+    document = {"commands": commands, "machine": machine(), "notes": notes(args), "rows": old.get("rows", [])}
     if "photo_check" in old:
         document["photo_check"] = old["photo_check"]
     for name in args.datasets:

@@ -208,6 +208,7 @@ def test_a_rerun_skips_the_rows_it_holds_with_the_same_settings(script, tmp_path
     assert script.main(["--out", str(tmp_path), "--datasets", "bottle", "--methods", "cavga default"]) == 0
     document = json.loads(path.read_text())
     assert document["rows"] == rows and document["photo_check"] == check
+    assert len(document["commands"]) == 1 and document["commands"][0][-2:] == ["--methods", "cavga default"]
     table = path.with_suffix(".md").read_text()
     assert "### bottle" in table and "(top-1 class, probability): chelsea 285 (0.692)" in table
     with pytest.raises(AssertionError, match="bottle was read"):  # another normalization: PatchCore's row to do
