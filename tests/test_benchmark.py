@@ -22,6 +22,7 @@ from cavga.benchmark import (
     run_suite,
     summarize,
 )
+from cavga.data.synthetic import write_demo_dataset
 from cavga.errors import ConfigError
 
 PAPER_MD = Path(__file__).resolve().parents[1].parent / "shared" / "paper" / "cavga-eccv2020.md"
@@ -232,3 +233,44 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown model\(s\) \['CAVGA-X'\]"):
         benchmark.suite_models("mvtec", ["CAVGA-X"])
     assert [m.name for m in benchmark.suite_models("pairs", ["AE-L2", "c3"])] == ["AE-L2", "c3"]
+
+
+@pytest.mark.slow
+def test_jobs_in_worker_processes_match_one_process_and_a_failed_job_costs_no_other(tmp_path):
+    root = tmp_path / "data"
+    write_demo_dataset(root, image_size=64, n_train=6, n_test_good=2, n_test_defect=3)
+    cats = sorted(p.name for p in root.iterdir() if p.is_dir())
+    assert len(cats) == 3
+    two = {"data": root, "budget": QUICK_BUDGET, "models": ["PaDiM", "AE-L2"], "log": lambda _: None}
+    inline = run_suite("mvtec", tmp_path / "inline", categories=cats[1:], jobs=1, **two)
+    spawned = run_suite("mvtec", tmp_path / "spawned", categories=cats[1:], jobs=2, **two)
+    assert spawned.trained == inline.trained == 4
+    assert [(r["model"], r["category"]) for r in spawned.records] == [
+        (r["model"], r["category"]) for r in inline.records
+    ]
+    for a, b in zip(spawned.records, inline.records, strict=True):
+        assert a["metrics"] == pytest.approx(b["metrics"], abs=1e-6)
+    meta = json.loads(spawned.results_json.read_text())
+    assert meta["jobs"] == 2 and meta["threads"] >= 1
+    assert json.loads(inline.results_json.read_text())["jobs"] == 1
+
+    # One category's training images are unreadable: its jobs fail with the file named, the other's are cached.
+    bad = root / cats[0] / "train" / "good"
+    for path in bad.iterdir():
+        path.write_bytes(b"not an image")
+    out = tmp_path / "broken"
+    with pytest.raises(RuntimeError, match=rf"2 benchmark job\(s\) failed .*{cats[0]}.*not an image") as caught:
+        run_suite("mvtec", out, jobs=2, **two)
+    assert str(bad) in str(caught.value)
+    cached = sorted(p.parent.name for p in (out / "cache").rglob("*.json"))
+    assert cached == sorted(cats[1:] * 2)
+
+
+def test_resolve_jobs():
+    from cavga.benchmark.runner import available_cores, job_threads, resolve_jobs
+
+    assert resolve_jobs(None, 100, "cpu") == available_cores()
+    assert resolve_jobs(None, 1, "cpu") == 1 and resolve_jobs(8, 3, "cpu") == 3 and resolve_jobs(2, 0, "cpu") == 1
+    assert job_threads(1) == available_cores() and job_threads(10 * available_cores()) == 1
+    with pytest.raises(ConfigError, match="jobs must be at least 1, got 0"):
+        resolve_jobs(0, 5, "cpu")

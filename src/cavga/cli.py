@@ -153,7 +153,14 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default=None)
     p.add_argument("--quick", action="store_true", help="tiny budget (and data) that runs in seconds")
-    p.add_argument("--progress", action="store_true", help="show training progress bars")
+    p.add_argument("--progress", action="store_true", help="show training progress bars (with --jobs 1)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="models trained at once, each in its own process with an equal share of the cores (default: one per "
+        "core on the CPU, one on a GPU; 1: in this process, in order)",
+    )
     return parser
 
 
@@ -410,6 +417,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         paper_dataset=args.paper_dataset,
         progress=args.progress,
         command=" ".join(["cavga", *sys.argv[1:]]) if sys.argv[1:2] == ["benchmark"] else None,
+        jobs=args.jobs,
     )
     print(run.results_md.read_text())
     cached = len(run.records) - run.trained

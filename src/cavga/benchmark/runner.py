@@ -11,12 +11,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 import os
 import platform
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,6 +232,125 @@ def _write_json(path: Path, data: Any) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+# ---------------------------------------------------------------------------------------------- the jobs
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One job of a suite: a model, a category and a seed under a budget (picklable: it crosses to a worker)."""
+
+    suite: str
+    root: Path
+    category: str
+    spec: ModelSpec
+    seed: int
+    budget: Budget
+
+    @property
+    def config(self) -> dict:
+        return job_config(self.suite, self.spec, self.category, self.seed, self.root, self.budget)
+
+    def path(self, out: Path) -> Path:
+        """The cache file of this job's result."""
+        name = f"seed{self.seed}-{config_hash(self.config)}.json"
+        return out / "cache" / self.suite / _slug(self.spec.name) / _slug(self.category) / name
+
+
+def run_cell(
+    cell: Cell,
+    out: Path,
+    any_weak: bool,
+    progress: bool,
+    loaded: dict[tuple[str, int | None], DatasetSplits] | None = None,
+) -> dict:
+    """Train and evaluate one job, write its cache file (atomically) and return its record. ``loaded`` keeps the
+    category's splits (as stored, key size None, and per image size) for the next job of the same category."""
+    loaded = {} if loaded is None else loaded
+    size = cell.budget.image_size(cell.spec)
+    if (cell.category, None) not in loaded:  # as stored, resized per model below
+        loaded[(cell.category, None)] = load_category(cell.suite, cell.root, cell.category)
+    if (cell.category, size) not in loaded:
+        loaded[(cell.category, size)] = sized(loaded[(cell.category, None)], size, cell.budget)
+    splits = loaded[(cell.category, size)]
+    hold_out = any_weak and ANOMALOUS in splits.test.labels
+    config = cell.config
+    result = run_job(cell.spec, splits, cell.seed, cell.budget, hold_out, progress)
+    record = {
+        "suite": cell.suite,
+        "model": cell.spec.name,
+        "category": cell.category,
+        "seed": cell.seed,
+        "key": config_hash(config),
+        "config": config,
+        **result,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "cavga_version": __version__,
+    }
+    _write_json(cell.path(out), record)
+    return record
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def job_threads(jobs: int) -> int:
+    """torch threads of each of ``jobs`` workers: an equal share of the cores."""
+    return max(1, available_cores() // jobs)
+
+
+def resolve_jobs(jobs: int | None, pending: int, device: str) -> int:
+    """How many jobs run at once: ``jobs`` if given (>= 1), else one per core on the CPU and one on a GPU (models
+    sharing one GPU gain little and may not fit); never more than ``pending``."""
+    if jobs is not None and jobs < 1:
+        raise ConfigError(f"jobs must be at least 1, got {jobs}")
+    if jobs is None:
+        jobs = 1 if resolve_device(device).type != "cpu" else available_cores()
+    return max(1, min(jobs, pending))
+
+
+def _worker_start(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _worker_run(cell: Cell, out: Path, any_weak: bool) -> dict:
+    return run_cell(cell, out, any_weak, progress=False)
+
+
+def run_in_workers(
+    cells: Sequence[Cell], pending: Sequence[int], jobs: int, out: Path, any_weak: bool, finished: Callable
+) -> None:
+    """Run the ``pending`` cells in ``jobs`` spawned worker processes, calling ``finished(i, record)`` as each ends.
+    A job that fails costs no other: the rest run to the end (each writes its cache file), then the first error is
+    raised, naming its job."""
+    context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch's thread pools
+    failures: list[tuple[Cell, BaseException]] = []
+    with ProcessPoolExecutor(
+        jobs, mp_context=context, initializer=_worker_start, initargs=(job_threads(jobs),)
+    ) as pool:
+        running: dict[Future, int] = {pool.submit(_worker_run, cells[i], out, any_weak): i for i in pending}
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                i = running.pop(future)
+                error = future.exception()
+                if error is None:
+                    finished(i, future.result())
+                else:
+                    failures.append((cells[i], error))
+    if failures:
+        cell, error = failures[0]
+        names = "; ".join(f"{c.spec.name} {c.category} seed {c.seed}" for c, _ in failures)
+        raise RuntimeError(
+            f"{len(failures)} benchmark job(s) failed ({names}); the others are cached. First: {cell.spec.name} "
+            f"{cell.category} seed {cell.seed}: {error}"
+        ) from error
+
+
 # ---------------------------------------------------------------------------------------------- the suite
 
 
@@ -259,12 +380,16 @@ def run_suite(
     progress: bool = False,
     log: Callable[[str], None] = print,
     command: str | None = None,
+    jobs: int | None = 1,
 ) -> SuiteRun:
     """Run (or resume) ``suite`` and write ``OUT/results.json`` and ``OUT/results.md``.
 
     ``quick``: the tiny :data:`QUICK_BUDGET` and, when ``data`` is None, tiny generated data under
     ``OUT/quick-data``. ``paper_dataset`` ("mnist", "fashion-mnist", "cifar10") picks Table 7's column for
-    the oneclass suite; None guesses it from the data folder's name."""
+    the oneclass suite; None guesses it from the data folder's name. ``jobs``: how many models train at once,
+    each in a spawned worker process of its own with an equal share of the cores (None: one per core on the CPU,
+    one on a GPU; :func:`resolve_jobs`); 1 (the default) runs them in this process, in order. A script that runs
+    more than one at a time must call this under ``if __name__ == "__main__":`` (a spawned worker imports it)."""
     if suite not in SUITES:
         raise ConfigError(f"unknown suite {suite!r}; suites: {', '.join(SUITES)}")
     out = Path(out)
@@ -300,48 +425,42 @@ def run_suite(
         "machine": platform.platform(),
         "python": sys.version.split()[0],
     }
-    n_jobs, done = len(cats) * len(specs) * len(seeds), 0
-    for category in cats:
-        raw_splits: DatasetSplits | None = None
-        by_size: dict[int, DatasetSplits] = {}
-        for spec in specs:
-            for seed in seeds:
-                done += 1
-                config = job_config(suite, spec, category, seed, root, budget)
-                key = config_hash(config)
-                path = out / "cache" / suite / _slug(spec.name) / _slug(category) / f"seed{seed}-{key}.json"
-                if path.is_file():
-                    record = json.loads(path.read_text()) | {"cached": True}
-                    log(f"[{done}/{n_jobs}] {spec.name} {category} seed {seed}: cached ({path.name})")
-                else:
-                    if raw_splits is None:
-                        raw_splits = load_category(suite, root, category)
-                    size = budget.image_size(spec)
-                    if size not in by_size:
-                        by_size[size] = sized(raw_splits, size, budget)
-                    splits = by_size[size]
-                    hold_out = suite != "oneclass" and any(s.setting == "w" for s in specs)
-                    hold_out = hold_out and ANOMALOUS in splits.test.labels
-                    result = run_job(spec, splits, seed, budget, hold_out, progress)
-                    record = {
-                        "suite": suite,
-                        "model": spec.name,
-                        "category": category,
-                        "seed": seed,
-                        "key": key,
-                        "config": config,
-                        **result,
-                        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                        "cavga_version": __version__,
-                    }
-                    _write_json(path, record)
-                    record = record | {"cached": False}
-                    shown = ", ".join(f"{k} {fmt(record['metrics'].get(k))}" for k in suite_metrics(suite))
-                    wall = result["wall_seconds"]
-                    log(f"[{done}/{n_jobs}] {spec.name} {category} seed {seed}: {shown} ({wall:.0f} s)")
-                run.records.append(record)
-                meta["total_seconds"] = round(time.perf_counter() - started, 1)
-                run.results_json, run.results_md = write_results(out, meta, specs, cats, run.records)
+    cells = [Cell(suite, root, category, spec, seed, budget) for category in cats for spec in specs for seed in seeds]
+    any_weak = suite != "oneclass" and any(s.setting == "w" for s in specs)
+    slots: list[dict | None] = [None] * len(cells)
+    pending = []
+    for i, cell in enumerate(cells):
+        if cell.path(out).is_file():
+            slots[i] = json.loads(cell.path(out).read_text()) | {"cached": True}
+            log(f"[{i + 1}/{len(cells)}] {cell.spec.name} {cell.category} seed {cell.seed}: cached")
+        else:
+            pending.append(i)
+    jobs = resolve_jobs(jobs, len(pending), budget.device)
+    meta["jobs"] = jobs
+    meta["threads"] = torch.get_num_threads() if jobs == 1 else job_threads(jobs)
+
+    def finished(i: int, record: dict) -> None:
+        slots[i] = record | {"cached": False}
+        shown = ", ".join(f"{k} {fmt(record['metrics'].get(k))}" for k in suite_metrics(suite))
+        cell = cells[i]
+        wall = record["wall_seconds"]
+        log(f"[{i + 1}/{len(cells)}] {cell.spec.name} {cell.category} seed {cell.seed}: {shown} ({wall:.0f} s)")
+        meta["total_seconds"] = round(time.perf_counter() - started, 1)
+        write_results(out, meta, specs, cats, [r for r in slots if r is not None])
+
+    if jobs == 1:
+        loaded: dict[tuple[str, int | None], DatasetSplits] = {}  # one category at a time, each size decoded once
+        for i in pending:
+            cell = cells[i]
+            if not any(key[0] == cell.category for key in loaded):
+                loaded.clear()
+            finished(i, run_cell(cell, out, any_weak, progress, loaded))
+    else:
+        log(f"running {len(pending)} jobs, {jobs} at a time ({job_threads(jobs)} thread(s) each)")
+        run_in_workers(cells, pending, jobs, out, any_weak, finished)
+    run.records = [r for r in slots if r is not None]
+    meta["total_seconds"] = round(time.perf_counter() - started, 1)
+    run.results_json, run.results_md = write_results(out, meta, specs, cats, run.records)
     return run
 
 
