@@ -253,6 +253,8 @@ def test_jobs_in_worker_processes_match_one_process_and_a_failed_job_costs_no_ot
     meta = json.loads(spawned.results_json.read_text())
     assert meta["jobs"] == 2 and meta["threads"] >= 1
     assert json.loads(inline.results_json.read_text())["jobs"] == 1
+    assert "2 jobs at once, " in spawned.results_md.read_text()
+    assert "jobs at once" not in inline.results_md.read_text()
 
     # One category's training images are unreadable: its jobs fail with the file named, the other's are cached.
     bad = root / cats[0] / "train" / "good"

@@ -143,7 +143,12 @@ def markdown_report(
         + (" (quick)" if meta.get("quick") else ""),
         f"- seeds: {', '.join(map(str, seeds))}" + (" (cells: mean ± sample sd over seeds)" if len(seeds) > 1 else ""),
         f"- git commit: {meta.get('git_commit') or 'n/a'}; cavga {meta['cavga_version']}; torch {meta['torch']}, "
-        f"{meta['threads']} threads; this run {meta.get('total_seconds', 0):.0f} s, the models' own wall time "
+        + (
+            f"{meta['jobs']} jobs at once, {meta['threads']} thread(s) each"
+            if meta.get("jobs", 1) > 1
+            else f"{meta['threads']} threads"
+        )
+        + f"; this run {meta.get('total_seconds', 0):.0f} s, the models' own wall time "
         f"{sum(r['wall_seconds'] for r in records):.0f} s (cached ones included; devices in the Runs table)",
         "- paper: "
         + (
