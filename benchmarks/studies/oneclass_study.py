@@ -13,6 +13,13 @@ the calibration transfers to unseen normal images.
     python benchmarks/studies/oneclass_study.py --out runs/oneclass-study --datasets mnist --models paper flat100
     python benchmarks/studies/oneclass_study.py --out runs/oneclass-study --cifar-root /tmp/cifar10-jpg  # the JPEGs
 
+Rule for the one-class CAVGA-L_u's decoder width, written before its figures (2026-12-07): half of a one-class
+L_u's time is its decoder (docs/research/2026-12-07-oneclass-speed.md), which the default score does not read.
+``L64-w8`` (width 8: a quarter of the decoder's multiply-adds) replaces ``L64`` (width 16, the default) if, in one
+run of ``--datasets mnist cifar10 --models L64 L64-w8 --epochs 1``, its ``latent_mahalanobis`` development image
+AuROC is on each dataset (a) at most 0.005 below L64's in the mean over the ten classes and (b) at most 0.02 below
+in the worst class. Otherwise width 16 stays.
+
 Data: ``../shared/data/mnist`` (IDX) and the CIFAR-10 JPEG re-encodings (``../shared/data/cifar10-jpg``, unpacked
 outside the repository; ``--cifar-root`` names the folder with ``train/<class>/``). Each (dataset, model, class)
 result is cached in OUT/runs/; a rerun skips what it holds. OUT/study.json and OUT/study.md hold the tables.
@@ -65,6 +72,7 @@ MODELS: dict[str, dict] = {
     "L64-flat100": {"variant": "L", "image_size": 64, "flatten_latent": True},
     "L96": {"variant": "L", "image_size": 96},
     "L64-cz128": {"variant": "L", "image_size": 64, "latent_channels": 128},
+    "L64-w8": {"variant": "L", "image_size": 64, "width": 8},  # the decoder at half L's default width
 }
 SCORES = ("top_mean", *IMAGE_SCORES, "latent_gaussian_max", "combination")
 COMBINED = ("squared", "latent_mahalanobis")
