@@ -66,6 +66,10 @@ def test_cavga_train_on_a_oneclass_folder_takes_the_oneclass_defaults(tmp_path):
     assert cli.main([*argv[:-1], str(tmp_path / "d"), "--variant", "D", "--epochs", "1", "--no-progress"]) == 0
     model = json.loads((tmp_path / "d" / "config.json").read_text())["model"]
     assert (model["variant"], model["image_size"], model["flatten_latent"], model["width"]) == ("D", 32, True, 32)
+    # no --width: L's one-class width (8, a quarter of its decoder's cost at L's default 16)
+    assert cli.main([*argv[:-1], str(tmp_path / "l"), "--epochs", "1", "--no-progress"]) == 0
+    model = json.loads((tmp_path / "l" / "config.json").read_text())["model"]
+    assert (model["variant"], model["width"]) == ("L", ONECLASS_L_DEFAULTS["width"]) == ("L", 8)
 
 
 def test_cifar10_class_folders_find_their_table7_row_by_name():

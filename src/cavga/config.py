@@ -86,10 +86,14 @@ ONECLASS_D_DEFAULTS = {
     "score": "latent_mahalanobis",
 }
 # CAVGA-L_u (frozen ImageNet Lite0 trunk): 64 px, the smallest side its trunk takes well (8 x 8 latent positions);
-# score the mean over positions of the Mahalanobis distance, map the latent Gaussian's.
+# score the mean over positions of the Mahalanobis distance, map the latent Gaussian's. Width 8 (L's default is 16):
+# the decoder, half of a one-class model's time and read by no default output, at a quarter of its cost; chosen by
+# the rule in benchmarks/studies/oneclass_study.py (development AuROC MNIST 0.975 / worst 0.939 against 0.974 /
+# 0.933 at width 16, CIFAR-10 0.745 / 0.610 against 0.749 / 0.599; docs/research/2026-12-07-oneclass-speed.md).
 ONECLASS_L_DEFAULTS = {
     "variant": "L",
     "image_size": 64,
+    "width": 8,
     "epochs": 1,
     "batch_size": 32,
     "anomaly_map": "latent_gaussian",
