@@ -151,7 +151,7 @@ QUICK_BUDGET = Budget(
     max_test=12,
 )
 # The one-class protocol (MNIST, CIFAR-10, ...): every model at 32 px (PaDiM's ImageNet trunk at its smallest,
-# 64 px), ONECLASS_DEFAULTS' epochs and batch; all ten MNIST classes fit in 40 minutes on 2 CPU cores (README).
+# 64 px), ONECLASS_DEFAULTS' epochs and batch (docs/research/2026-12-07-oneclass-speed.md times MNIST's ten classes).
 ONECLASS_BUDGET = Budget(
     epochs=ONECLASS_DEFAULTS["epochs"],
     image_size_d=ONECLASS_D_DEFAULTS["image_size"],
