@@ -430,8 +430,9 @@ def run_suite(
     slots: list[dict | None] = [None] * len(cells)
     pending = []
     for i, cell in enumerate(cells):
-        if cell.path(out).is_file():
-            slots[i] = json.loads(cell.path(out).read_text()) | {"cached": True}
+        path = cell.path(out)
+        if path.is_file():
+            slots[i] = json.loads(path.read_text()) | {"cached": True}
             log(f"[{i + 1}/{len(cells)}] {cell.spec.name} {cell.category} seed {cell.seed}: cached")
         else:
             pending.append(i)
